@@ -1,6 +1,8 @@
 """Side-by-side speed of this repo against the reference implementations.
 
     python bench.py coco_eval [--device cpu|cuda]   # common.coco_evaluate vs pycocotools vs faster-coco-eval
+    python bench.py faster_rcnn [--device cpu|cuda] [--min-size 800 --max-size 1333]   # also retinanet, fcos:
+        ours vs torchvision with the same weights: train step, inference at batch 1 and 8, peak memory; 320 px too
 
 Each benchmark is a function bench_NAME(args) registered in main()'s table.
 """
@@ -104,11 +106,117 @@ def bench_coco_eval(args):
     print("all 12 numbers agree to 1e-6:" if agree else "NUMBERS DIFFER (> 1e-6):", agree)
 
 
+# --- Models against torchvision ---
+# name -> (module, detector class, torchvision builder). Each module has Config and convert_torchvision.
+MODELS = {"faster_rcnn": ("faster_rcnn", "FasterRCNN", "fasterrcnn_resnet50_fpn"),
+          "retinanet": ("retinanet", "RetinaNet", "retinanet_resnet50_fpn"),
+          "fcos": ("fcos", "FCOS", "fcos_resnet50_fpn")}
+
+
+def bench_model(args):
+    """Our detector and torchvision's with the same (converted) weights, inputs and precision: a training step (forward,
+    backward, SGD step; batch --train-batch), inference at batch 1 and 8, peak CUDA memory, and the ratios; plus the
+    ResNet-50-FPN backbone alone (forward, and forward + backward) as the floor no detector can beat. Both models are
+    built without pretrained weights (offline), so both use ordinary batch norm with every layer trained."""
+    import importlib
+    import data
+    import torchvision
+    module_name, class_name, builder = MODELS[args.name]
+    module = importlib.import_module(module_name)
+    device = torch.device(args.device)
+    dataset = data.SyntheticShapes(8, (480, 640), seed=0)  # a COCO-sized image; the models resize it
+    samples = [dataset[i] for i in range(8)]
+    images = [image.to(device) for image, _ in samples]
+    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in samples]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    cuda = device.type == "cuda"
+    print(f"{args.name} on {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}"
+          f", {'bf16 autocast' if cuda else 'fp32'}), 640x480 synthetic images, median of {args.steps} steps")
+
+    def gib(memory):
+        return f"{memory:.2f}" if cuda else "-"  # peak memory is measured on CUDA only
+
+    def measure(fn):
+        """Median seconds per call and peak CUDA memory (GiB) of fn()."""
+        fn()  # warm-up: cuDNN autotuning, allocator growth
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(args.steps):
+            tic = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - tic)
+        return float(np.median(times)), (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"))
+
+    for min_size, max_size in dict.fromkeys([(args.min_size, args.max_size), (320, 533)]):  # the reference size, 320 px
+        tv = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=91,
+                                                            min_size=min_size, max_size=max_size).to(device)
+        cfg = module.Config(num_classes=91, backbone_weights="none", min_size=min_size, max_size=max_size)
+        ours = getattr(module, class_name)(cfg).to(device)
+        ours.load_state_dict(module.convert_torchvision(tv.state_dict()))
+
+        def train_step(model, batch):
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
+
+            def step():
+                model.train()
+                with amp:
+                    loss = sum(model(images[:batch], targets[:batch]).values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            return step
+
+        def infer_step(model, batch):
+            def step():
+                model.eval()
+                with torch.no_grad(), amp:
+                    model(images[:batch])
+            return step
+
+        rows = [(f"train step, batch {args.train_batch}", train_step, args.train_batch),
+                ("inference, batch 1", infer_step, 1), ("inference, batch 8", infer_step, 8)]
+        print(f"\nmin_size {min_size}, max_size {max_size}")
+        print(f"{'':<22} {'ours ms':>9} {'torchvision ms':>15} {'ratio':>6} {'ours GiB':>9} {'tv GiB':>7}")
+        for label, make, batch in rows:
+            torch.manual_seed(0)
+            t_ours, m_ours = measure(make(ours, batch))
+            torch.manual_seed(0)
+            t_tv, m_tv = measure(make(tv, batch))
+            print(f"{label:<22} {t_ours * 1000:9.1f} {t_tv * 1000:15.1f} {t_ours / t_tv:6.2f} {gib(m_ours):>9} {gib(m_tv):>7}")
+
+        # the floor: torchvision's backbone + FPN on the already resized, padded batch
+        batch_tensor = tv.transform(images[:args.train_batch], None)[0].tensors
+        backbone = tv.backbone.train()
+
+        def backbone_train():
+            with amp:
+                loss = sum(f.float().mean() for f in backbone(batch_tensor).values())
+            loss.backward()
+
+        def backbone_infer():
+            with torch.no_grad(), amp:
+                backbone(batch_tensor)
+        t_bt, m_bt = measure(backbone_train)
+        t_bi, m_bi = measure(backbone_infer)
+        print(f"{'backbone+FPN fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>6} {gib(m_bt):>9}   (batch "
+              f"{args.train_batch}, padded {tuple(batch_tensor.shape[-2:])})")
+        print(f"{'backbone+FPN forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>6} {gib(m_bi):>9}")
+        del tv, ours, backbone
+
+
 def main():
-    benchmarks = {"coco_eval": bench_coco_eval}
+    benchmarks = {"coco_eval": bench_coco_eval, **{name: bench_model for name in MODELS}}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(benchmarks))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--min-size", type=int, default=800, help="models: short side (torchvision's default 800)")
+    parser.add_argument("--max-size", type=int, default=1333, help="models: long side at most (default 1333)")
+    parser.add_argument("--train-batch", type=int, default=2, help="models: images per training step (2 per GPU)")
+    parser.add_argument("--steps", type=int, default=10, help="models: timed steps per measurement (median)")
     args = parser.parse_args()
     benchmarks[args.name](args)
 
