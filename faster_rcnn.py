@@ -5,7 +5,7 @@ NeurIPS 2015 (https://arxiv.org/abs/1506.01497); Lin et al., "Feature Pyramid Ne
 (https://arxiv.org/abs/1612.03144).
 
 What this file implements, in the order the data flows (torchvision/models/detection/*.py is the reference, and
-test_faster_rcnn_model.py proves that this file gives torchvision's detections and losses with the same weights):
+test_models.py proves that this file gives torchvision's detections and losses with the same weights):
   - preprocessing inside the model: ImageNet normalisation, resize so the short side is min_size (long side at most
     max_size), zero padding of the batch to a multiple of 32; detections are mapped back to each input image's pixels;
   - backbone: a torchvision ResNet body (FrozenBatchNorm2d when starting from pretrained weights) and an FPN giving
@@ -24,7 +24,7 @@ Run:
     python faster_rcnn.py --eval --weights torchvision --data coco --data-root DIR
     python faster_rcnn.py --predict IMG_OR_DIR --weights PATH --out DIR
     python faster_rcnn.py --show-targets --out DIR
-    python -m pytest -q test_faster_rcnn_model.py                  # parity with torchvision
+    python -m pytest -q test_models.py -k faster_rcnn             # parity with torchvision
 
 Tensor shapes (legend used in every comment below):
     B images in the batch, H x W the padded batch size, L pyramid levels (5 for the RPN, 4 for RoIAlign),

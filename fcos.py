@@ -6,7 +6,7 @@ TPAMI 2020 (https://arxiv.org/abs/2006.09214), whose improvements (centre sampli
 branch, normalised targets) torchvision implements.
 
 What this file implements, in the order the data flows (torchvision/models/detection/fcos.py is the reference, and
-test_dense.py proves that this file gives torchvision's detections and losses with the same weights):
+test_models.py proves that this file gives torchvision's detections and losses with the same weights):
   - preprocessing inside the model: ImageNet normalisation, resize so the short side is min_size (long side at most
     max_size), zero padding of the batch to a multiple of 32; detections are mapped back to each input image's pixels;
   - backbone: a torchvision ResNet body (FrozenBatchNorm2d when starting from pretrained weights) and an FPN giving
@@ -28,7 +28,7 @@ Run:
     python fcos.py --eval --weights torchvision --data coco --data-root DIR
     python fcos.py --predict IMG_OR_DIR --weights PATH --out DIR
     python fcos.py --show-targets --out DIR
-    python -m pytest -q test_dense.py                            # parity with torchvision
+    python -m pytest -q test_models.py -k fcos                # parity with torchvision
 
 Tensor shapes (legend used in every comment below):
     B images in the batch, H x W the padded batch size, L = 5 pyramid levels, A points ("anchors") of all levels of one

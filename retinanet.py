@@ -4,7 +4,7 @@ Paper: Lin, Goyal, Girshick, He, Dollar, "Focal Loss for Dense Object Detection"
 (https://arxiv.org/abs/1708.02002).
 
 What this file implements, in the order the data flows (torchvision/models/detection/retinanet.py is the reference, and
-test_dense.py proves that this file gives torchvision's detections and losses with the same weights):
+test_models.py proves that this file gives torchvision's detections and losses with the same weights):
   - preprocessing inside the model: ImageNet normalisation, resize so the short side is min_size (long side at most
     max_size), zero padding of the batch to a multiple of 32; detections are mapped back to each input image's pixels;
   - backbone: a torchvision ResNet body (FrozenBatchNorm2d when starting from pretrained weights) and an FPN giving
@@ -24,7 +24,7 @@ Run:
     python retinanet.py --eval --weights torchvision --data coco --data-root DIR
     python retinanet.py --predict IMG_OR_DIR --weights PATH --out DIR
     python retinanet.py --show-targets --out DIR
-    python -m pytest -q test_dense.py                            # parity with torchvision
+    python -m pytest -q test_models.py -k retinanet                # parity with torchvision
 
 Tensor shapes (legend used in every comment below):
     B images in the batch, H x W the padded batch size, L = 5 pyramid levels, A anchors of all levels of one image
