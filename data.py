@@ -686,7 +686,8 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, distributed=None)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         worker_init_fn=seed_worker, generator=generator, pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0, drop_last=False)
+        # not persistent for training: each epoch then re-seeds its workers, which --resume needs to continue exactly
+        persistent_workers=workers > 0 and not train, drop_last=False)
 
 
 def _coco_image_dir(data_root, ann_file):

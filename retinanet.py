@@ -37,6 +37,7 @@ import ast
 import contextlib
 import dataclasses
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -57,7 +58,7 @@ from torchvision.ops import FrozenBatchNorm2d, batched_nms, sigmoid_focal_loss
 
 import data
 from common import (COCO_METRIC_NAMES, BoxCoder, box_xyxy_to_xywh, clip_boxes_to_image, coco_evaluate, draw_boxes,
-                    elementwise_box_iou)
+                    elementwise_box_iou, voc_evaluate)
 
 # --- Config ---
 
@@ -67,8 +68,9 @@ class Config:
     # model
     num_classes: int = 91  # K: foreground classes + 1 (91 = COCO with torchvision's category ids); index 0 unused
     backbone: str = "resnet50"  # torchvision ResNet body: resnet18 | resnet34 | resnet50
-    backbone_weights: str = "imagenet"  # imagenet | none | PATH to a ResNet state dict; none -> plain BN, all trained
-    trainable_backbone_layers: int = 3  # with pretrained weights: layer2..4 train, stem and layer1 frozen (torchvision)
+    backbone_weights: str = "imagenet"  # imagenet | none | PATH to a ResNet state dict; none and no --weights: plain BN
+    trainable_backbone_layers: int = 3  # pretrained (backbone or --weights): layer2..4 train, stem, layer1 frozen
+    bn_eps: float = 1e-5  # backbone batch-norm eps; 0.0 with torchvision's v1 COCO weights (set when starting there)
     fpn_channels: int = 256  # C: channels of every pyramid level
     # preprocessing
     min_size: int = 800  # resize the short side to this ...
@@ -192,15 +194,18 @@ class Backbone(nn.Module):
     """torchvision ResNet body (stem, layer1..4; no pooling or fc) followed by the FPN on C3..C5 (no P2: it would
     quadruple the anchors, paper section 4)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, load_weights: bool = True):
         super().__init__()
-        pretrained = cfg.backbone_weights != "none"
-        # torchvision: frozen batch norm (fixed statistics and affine) when fine-tuning pretrained weights, where
-        # detection batches are too small for batch statistics; ordinary batch norm when training from scratch.
-        norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-        weights = "IMAGENET1K_V1" if cfg.backbone_weights == "imagenet" else None
+        # torchvision: frozen batch norm (fixed statistics and affine) and frozen early layers when fine-tuning
+        # pretrained weights of any kind, an ImageNet backbone or a whole detector's --weights (as its builders do when
+        # given detector weights): detection batches are too small for batch statistics. Ordinary batch norm and every
+        # layer trained when training from scratch.
+        pretrained = cfg.backbone_weights != "none" or bool(cfg.weights)
+        norm_layer = functools.partial(FrozenBatchNorm2d if pretrained else nn.BatchNorm2d, eps=cfg.bn_eps)
+        # load_weights=False: the caller overwrites every weight (--weights, --resume, --eval), so nothing is downloaded
+        weights = "IMAGENET1K_V1" if cfg.backbone_weights == "imagenet" and load_weights else None
         body = getattr(torchvision.models, cfg.backbone)(weights=weights, norm_layer=norm_layer)
-        if cfg.backbone_weights not in ("imagenet", "none"):
+        if cfg.backbone_weights not in ("imagenet", "none") and load_weights:
             body.load_state_dict(torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True))
         del body.avgpool, body.fc
         trainable = cfg.trainable_backbone_layers if pretrained else 5
@@ -267,10 +272,10 @@ class RetinaNet(nn.Module):
     """model.train(): model(images, targets) -> dict of losses; model.eval(): model(images) -> list of
     {"boxes" [D, 4] xyxy in input pixels, "scores" [D], "labels" [D]}. images: list of [3, h, w] in [0, 1]."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, load_weights: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.backbone = Backbone(cfg)
+        self.backbone = Backbone(cfg, load_weights)
         num_anchors = len(cfg.anchor_scales) * len(cfg.aspect_ratios)  # A_loc
         self.head = Head(cfg.fpn_channels, num_anchors, cfg.num_classes, cfg.prior_probability)
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
@@ -471,6 +476,11 @@ def convert_torchvision(state_dict: dict) -> dict:
     return out
 
 
+def num_classes_of(state_dict: dict) -> int:
+    """K of a state dict of this file's model, from its classifier's weight."""
+    return state_dict["head.cls_logits.weight"].shape[0] // 9  # [A_loc * K, C, 3, 3], torchvision: A_loc = 9
+
+
 # --- Training ---
 # The same loop in every model file of this repo (torchvision's references/detection recipe): SGD with momentum, linear
 # warmup, step decay, AMP on CUDA, DDP under torchrun; evaluation with the 12 COCO numbers after each epoch; atomic
@@ -478,6 +488,8 @@ def convert_torchvision(state_dict: dict) -> dict:
 # TORCHVISION_WEIGHTS, SYNTHETIC_PRESET and draw_targets().
 
 TORCHVISION_WEIGHTS = torchvision.models.detection.RetinaNet_ResNet50_FPN_Weights.COCO_V1  # --weights torchvision
+TORCHVISION_BN_EPS = 0.0  # torchvision's v1 COCO weights go with batch-norm eps 0 (its overwrite_eps(model, 0))
+COCO_CLASS_NAMES = tuple(TORCHVISION_WEIGHTS.meta["categories"])  # K = 91, index 0 "__background__"
 # Config values for --data synthetic (320-px shapes), used for every field not given on the command line: train at the
 # images' own size rather than upscaled to 800, anchors one octave smaller (the shapes are 13..190 px), a shorter
 # schedule. Chosen to reach mAP@0.5 >= 0.9 on the synthetic val split in ~10 minutes on one GPU: NOT yet measured.
@@ -485,15 +497,19 @@ SYNTHETIC_PRESET = dict(min_size=320, max_size=320, anchor_sizes=(16, 32, 64, 12
                         lr_steps=(4, 5), warmup_iters=300)
 
 
-def build_model(cfg: Config) -> RetinaNet:
-    """RetinaNet(cfg). Without internet torchvision cannot download the ImageNet backbone: warn, start from scratch."""
+def build_model(cfg: Config, load_weights: bool = True) -> RetinaNet:
+    """RetinaNet(cfg). load_weights=False when the caller then loads every weight (--weights, --resume, --eval): no
+    backbone weights are read or downloaded. Without internet torchvision cannot download the ImageNet backbone: warn,
+    start from scratch."""
     try:
-        return RetinaNet(cfg)
+        return RetinaNet(cfg, load_weights)
     except OSError as e:  # urllib's URLError is an OSError; a missing --backbone-weights PATH too, which we re-raise
         if cfg.backbone_weights != "imagenet":
             raise
-        warnings.warn(f"could not download torchvision's ImageNet weights for {cfg.backbone} ({e}); the backbone "
-                      f"starts from random weights, as with --backbone-weights none (expect much slower training)")
+        if int(os.environ.get("RANK", 0)) == 0:
+            warnings.warn(f"could not download torchvision's ImageNet weights for {cfg.backbone} ({e}); the "
+                          f"backbone starts from random weights, as with --backbone-weights none (expect much slower "
+                          f"training)")
         cfg.backbone_weights = "none"
         return RetinaNet(cfg)
 
@@ -507,7 +523,7 @@ def load_weights(weights: str):
         except OSError as e:
             raise SystemExit(f"--weights torchvision: cannot download {TORCHVISION_WEIGHTS.url} ({e}). Without "
                              f"internet, fetch that file elsewhere and pass --weights PATH_TO_IT") from None
-        return convert_torchvision(state_dict), tuple(TORCHVISION_WEIGHTS.meta["categories"]), None
+        return convert_torchvision(state_dict), COCO_CLASS_NAMES, None
     if not os.path.isfile(weights):
         raise SystemExit(f"--weights {weights}: file not found")
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
@@ -517,31 +533,31 @@ def load_weights(weights: str):
     if state_dict.keys() == checkpoint.keys():  # nothing renamed: not torchvision's key names
         raise SystemExit(f"--weights {weights}: neither a checkpoint of this file (a dict with 'model') nor a "
                          f"torchvision state dict")
-    # torchvision's released detection weights are all COCO-trained: 91 classes, torchvision's category names
-    return state_dict, tuple(TORCHVISION_WEIGHTS.meta["categories"]), None
-
-
-def torchvision_eps(model: torch.nn.Module):
-    """torchvision's v1 COCO weights go with batch-norm eps 0 (its overwrite_eps(model, 0.0)): use the same."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)):
-            module.eps = 0.0
+    # K from the classifier's weight: torchvision's COCO names for K = 91 (its released weights), else generic ones
+    K = num_classes_of(state_dict)
+    return state_dict, (COCO_CLASS_NAMES if K == 91 else ("__background__", *map(str, range(1, K)))), None
 
 
 def load_matching(model: torch.nn.Module, state_dict: dict):
-    """Load the entries whose shapes fit (fine-tuning on other classes re-initialises the class-specific layers)."""
+    """Load the entries whose shapes fit (fine-tuning on other classes re-initialises the class-specific layers); any
+    other missing or unexpected key is an error."""
     own = model.state_dict()
     skipped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    if skipped:
+    if skipped and int(os.environ.get("RANK", 0)) == 0:
         print(f"weights: not loaded (shape differs, e.g. another class count): {', '.join(skipped)}")
-    model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=not skipped)
+    result = model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
+    missing = [k for k in result.missing_keys if k not in skipped]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"weights do not fit the model: missing {', '.join(missing) or 'none'}; unexpected "
+                         f"{', '.join(result.unexpected_keys) or 'none'}")
 
 
 def autocast(device: torch.device, cfg: Config):
     """bf16 autocast on CUDA where supported, else fp16 (with GradScaler); nothing on CPU or with --no-amp."""
     if device.type != "cuda" or not cfg.amp:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later; emulated bf16 is slow
+    return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
 def to_device(targets: list, device: torch.device) -> list:
@@ -554,27 +570,29 @@ def save_checkpoint(checkpoint: dict, path: str):
     os.replace(path + ".tmp", path)
 
 
-def rng_states() -> dict:
-    """Python, numpy, torch and CUDA random states as plain lists (they travel through all_gather_object)."""
+def rng_states(device: torch.device) -> dict:
+    """Python, numpy, torch and this process's CUDA device's random states as plain lists (they travel through
+    all_gather_object)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
             "torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device).tolist() if device.type == "cuda" else []}
 
 
-def set_rng_states(states: dict):
+def set_rng_states(states: dict, device: torch.device):
     random.setstate(states["python"])
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
-    if torch.cuda.is_available() and states["cuda"]:
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+    if device.type == "cuda" and states["cuda"]:
+        torch.cuda.set_rng_state(torch.tensor(states["cuda"], dtype=torch.uint8), device)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device, label_map=None) -> dict:
-    """The 12 COCO numbers (common.coco_evaluate) of `model` on `dataset`. label_map: model label -> dataset label
-    (e.g. torchvision's 91 COCO labels -> the dataset's 1..K); detections of other labels are dropped."""
+    """The 12 COCO numbers (common.coco_evaluate) of `model` on `dataset`, plus VOC_mAP50 on a VOC dataset.
+    label_map: model label -> dataset label (e.g. torchvision's 91 COCO labels -> the dataset's 1..K); detections of
+    other labels are dropped. None: the model's labels are the dataset's."""
     model.eval()
     loader = data.make_loader(dataset, cfg.batch_size, train=False, workers=cfg.workers, distributed=False)
     results = []
@@ -587,10 +605,14 @@ def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device,
                 label = label_map.get(label) if label_map is not None else label
                 if label is not None:
                     results.append({"image_id": target["image_id"], "category_id": label, "bbox": box, "score": score})
-    return coco_evaluate(dataset.coco_gt(), results)  # coco_gt's category_id is the dataset's label 1..K
+    gt = dataset.coco_gt()  # its category_id is the dataset's label 1..K
+    stats = coco_evaluate(gt, results)  # COCO's rules: VOC's difficult objects count as plain ground truth here ...
+    if isinstance(dataset, data.VocDetection):  # ... and VOC's own metric, mAP at IoU 0.5, ignores them
+        stats["VOC_mAP50"] = voc_evaluate(gt, results)["mAP"]
+    return stats
 
 
-def train(cfg: Config, weights=None):
+def train(cfg: Config):
     # DDP under torchrun: one process per GPU, RANK / WORLD_SIZE / LOCAL_RANK come from the environment.
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -610,19 +632,22 @@ def train(cfg: Config, weights=None):
 
     train_set, val_set = build_datasets(cfg, train_transforms=data.RandomHorizontalFlip(cfg.hflip_prob))
     cfg.num_classes = train_set.num_classes
-    model = build_model(cfg).to(device)
-    if weights is not None:  # fine-tune from --weights
-        state_dict, _, saved = load_weights(weights)
+    fine_tune = bool(cfg.weights) and not cfg.resume  # start from --weights (a resume loads its checkpoint instead)
+    if fine_tune:
+        state_dict, class_names, saved = load_weights(cfg.weights)
+        if saved is None and len(class_names) == 91:  # torchvision's COCO weights: their eps, saved with the config
+            cfg.bn_eps = TORCHVISION_BN_EPS
+    # with --weights or --resume every weight is overwritten: no ImageNet download, but the same frozen-BN model
+    model = build_model(cfg, load_weights=not (cfg.weights or cfg.resume)).to(device)
+    if fine_tune:
         load_matching(model, state_dict)
-        if saved is None:
-            torchvision_eps(model)
     model_without_ddp = model
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
     train_loader = data.make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
                                     distributed=distributed)
 
-    # torchvision's recipe: lr 0.02 for 16 images per step, scaled linearly to the real batch (the linear scaling rule)
+    # cfg.lr for 16 images per step, scaled linearly to the real batch (the linear scaling rule)
     lr = cfg.lr * cfg.batch_size * world_size / 16
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -633,7 +658,7 @@ def train(cfg: Config, weights=None):
         return warmup * cfg.lr_gamma ** sum(step >= s * steps_per_epoch for s in cfg.lr_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)  # stepped every iteration
-    fp16 = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    fp16 = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported(including_emulation=False)
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)  # bf16 has fp32's range and needs no loss scaling
 
     start_epoch, best_ap = 0, -1.0
@@ -642,10 +667,19 @@ def train(cfg: Config, weights=None):
         model_without_ddp.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # {} from a run without loss scaling (CPU, bf16, --no-amp)
+            scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best_ap = checkpoint["epoch"] + 1, checkpoint["best_ap"]
+        if not math.isclose(scheduler.base_lrs[0], lr):  # another batch size or world size: its scaled lr, warned
+            if main_process:
+                warnings.warn(f"--resume: lr {lr:g} for batch {cfg.batch_size} x {world_size}, not the checkpoint's "
+                              f"{scheduler.base_lrs[0]:g}: continuing with {lr:g}")
+            scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+            for group in optimizer.param_groups:
+                group["initial_lr"], group["lr"] = lr, lr * lr_factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if checkpoint["world_size"] == world_size:  # each rank's RNG streams, else a fresh seed per rank
-            set_rng_states(checkpoint["rng"][rank] if distributed else checkpoint["rng"][0])
+            set_rng_states(checkpoint["rng"][rank] if distributed else checkpoint["rng"][0], device)
     if main_process:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -685,7 +719,8 @@ def train(cfg: Config, weights=None):
             if not all(np.isfinite(list(terms.values()))):
                 raise SystemExit(f"non-finite loss at epoch {epoch} step {step} (global step {global_step}): "
                                  + ", ".join(f"{k} {v}" for k, v in terms.items())
-                                 + f"; stopped, {os.path.join(cfg.out, 'last.pt')} holds the last good epoch")
+                                 + f"; stopped, {os.path.join(cfg.out, 'last.pt')} (if it exists) holds the last "
+                                 f"good epoch")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad_norm > 0:
@@ -704,23 +739,31 @@ def train(cfg: Config, weights=None):
                 log({"epoch": epoch, "step": f"{step + 1}/{steps_per_epoch}", "loss": sum(terms.values()), **terms,
                      "lr": optimizer.param_groups[0]["lr"], "img_s": speed, "eta_min": eta / 60, "mem_gb": memory})
 
-        if main_process:
-            stats = evaluate(model_without_ddp, val_set, cfg, device)
-            log({"epoch": epoch, **{k: v for k, v in stats.items() if k != "per_class"}})
-            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                          "best_ap": max(best_ap, stats["AP"]), "config": dataclasses.asdict(cfg),
-                          "class_names": tuple(train_set.class_names), "world_size": world_size}
-        # every rank's RNG state, so that a resume continues each rank's random streams
-        states = [None] * world_size if distributed else [rng_states()]
+        # every rank's RNG state (rank 0's after its evaluation), so that a resume continues each rank's random streams
+        states = [None] * world_size
         if distributed:
-            dist.all_gather_object(states, rng_states())
-        if main_process:
-            checkpoint["rng"] = states
-            save_checkpoint(checkpoint, os.path.join(cfg.out, "last.pt"))
-            if stats["AP"] > best_ap:
-                best_ap = stats["AP"]
-                save_checkpoint(checkpoint, os.path.join(cfg.out, "best.pt"))
+            dist.all_gather_object(states, rng_states(device))
+        succeeded = False
+        try:  # rank 0 evaluates and saves while the others wait
+            if main_process:
+                stats = evaluate(model_without_ddp, val_set, cfg, device)
+                log({"epoch": epoch, **{k: v for k, v in stats.items() if k != "per_class"}})
+                states[0] = rng_states(device)
+                checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                              "best_ap": max(best_ap, stats["AP"]), "config": dataclasses.asdict(cfg),
+                              "class_names": tuple(train_set.class_names), "world_size": world_size, "rng": states}
+                save_checkpoint(checkpoint, os.path.join(cfg.out, "last.pt"))
+                if stats["AP"] > best_ap:
+                    best_ap = stats["AP"]
+                    save_checkpoint(checkpoint, os.path.join(cfg.out, "best.pt"))
+            succeeded = True
+        finally:  # tell the others whether rank 0 got through, rather than leave them at a collective for an hour
+            if distributed:
+                flag = torch.tensor([float(succeeded)], device=device)
+                dist.broadcast(flag, 0)
+                if not main_process and flag.item() == 0:
+                    raise SystemExit(f"rank {rank}: stopping, rank 0 failed to evaluate or save epoch {epoch}")
     if distributed:
         dist.destroy_process_group()
     return model_without_ddp
@@ -827,17 +870,19 @@ def make_config(given: dict, saved: dict = None, preset=True) -> Config:
 
 def main(argv=None):
     args, given = parse_args(argv)
-    saved, preset = None, True
-    if args.train and given.get("resume"):  # continue with the run's config; flags given now still override it
-        saved = {**torch.load(given["resume"], map_location="cpu", weights_only=True)["config"], "weights": ""}
+    saved, preset, start_weights = None, True, ""
+    if args.train and given.get("resume"):  # continue with the run's config (so the same model); flags given now
+        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]  # still override it
     elif (args.eval or args.predict or args.show_targets) and given.get("weights"):
         state_dict, class_names, saved = load_weights(given["weights"])
-        preset = saved is not None  # torchvision's weights: keep torchvision's preprocessing (800 px)
-        for k in ("device", "workers", "out", "resume", "weights"):  # the training run's, not this run's
-            (saved or {}).pop(k, None)
+        preset = saved is not None  # torchvision's weights: keep torchvision's preprocessing (800 px) and eps
+        saved = saved or {"bn_eps": TORCHVISION_BN_EPS if len(class_names) == 91 else Config.bn_eps}
+        start_weights = saved.pop("weights", given["weights"])  # the training run's: frozen BN or not (Backbone)
+        for k in ("device", "workers", "out", "resume"):  # the training run's, not this run's
+            saved.pop(k, None)
     cfg = make_config(given, saved, preset)
     if args.train:
-        train(cfg, cfg.weights or None)
+        train(cfg)
         return
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.bench:
@@ -845,9 +890,9 @@ def main(argv=None):
         return
     if args.show_targets:
         train_set, _ = build_datasets(cfg)
-        cfg.num_classes, cfg.backbone_weights = train_set.num_classes, "none"  # the assignment needs no weights ...
-        model = build_model(cfg).to(device).eval()
-        if cfg.weights:  # ... but proposals are those of a trained RPN only with --weights
+        cfg.num_classes = train_set.num_classes  # the assignment needs no trained weights: none downloaded ...
+        model = build_model(dataclasses.replace(cfg, weights=start_weights), load_weights=False).to(device).eval()
+        if cfg.weights:  # ... but what it takes from the model's outputs, if anything, then comes from --weights
             load_matching(model, state_dict)
         os.makedirs(cfg.out, exist_ok=True)
         for i in range(min(8, len(train_set))):
@@ -857,35 +902,51 @@ def main(argv=None):
         print(f"wrote {min(8, len(train_set))} images to {cfg.out}")
         return
 
-    # --eval and --predict: a trained model. The ImageNet initialisation is overwritten, so none is downloaded; in
-    # eval mode ordinary batch norm computes what frozen batch norm does.
+    # --eval and --predict: the model of the weights' training run (frozen BN if it started from pretrained weights,
+    # its bn_eps), built without reading or downloading backbone weights: every weight is overwritten.
     if not cfg.weights:
         raise SystemExit("--eval and --predict need --weights PATH|torchvision")
-    cfg.num_classes, cfg.backbone_weights = len(class_names), "none"
-    model = build_model(cfg)
+    cfg.num_classes = len(class_names)
+    model = build_model(dataclasses.replace(cfg, weights=start_weights), load_weights=False)
     model.load_state_dict(state_dict)
-    if saved is None:
-        torchvision_eps(model)
     model.to(device).eval()
     if args.eval:
         _, val_set = build_datasets(cfg)
-        # model labels -> dataset labels by class name (identity for our checkpoints; torchvision's COCO ids -> 1..K)
-        label_map = {i: val_set.class_names.index(n) for i, n in enumerate(class_names) if i and n in val_set.class_names}
+        label_map = None  # identity: the model was trained on these classes
+        if tuple(class_names) != tuple(val_set.class_names):  # by class name (torchvision's COCO ids -> 1..K)
+            label_map = {i: val_set.class_names.index(n) for i, n in enumerate(class_names)
+                         if i and n in val_set.class_names}
+            unmapped = [n for n in val_set.class_names[1:] if n not in class_names[1:]]
+            if unmapped:
+                warnings.warn(f"--eval: no class of the model is named {', '.join(unmapped)}: nothing detected there")
         stats = evaluate(model, val_set, cfg, device, label_map)
-        print("\n".join(f"{name:>6} {stats[name]:.4f}" for name in COCO_METRIC_NAMES))
+        names = [name for name in (*COCO_METRIC_NAMES, "VOC_mAP50") if name in stats]
+        print("\n".join(f"{name:>9} {stats[name]:.4f}" for name in names))
         return
     if not os.path.exists(args.predict):
         raise SystemExit(f"--predict {args.predict}: no such file or folder")
-    paths = [args.predict] if os.path.isfile(args.predict) else sorted(
+    single = os.path.isfile(args.predict)
+    paths = [args.predict] if single else sorted(
         os.path.join(args.predict, f) for f in os.listdir(args.predict)
         if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")))
+    inputs = {os.path.realpath(p) for p in paths}
     os.makedirs(cfg.out, exist_ok=True)
     for path in paths:
-        image = data.load_image(path)
+        # the input's whole name plus .png: a.jpg and a.png do not collide, and no output is named like its input
+        out = os.path.join(cfg.out, os.path.basename(path) + ".png")
+        if os.path.realpath(out) in inputs:
+            warnings.warn(f"--predict: skipped {path}: its output {out} is one of the input images")
+            continue
+        try:
+            image = data.load_image(path)
+        except ValueError as e:  # a file given alone is an error; one bad file in a folder only a warning
+            if single:
+                raise SystemExit(str(e)) from None
+            warnings.warn(f"--predict: skipped {e}")
+            continue
         with torch.no_grad(), autocast(device, cfg):
             det = model([image.to(device)])[0]
         keep = det["scores"] >= cfg.predict_score_thresh
-        out = os.path.join(cfg.out, os.path.splitext(os.path.basename(path))[0] + ".png")
         draw_boxes(image, det["boxes"][keep].float(), det["labels"][keep], det["scores"][keep].float(), class_names, out)
         print(f"{path}: {int(keep.sum())} detections -> {out}")
 

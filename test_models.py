@@ -9,6 +9,7 @@ faster rcnn train / dense: training through the command line, resume, DDP, the N
 """
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -1101,13 +1102,16 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "notes.txt").write_text("not an image: skipped")
+    (images / "broken.jpg").write_bytes(b"not a jpeg")  # unreadable: a warning, skipped
     dataset = data.SyntheticShapes(2, 64, seed=7)
     for i in range(2):
         faster_rcnn.torchvision.io.write_png((dataset[i][0] * 255).to(torch.uint8), str(images / f"img{i}.png"))
-    cli("--predict", images, "--weights", one_epoch / "last.pt", "--out", tmp_path / "pred",
-        "--predict-score-thresh", "0")
-    assert sorted(os.listdir(tmp_path / "pred")) == ["img0.png", "img1.png"]
-    drawn = faster_rcnn.torchvision.io.read_image(str(tmp_path / "pred" / "img0.png"))
+    output = cli("--predict", images, "--weights", one_epoch / "last.pt", "--out", tmp_path / "pred",
+                 "--predict-score-thresh", "0")
+    assert "skipped" in output and "broken.jpg" in output
+    # the output keeps the input's whole name: img0.png and img0.jpg would not collide, no input is overwritten
+    assert sorted(os.listdir(tmp_path / "pred")) == ["img0.png.png", "img1.png.png"]
+    drawn = faster_rcnn.torchvision.io.read_image(str(tmp_path / "pred" / "img0.png.png"))
     assert drawn.shape == (3, 64, 64) and not torch.equal(drawn, (dataset[0][0] * 255).to(torch.uint8))
 
     cli("--show-targets", "--weights", one_epoch / "last.pt", "--num-train", "3", "--out", tmp_path / "targets")
@@ -1124,7 +1128,7 @@ def test_torchvision_state_dict_file(tmp_path):
     torchvision.io.write_png((image * 255).to(torch.uint8), str(tmp_path / "img.png"))
     output = cli("--predict", tmp_path / "img.png", "--weights", tmp_path / "tv.pth", "--out", tmp_path / "pred",
                  "--min-size", "64", "--max-size", "64", "--predict-score-thresh", "0", "--device", "cpu")
-    assert os.path.isfile(tmp_path / "pred" / "img.png") and "detections" in output
+    assert os.path.isfile(tmp_path / "pred" / "img.png.png") and "detections" in output
 
 
 def test_offline_imagenet_weights_warn_and_train_from_scratch(monkeypatch):
@@ -1147,10 +1151,12 @@ def test_bench_runs():
     assert "train:" in output and "inference:" in output and "images/s" in output
 
 
-def test_resume_continues_exactly(one_epoch, tmp_path):
-    """2 epochs in one go == 1 epoch, then --resume for the second: identical weights and optimiser state."""
-    cli("--train", *TINY_FRCNN, "--epochs", "2", "--out", tmp_path / "straight")
-    cli("--train", "--resume", one_epoch / "last.pt", "--epochs", "2", "--out", tmp_path / "resumed")
+def test_resume_continues_exactly(tmp_path):
+    """2 epochs in one go == 1 epoch, then --resume for the second: identical weights and optimiser state. With a
+    DataLoader worker, so that the data order and the workers' flip randomness must be restored too."""
+    cli("--train", *TINY_FRCNN, "--workers", "1", "--epochs", "1", "--out", tmp_path / "first")
+    cli("--train", *TINY_FRCNN, "--workers", "1", "--epochs", "2", "--out", tmp_path / "straight")
+    cli("--train", "--resume", tmp_path / "first" / "last.pt", "--epochs", "2", "--out", tmp_path / "resumed")
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert straight["epoch"] == resumed["epoch"] == 1
@@ -1161,6 +1167,130 @@ def test_resume_continues_exactly(one_epoch, tmp_path):
     assert straight["scheduler"]["last_epoch"] == resumed["scheduler"]["last_epoch"] == 4
     # the resumed run logs only its second epoch
     assert [json.loads(line)["epoch"] for line in open(tmp_path / "resumed" / "metrics.jsonl")] == [1, 1, 1]
+
+
+def fake_imagenet(monkeypatch, available):
+    """torchvision's ResNet-18 ImageNet download: a random ResNet-18's weights (available) or a failure (offline)."""
+    import urllib.error
+
+    def get_state_dict(self, *args, **kwargs):
+        if not available:
+            raise urllib.error.URLError("Name or service not known")
+        return torchvision.models.resnet18().state_dict()
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", get_state_dict)
+
+
+def assert_frozen_bn_model(model):
+    """The pretrained-backbone setup: FrozenBatchNorm2d only, stem and layer1 frozen, layer2..4 trained."""
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
+    trained = {name.split(".")[0] for name, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert trained == {"layer2", "layer3", "layer4"}
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn", "retinanet", "fcos"])
+def test_weights_give_the_pretrained_backbone_setup_without_download(name, monkeypatch):
+    """--weights PATH --backbone-weights none: frozen BN and frozen early layers, as torchvision with detector weights;
+    no ImageNet download (offline here) since --weights overwrites it; without --weights, plain BN, all trained."""
+    module = {"faster_rcnn": faster_rcnn, "retinanet": retinanet, "fcos": fcos}[name]
+    fake_imagenet(monkeypatch, available=False)
+    for backbone_weights in ("none", "imagenet"):
+        cfg = module.Config(backbone="resnet18", backbone_weights=backbone_weights, fpn_channels=32, weights="w.pt")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no offline warning: nothing is downloaded
+            assert_frozen_bn_model(module.build_model(cfg, load_weights=False))
+        assert cfg.backbone_weights == backbone_weights
+    scratch = module.build_model(module.Config(backbone="resnet18", backbone_weights="none", fpn_channels=32))
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in scratch.modules())
+    assert all(p.requires_grad for p in scratch.parameters())
+    cfg = module.Config(backbone="resnet18", backbone_weights="none", fpn_channels=32, bn_eps=0.0, weights="w.pt")
+    assert all(m.eps == 0.0 for m in module.build_model(cfg).modules() if isinstance(m, FrozenBatchNorm2d))
+
+
+def test_fine_tune_and_resume_keep_the_frozen_bn_model_offline(one_epoch, tmp_path, monkeypatch):
+    """Fine-tuning from --weights (offline, --backbone-weights imagenet by default) trains the frozen-BN model; a run
+    with ImageNet weights resumes offline: the same model and optimiser groups are rebuilt, nothing is downloaded."""
+    tiny = [a for a in TINY_FRCNN if a not in ("--backbone-weights", "none")]
+    fake_imagenet(monkeypatch, available=False)
+    faster_rcnn.main(["--train", *tiny, "--epochs", "1", "--weights", str(one_epoch / "last.pt"),
+                      "--out", str(tmp_path / "fine_tuned")])
+    checkpoint = torch.load(tmp_path / "fine_tuned" / "last.pt", weights_only=True)
+    assert not any(k.endswith("num_batches_tracked") for k in checkpoint["model"])  # FrozenBatchNorm2d
+    assert checkpoint["config"]["weights"] == str(one_epoch / "last.pt")
+    cfg = faster_rcnn.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["config"].items()})
+    assert_frozen_bn_model(faster_rcnn.build_model(cfg, load_weights=False))
+
+    fake_imagenet(monkeypatch, available=True)
+    faster_rcnn.main(["--train", *tiny, "--epochs", "1", "--out", str(tmp_path / "imagenet")])
+    fake_imagenet(monkeypatch, available=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="could not download")
+        faster_rcnn.main(["--train", "--resume", str(tmp_path / "imagenet" / "last.pt"), "--epochs", "2",
+                          "--out", str(tmp_path / "resumed")])
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["config"]["backbone_weights"] == "imagenet"
+
+
+def test_resume_with_another_batch_size_rescales_the_lr(one_epoch, tmp_path):
+    """--resume with --batch-size 2 instead of 4: a warning, and the lr of 2 images per step from then on."""
+    output = cli("--train", "--resume", one_epoch / "last.pt", "--epochs", "2", "--batch-size", "2",
+                 "--out", tmp_path)
+    assert "continuing with" in output
+    lr = faster_rcnn.Config.lr * 2 / 16
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["scheduler"]["base_lrs"] == pytest.approx([lr])
+    assert all(g["initial_lr"] == pytest.approx(lr) for g in checkpoint["optimizer"]["param_groups"])
+    first = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][0]
+    assert first["lr"] == pytest.approx(lr)  # warmup (2 steps) over, no decay step before epoch 4
+
+
+def test_load_matching_names_missing_and_unexpected_keys():
+    cfg = faster_rcnn.Config(backbone="resnet18", backbone_weights="none", fpn_channels=32, num_classes=5)
+    model = faster_rcnn.build_model(cfg)
+    state_dict = model.state_dict()
+    other = faster_rcnn.build_model(dataclasses.replace(cfg, num_classes=9)).state_dict()
+    faster_rcnn.load_matching(model, other)  # the class-specific layers are skipped: fine
+    with pytest.raises(ValueError, match="missing box_head.fc6.weight; unexpected extra.weight"):
+        faster_rcnn.load_matching(model, {**{k: v for k, v in state_dict.items() if k != "box_head.fc6.weight"},
+                                          "extra.weight": torch.zeros(1)})
+
+
+def test_torchvision_state_dict_of_another_class_count(tmp_path):
+    """A torchvision-format state dict with K != 91: K from the classifier, generic class names."""
+    for module, builder in ((faster_rcnn, torchvision.models.detection.fasterrcnn_resnet50_fpn),
+                            (retinanet, torchvision.models.detection.retinanet_resnet50_fpn),
+                            (fcos, torchvision.models.detection.fcos_resnet50_fpn)):
+        torch.save(builder(weights=None, weights_backbone=None, num_classes=4).state_dict(), tmp_path / "tv.pth")
+        state_dict, class_names, saved = module.load_weights(str(tmp_path / "tv.pth"))
+        assert saved is None and class_names == ("__background__", "1", "2", "3")
+    image = data.SyntheticShapes(1, 64, seed=0)[0][0]
+    torchvision.io.write_png((image * 255).to(torch.uint8), str(tmp_path / "img.png"))
+    output = cli("--predict", tmp_path / "img.png", "--weights", tmp_path / "tv.pth", "--out", tmp_path / "pred",
+                 "--min-size", "64", "--max-size", "64", "--predict-score-thresh", "0", "--device", "cpu",
+                 cmd=[sys.executable, "fcos.py"])
+    assert os.path.isfile(tmp_path / "pred" / "img.png.png") and "detections" in output
+
+
+@pytest.mark.filterwarnings("ignore:.*degenerate")
+def test_voc_evaluation_adds_voc_map():
+    """On a VOC dataset the evaluation also gives VOC's mAP@0.5 (difficult objects ignored)."""
+    dataset = data.VocDetection(BCCD, "val")
+    cfg = retinanet.Config(num_classes=dataset.num_classes, backbone="resnet18", backbone_weights="none",
+                           fpn_channels=32, min_size=64, max_size=64, workers=0)
+    stats = retinanet.evaluate(retinanet.build_model(cfg), dataset, cfg, torch.device("cpu"))
+    assert "VOC_mAP50" in stats and 0 <= stats["VOC_mAP50"] <= 1 and "AP" in stats
+
+
+@pytest.mark.filterwarnings("ignore:.*degenerate")
+def test_eval_on_other_classes_warns_and_prints_voc_map(one_epoch, capsys):
+    """--eval of the shapes model on BCCD (VOC layout): no class name in common, a warning naming the dataset's
+    classes; the VOC mAP is printed after the 12 COCO numbers."""
+    with pytest.warns(UserWarning, match="no class of the model is named Platelets, RBC, WBC"):
+        faster_rcnn.main(["--eval", "--weights", str(one_epoch / "last.pt"), "--data", "voc", "--data-root", BCCD,
+                          "--workers", "0", "--device", "cpu"])
+    output = capsys.readouterr().out
+    assert re.search(r"VOC_mAP50 0\.0000", output) and re.search(r"AP50 0\.0000", output)
 
 
 def test_ddp_two_processes_gloo(tmp_path):
