@@ -115,7 +115,7 @@ MODELS = {"faster_rcnn": ("faster_rcnn", "FasterRCNN", "fasterrcnn_resnet50_fpn"
 
 def bench_model(args):
     """Our detector and torchvision's with the same (converted) weights, inputs and precision: a training step (forward,
-    backward, SGD step; batch --train-batch), inference at batch 1 and 8, peak CUDA memory, and the ratios; plus the
+    backward, SGD step; batch --train-batch), inference at batch 1 and 8, peak CUDA memory, and the speed-ups; plus the
     ResNet-50-FPN backbone alone (forward, and forward + backward) as the floor no detector can beat. Both models are
     built without pretrained weights (offline), so both use ordinary batch norm with every layer trained."""
     import importlib
@@ -180,13 +180,15 @@ def bench_model(args):
         rows = [(f"train step, batch {args.train_batch}", train_step, args.train_batch),
                 ("inference, batch 1", infer_step, 1), ("inference, batch 8", infer_step, 8)]
         print(f"\nmin_size {min_size}, max_size {max_size}")
-        print(f"{'':<22} {'ours ms':>9} {'torchvision ms':>15} {'ratio':>6} {'ours GiB':>9} {'tv GiB':>7}")
+        # speed-up = torchvision's time / ours = our throughput / torchvision's (> 1: ours is faster)
+        print(f"{'':<22} {'ours ms':>9} {'torchvision ms':>15} {'speed-up':>8} {'ours GiB':>9} {'tv GiB':>7}")
         for label, make, batch in rows:
             torch.manual_seed(0)
             t_ours, m_ours = measure(make(ours, batch))
             torch.manual_seed(0)
             t_tv, m_tv = measure(make(tv, batch))
-            print(f"{label:<22} {t_ours * 1000:9.1f} {t_tv * 1000:15.1f} {t_ours / t_tv:6.2f} {gib(m_ours):>9} {gib(m_tv):>7}")
+            print(f"{label:<22} {t_ours * 1000:9.1f} {t_tv * 1000:15.1f} {t_tv / t_ours:8.2f} {gib(m_ours):>9} "
+                  f"{gib(m_tv):>7}")
 
         # the floor: torchvision's backbone + FPN on the already resized, padded batch
         batch_tensor = tv.transform(images[:args.train_batch], None)[0].tensors
@@ -202,9 +204,9 @@ def bench_model(args):
                 backbone(batch_tensor)
         t_bt, m_bt = measure(backbone_train)
         t_bi, m_bi = measure(backbone_infer)
-        print(f"{'backbone+FPN fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>6} {gib(m_bt):>9}   (batch "
+        print(f"{'backbone+FPN fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>8} {gib(m_bt):>9}   (batch "
               f"{args.train_batch}, padded {tuple(batch_tensor.shape[-2:])})")
-        print(f"{'backbone+FPN forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>6} {gib(m_bi):>9}")
+        print(f"{'backbone+FPN forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>8} {gib(m_bi):>9}")
         del tv, ours, backbone
 
 
