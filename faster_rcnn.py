@@ -918,17 +918,19 @@ def build_datasets(cfg: Config, train_transforms=None):
 
 
 def draw_targets(image, target, assignment, class_names, path):
-    """--show-targets: ground truth in its class colour and, in thin lines, what the assignment marks: the RPN's
-    positive anchors (white) and, where given, the RoI head's sampled proposals (foreground blue, background red)."""
-    drawn = draw_boxes(image, target["boxes"], target["labels"], None, class_names, width=3)
+    """--show-targets: in thin lines what the assignment marks, the RPN's positive anchors (white) and, where given, the
+    RoI head's sampled proposals (foreground blue; background red, only as many as there are foreground ones, since
+    the hundreds sampled would hide the image), under the ground truth in its class colour."""
+    drawn = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     boxes = [(assignment["anchors"], "white")]
     if "proposals" in assignment:
         foreground = assignment["proposal_labels"] > 0
-        boxes += [(assignment["proposals"][~foreground], "red"), (assignment["proposals"][foreground], "blue")]
+        background = assignment["proposals"][~foreground][:int(foreground.sum())]
+        boxes += [(background, "red"), (assignment["proposals"][foreground], "blue")]
     for b, colour in boxes:
         if len(b):
             drawn = torchvision.utils.draw_bounding_boxes(drawn, b.cpu().float(), colors=colour, width=1)
-    torchvision.io.write_png(drawn, path)
+    draw_boxes(drawn, target["boxes"], target["labels"], None, class_names, path, width=3)
 
 
 def bench(cfg: Config, device: torch.device, steps=10):

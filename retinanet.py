@@ -776,13 +776,13 @@ def build_datasets(cfg: Config, train_transforms=None):
 
 
 def draw_targets(image, target, assignment, class_names, path):
-    """--show-targets: ground truth in its class colour and, in thin white lines, the anchors the assignment marks
-    positive."""
-    drawn = draw_boxes(image, target["boxes"], target["labels"], None, class_names, width=3)
+    """--show-targets: in thin white lines the anchors the assignment marks positive, under the ground truth in its
+    class colour."""
+    drawn = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     if len(assignment["anchors"]):
         anchors = assignment["anchors"].cpu().float()
         drawn = torchvision.utils.draw_bounding_boxes(drawn, anchors, colors="white", width=1)
-    torchvision.io.write_png(drawn, path)
+    draw_boxes(drawn, target["boxes"], target["labels"], None, class_names, path, width=3)
 
 
 def bench(cfg: Config, device: torch.device, steps=10):
