@@ -673,6 +673,7 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, distributed=None)
     repeated images, so an evaluation must drop duplicate image ids. Shuffling and worker seeds follow `seed` (and the
     rank), so a run is reproducible.
     """
+    workers = min(workers, os.cpu_count() or 1)  # more worker processes than cores only adds contention
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
