@@ -3,6 +3,8 @@
     python bench.py coco_eval [--device cpu|cuda]   # common.coco_evaluate vs pycocotools vs faster-coco-eval
     python bench.py faster_rcnn [--device cpu|cuda] [--min-size 800 --max-size 1333]   # also retinanet, fcos:
         ours vs torchvision with the same weights: train step, inference at batch 1 and 8, peak memory; 320 px too
+    python bench.py fcos --device cuda --image-size 320 320 --min-size 320 --max-size 320 --train-batch 16
+        the synthetic default's step: 320x320 images, 16 per step, bf16
 
 Each benchmark is a function bench_NAME(args) registered in main()'s table.
 """
@@ -107,10 +109,9 @@ def bench_coco_eval(args):
 
 
 # --- Models against torchvision ---
-# name -> (module, detector class, torchvision builder). Each module has Config and convert_torchvision.
-MODELS = {"faster_rcnn": ("faster_rcnn", "FasterRCNN", "fasterrcnn_resnet50_fpn"),
-          "retinanet": ("retinanet", "RetinaNet", "retinanet_resnet50_fpn"),
-          "fcos": ("fcos", "FCOS", "fcos_resnet50_fpn")}
+# name -> torchvision builder of the same detector. Each model file has Config, TORCHVISION_CONFIG, DETECTOR and
+# convert_torchvision.
+MODELS = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "retinanet": "retinanet_resnet50_fpn", "fcos": "fcos_resnet50_fpn"}
 
 
 def bench_model(args):
@@ -121,17 +122,16 @@ def bench_model(args):
     import importlib
     import data
     import torchvision
-    module_name, class_name, builder = MODELS[args.name]
-    module = importlib.import_module(module_name)
+    builder, module = MODELS[args.name], importlib.import_module(args.name)
     device = torch.device(args.device)
-    dataset = data.SyntheticShapes(8, (480, 640), seed=0)  # a COCO-sized image; the models resize it
-    samples = [dataset[i] for i in range(8)]
+    dataset = data.SyntheticShapes(max(8, args.train_batch), tuple(args.image_size), seed=0)  # the models resize them
+    samples = [dataset[i] for i in range(len(dataset))]
     images = [image.to(device) for image, _ in samples]
     targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in samples]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     cuda = device.type == "cuda"
     print(f"{args.name} on {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}"
-          f", {'bf16 autocast' if cuda else 'fp32'}), 640x480 synthetic images, median of {args.steps} steps")
+          f", {'bf16 autocast' if cuda else 'fp32'}), {args.image_size[0]}x{args.image_size[1]} synthetic images, median of {args.steps} steps")
 
     def gib(memory):
         return f"{memory:.2f}" if cuda else "-"  # peak memory is measured on CUDA only
@@ -154,8 +154,9 @@ def bench_model(args):
     for min_size, max_size in dict.fromkeys([(args.min_size, args.max_size), (320, 533)]):  # the reference size, 320 px
         tv = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=91,
                                                             min_size=min_size, max_size=max_size).to(device)
-        cfg = module.Config(num_classes=91, backbone_weights="none", min_size=min_size, max_size=max_size)
-        ours = getattr(module, class_name)(cfg).to(device)
+        cfg = module.Config(**{**module.TORCHVISION_CONFIG, "frozen_bn": False, "bn_eps": 1e-5, "num_classes": 91,
+                               "min_size": min_size, "max_size": max_size})  # torchvision's model without weights
+        ours = module.DETECTOR(cfg).to(device)
         ours.load_state_dict(module.convert_torchvision(tv.state_dict()))
 
         def train_step(model, batch):
@@ -218,6 +219,8 @@ def main():
     parser.add_argument("--min-size", type=int, default=800, help="models: short side (torchvision's default 800)")
     parser.add_argument("--max-size", type=int, default=1333, help="models: long side at most (default 1333)")
     parser.add_argument("--train-batch", type=int, default=2, help="models: images per training step (2 per GPU)")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
+                        help="models: synthetic image size before the models resize it (default: COCO-like 480 640)")
     parser.add_argument("--steps", type=int, default=10, help="models: timed steps per measurement (median)")
     args = parser.parse_args()
     benchmarks[args.name](args)

@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 import torchvision
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 # --- Box formats ---
@@ -79,6 +80,30 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """[N, 4] xyxy -> int64 [K] indices of the boxes with width and height both >= min_size (torchvision's rule)."""
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     return torch.where((ws >= min_size) & (hs >= min_size))[0]
+
+
+def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
+    """[N, 4] xyxy in an image of original_size (h, w) -> [N, 4] xyxy in the image resized to new_size (h, w)."""
+    ratios = torch.tensor(new_size, dtype=torch.float32) / torch.tensor(original_size, dtype=torch.float32)  # (rh, rw)
+    return boxes * ratios[[1, 0, 1, 0]].to(boxes.device)
+
+
+def pad_targets(targets: list):
+    """B target dicts -> gt_boxes [B, M, 4], gt_labels [B, M], gt_valid [B, M] with M = max(1, most boxes in an image),
+    so that assignment runs for the whole batch at once. Padding and degenerate boxes (zero width or height, which have
+    no IoU with anything and cannot be encoded) are invalid: they match nothing, so empty images and bad annotations
+    give only negatives and finite losses."""
+    M = max([1] + [len(t["boxes"]) for t in targets])
+    device = targets[0]["boxes"].device
+    gt_boxes = torch.zeros(len(targets), M, 4, device=device)
+    gt_labels = torch.zeros(len(targets), M, dtype=torch.int64, device=device)
+    gt_valid = torch.zeros(len(targets), M, dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        n = len(t["boxes"])
+        gt_boxes[i, :n] = t["boxes"]
+        gt_labels[i, :n] = t["labels"]
+        gt_valid[i, :n] = (t["boxes"][:, 2] > t["boxes"][:, 0]) & (t["boxes"][:, 3] > t["boxes"][:, 1])
+    return gt_boxes, gt_labels, gt_valid
 
 
 # --- IoU family ---
@@ -531,27 +556,49 @@ def voc_evaluate(gt: dict, dets: list, iou_threshold: float = 0.5, use_07_metric
 # --- Drawing ---
 
 
-def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor | None = None, scores: Tensor | None = None,
-               class_names=None, path: str | None = None, width: int = 2) -> Tensor:
-    """Draw boxes with "class score" captions; write a PNG if path is given.
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 
-    image: [3, H, W] float in [0, 1] or uint8; boxes: [N, 4] xyxy pixels; labels: int [N] (1..K); scores: [N] or None;
-    class_names: sequence indexed by label (index 0 "__background__"). Returns the drawn uint8 [3, H, W] image.
-    One colour per class, fixed, so the same class looks the same in every picture."""
+
+def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor | None = None, scores: Tensor | None = None,
+               class_names=None, path: str | None = None, width: int | None = None, color=None) -> Tensor:
+    """Draw boxes with "class score" captions; write a PNG if path is given. Returns the drawn uint8 [3, H, W] image.
+
+    image: [3, H, W] float in [0, 1] or uint8; boxes: [N, 4] xyxy pixels; labels: int [N] (1..K) or None (no captions);
+    scores: [N] or None; class_names: sequence indexed by label (index 0 "__background__"); color: one (r, g, b) for
+    every box, or a list of one per box, instead of the class colours (one per class, fixed, so that a class looks the
+    same in every picture). Line width and caption size follow the image size; a caption sits on a filled box of its
+    class colour in black or white, whichever reads better, above its box (inside it at the top border), moved down
+    while it would cover an earlier caption, so that overlapping boxes keep readable captions."""
     if image.dtype != torch.uint8:
         image = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-    image, boxes = image.cpu(), boxes.detach().cpu().float()
-    n = len(boxes)
-    labels = labels.detach().cpu().tolist() if labels is not None else [None] * n
-    captions = []
-    for i, label in enumerate(labels):
-        name = "" if label is None else (class_names[label] if class_names is not None else str(label))
-        captions.append(f"{name} {float(scores[i]):.2f}".strip() if scores is not None else name)
-    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
-    colors = [palette[(label or 0) % len(palette)] for label in labels]
-    drawn = torchvision.utils.draw_bounding_boxes(image, boxes, captions, colors, width=width) if n else image
+    H, W = image.shape[-2:]
+    picture = Image.fromarray(image.cpu().permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(picture)
+    width = width or max(1, round(max(H, W) / 320))
+    font = ImageFont.load_default(size=max(11, round(max(H, W) / 40)))
+    boxes = boxes.detach().cpu().float().tolist()
+    labels = labels.detach().cpu().tolist() if labels is not None else [None] * len(boxes)
+    colours = color if isinstance(color, list) else [color or PALETTE[(l or 0) % len(PALETTE)] for l in labels]
+    for box, colour in zip(boxes, colours):
+        draw.rectangle(box, outline=tuple(colour), width=width)
+    placed = []  # caption rectangles drawn so far
+    for i, (box, label, colour) in enumerate(zip(boxes, labels, colours)):
+        if label is None:
+            continue
+        caption = class_names[label] if class_names is not None else str(label)
+        caption = f"{caption} {float(scores[i]):.2f}" if scores is not None else caption
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        w, h = right - left + 4, bottom - top + 4
+        x = min(max(box[0], 0), max(W - w, 0))
+        y = box[1] - h if box[1] - h >= 0 else max(box[1], 0)
+        while any(x < p[2] and p[0] < x + w and y < p[3] and p[1] < y + h for p in placed) and y + 2 * h <= H:
+            y += h
+        placed.append((x, y, x + w, y + h))
+        draw.rectangle((x, y, x + w - 1, y + h - 1), fill=tuple(colour))
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((x + 2 - left, y + 2 - top), caption, (0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
     if path is not None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torchvision.io.write_png(drawn, path)
-    return drawn
+        picture.save(path)
+    return torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous()

@@ -19,23 +19,36 @@ a COCO-format dict in original image coordinates, built from the annotations wit
 Its `category_id` is the contiguous label 1..K (CocoDetection keeps `cat_ids` to map labels back to the json's ids when
 writing results).
 
-Bad input stops with an error naming the file and the field; the noise that real datasets have (degenerate boxes,
-boxes outside the image, images without boxes) is handled with one warning per dataset that counts what was done.
+Bad input stops with an error naming the file and the field, at start-up: every image is decoded once and its size
+compared with the annotation's (in threads, cached beside the annotation file so that the next run is instant). The
+noise that real datasets have (degenerate boxes, boxes outside the image, images without boxes) is handled with one
+warning per dataset that counts what was done and names the first annotations it concerns.
 
 Transforms are callables `(image, target) -> (image, target)` that keep the boxes on the same pixels.
 """
 
+import argparse
+import ast
+import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
+import signal
+import sys
+import time
+import typing
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from common import box_xyxy_to_xywh, coco_evaluate, voc_evaluate
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -69,42 +82,88 @@ def load_image(path):
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
 
 
-def image_size(path):
-    """(width, height) from the file header, without decoding the pixels."""
+def check_images(paths, sizes, source, where):
+    """Decode every image once, in threads, and compare its size with the annotation's; returns the (width, height) of
+    each. paths [N]; sizes [N] (width, height) as annotated, or None where the annotation has none; source: the
+    annotation file; where [N]: what names each image there (e.g. "image id 7"). A missing, unreadable or truncated
+    image, or one whose size differs from its annotation, stops here, before training, naming the first few. Images
+    checked before (same path, file size and modification time; recorded in .<source>.checked.json beside source)
+    are not decoded again."""
+    cache_file = os.path.join(os.path.dirname(source), f".{os.path.basename(source)}.checked.json")
     try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        with open(cache_file, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+
+    def check(path):  # -> (stat key, [width, height]) or (None, error message)
+        try:
+            stat = os.stat(path)
+            key = f"{stat.st_size}:{stat.st_mtime_ns}"
+            if cache.get(path, [None])[0] == key:
+                return key, cache[path][1]
+            with Image.open(path) as im:
+                im.load()  # decodes every pixel: a truncated file fails here
+                return key, list(im.size)
+        except FileNotFoundError:
+            return None, "image file not found"
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            return None, f"cannot read image ({type(e).__name__}: {e})"
+
+    results, tic = [], time.perf_counter()
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
+        for i, result in enumerate(pool.map(check, paths), 1):
+            results.append(result)
+            if time.perf_counter() - tic > 2 and (i % 200 == 0 or i == len(paths)):
+                print(f"\r{source}: checked {i}/{len(paths)} images", end="\n" if i == len(paths) else "",
+                      file=sys.stderr, flush=True)
+    errors = []
+    for path, size, name, (key, found) in zip(paths, sizes, where, results):
+        if key is None:
+            errors.append(f"{path}: {found}")
+        elif size is not None and tuple(size) != tuple(found):
+            errors.append(f"{path}: image is {found[0]}x{found[1]} but {source} gives {name} 'width' {size[0]}, "
+                          f"'height' {size[1]}")
+    new = {p: r for p, r in zip(paths, results) if r[0] is not None}
+    if any(cache.get(p) != r for p, r in new.items()):
+        try:  # a read-only dataset folder only costs the next run another check
+            with open(cache_file + ".tmp", "w", encoding="utf-8") as f:
+                json.dump({**cache, **new}, f)
+            os.replace(cache_file + ".tmp", cache_file)
+        except OSError:
+            pass
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ValueError("; ".join(errors[:5]) + more)
+    return [tuple(found) for _, found in results]
 
 
-def clean_boxes(boxes, width, height, counts):
+def clean_boxes(boxes, width, height, counts, ids):
     """Clip xyxy boxes [N, 4] (numpy) to the image and find the degenerate ones; returns the keep mask [N].
 
     A box is degenerate when, after clipping, it spans at most one pixel in x or y (x2 - x1 <= 1 or y2 - y1 <= 1):
     a click rather than an object (BCCD has two such 1x1 boxes, VOC xml with xmin == xmax). `counts` (a dict) collects
-    'clipped' and 'degenerate' for the dataset's one warning.
+    the ids [N] of the 'clipped' and 'degenerate' boxes for the dataset's one warning.
     """
     clipped = boxes.copy()
     clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
     clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
     keep = ((clipped[:, 2] - clipped[:, 0]) > 1) & ((clipped[:, 3] - clipped[:, 1]) > 1)
     changed = (np.abs(clipped - boxes) > 1e-6).any(axis=1) & keep
-    counts["degenerate"] = counts.get("degenerate", 0) + int((~keep).sum())
-    counts["clipped"] = counts.get("clipped", 0) + int(changed.sum())
+    counts.setdefault("degenerate", []).extend(i for i, k in zip(ids, keep) if not k)
+    counts.setdefault("clipped", []).extend(i for i, c in zip(ids, changed) if c)
     boxes[:] = clipped
     return keep
 
 
 def warn_counts(source, counts, num_images):
-    """The one warning per dataset that sums up what was done to noisy annotations."""
+    """The one warning per dataset that sums up what was done to noisy annotations, naming the first few."""
     parts = []
-    if counts.get("degenerate"):
-        parts.append(f"dropped {counts['degenerate']} degenerate boxes (width or height <= 1 px)")
-    if counts.get("clipped"):
-        parts.append(f"clipped {counts['clipped']} boxes to the image")
+    for key, what in (("degenerate", "dropped {} degenerate boxes (width or height <= 1 px)"),
+                      ("clipped", "clipped {} boxes to the image")):
+        ids = counts.get(key, [])
+        if ids:
+            parts.append(what.format(len(ids)) + f" ({', '.join(map(str, ids[:3]))}{', ...' if len(ids) > 3 else ''})")
     if counts.get("empty"):
         parts.append(f"kept {counts['empty']} of {num_images} images without boxes as negatives")
     if parts:
@@ -175,6 +234,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         self.max_objects = max_objects
         self.class_names = ("__background__",) + SHAPE_NAMES
         self.num_classes = len(self.class_names)
+        self.source = f"synthetic shapes {self.height}x{self.width} (seed {seed})"
         # One noise tile per dataset, cropped at a random offset per image: cheaper than fresh Gaussian noise per image.
         rng = np.random.default_rng((seed, 2**31))
         self._noise = rng.standard_normal((3, self.height + 64, self.width + 64), dtype=np.float32)
@@ -345,6 +405,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, image_dir, ann_file, transforms=None, contiguous_labels=True):
         self.image_dir, self.ann_file, self.transforms = image_dir, ann_file, transforms
+        self.source = ann_file
         try:
             with open(ann_file, encoding="utf-8") as f:
                 data = json.load(f)
@@ -392,12 +453,15 @@ class CocoDetection(torch.utils.data.Dataset):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{ann_file}: image id {img['id']}: 'file_name' {img['file_name']!r} not "
                                         f"found ({path})")
-            width, height = img.get("width"), img.get("height")
-            if not width or not height:
-                width, height = image_size(path)  # labelling tools sometimes leave the size out
             position[img["id"]] = len(self.images)
-            self.images.append({"id": img["id"], "file_name": img["file_name"], "width": int(width),
-                                "height": int(height)})
+            self.images.append({"id": img["id"], "file_name": img["file_name"], "width": img.get("width"),
+                                "height": img.get("height")})
+        # labelling tools sometimes leave the size out: then the image's own size
+        sizes = check_images([os.path.join(image_dir, img["file_name"]) for img in self.images],
+                             [(img["width"], img["height"]) if img["width"] and img["height"] else None
+                              for img in self.images], ann_file, [f"image id {img['id']}" for img in self.images])
+        for img, (width, height) in zip(self.images, sizes):
+            img["width"], img["height"] = width, height
 
         per_image = [[] for _ in self.images]  # (box xyxy, label, iscrowd, area)
         for k, ann in enumerate(annotations):
@@ -416,13 +480,14 @@ class CocoDetection(torch.utils.data.Dataset):
             x, y, w, h = bbox
             area = ann.get("area", w * h)
             per_image[position[ann["image_id"]]].append(
-                ([x, y, x + w, y + h], label_of[ann["category_id"]], int(bool(ann.get("iscrowd", 0))), area))
+                ([x, y, x + w, y + h], label_of[ann["category_id"]], int(bool(ann.get("iscrowd", 0))), area,
+                 f"annotation {ann_id}"))
 
         counts = {}
         self.boxes, self.labels, self.iscrowd, self.areas = [], [], [], []
         for img, anns in zip(self.images, per_image):
             boxes = np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4)
-            keep = clean_boxes(boxes, img["width"], img["height"], counts)
+            keep = clean_boxes(boxes, img["width"], img["height"], counts, [a[4] for a in anns])
             self.boxes.append(boxes[keep])
             self.labels.append(np.array([a[1] for a in anns], dtype=np.int64)[keep])
             self.iscrowd.append(np.array([a[2] for a in anns], dtype=np.int64)[keep])
@@ -435,11 +500,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         img = self.images[index]
-        path = os.path.join(self.image_dir, img["file_name"])
-        image = load_image(path)
-        if tuple(image.shape[1:]) != (img["height"], img["width"]):
-            raise ValueError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {self.ann_file} gives image id "
-                             f"{img['id']} 'width' {img['width']}, 'height' {img['height']}")
+        image = load_image(os.path.join(self.image_dir, img["file_name"]))  # size checked at start-up
         target = {"boxes": torch.from_numpy(self.boxes[index].copy()),
                   "labels": torch.from_numpy(self.labels[index].copy()),
                   "image_id": img["id"], "iscrowd": torch.from_numpy(self.iscrowd[index].copy())}
@@ -477,13 +538,18 @@ class VocDetection(torch.utils.data.Dataset):
 
     def __init__(self, root, split="trainval", transforms=None, class_names=None):
         self.root, self.split, self.transforms = root, split, transforms
-        split_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+        split_file = self.source = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
         if not os.path.isfile(split_file):
             raise FileNotFoundError(f"{split_file}: split file not found (split {split!r})")
         with open(split_file, encoding="utf-8") as f:
             self.ids = [line.split()[0] for line in f if line.strip()]
         ann_dir = os.path.join(root, "Annotations")
         records = [self._parse(os.path.join(ann_dir, f"{i}.xml")) for i in self.ids]
+        sizes = check_images([rec["image"] for rec in records],  # some exports write <width>0</width>: the image's
+                             [(rec["width"], rec["height"]) if rec["width"] > 0 and rec["height"] > 0 else None
+                              for rec in records], split_file, [f"{rec['xml']} 'size'" for rec in records])
+        for rec, (width, height) in zip(records, sizes):
+            rec["width"], rec["height"] = width, height
 
         if class_names is None:
             found = {o[0] for rec in records for o in rec["objects"]}
@@ -515,7 +581,8 @@ class VocDetection(torch.utils.data.Dataset):
             # as COCO converters of VOC do (BCCD's json has bbox x = xmin - 1, w = xmax - xmin + 1).
             boxes = np.array([[x1 - 1, y1 - 1, x2, y2] for _, x1, y1, x2, y2, _ in rec["objects"]],
                              dtype=np.float32).reshape(-1, 4)
-            keep = clean_boxes(boxes, rec["width"], rec["height"], counts)
+            keep = clean_boxes(boxes, rec["width"], rec["height"], counts,
+                               [f"{os.path.basename(rec['xml'])} object {j}" for j in range(len(boxes))])
             self.images.append({"id": k, "file_name": os.path.relpath(rec["image"], os.path.join(root, "JPEGImages")),
                                 "width": rec["width"], "height": rec["height"]})
             self.boxes.append(boxes[keep])
@@ -543,8 +610,6 @@ class VocDetection(torch.utils.data.Dataset):
             width, height = int(float(root.findtext("size/width", "0"))), int(float(root.findtext("size/height", "0")))
         except ValueError:
             raise ValueError(f"{xml_file}: 'size/width' and 'size/height' must be numbers") from None
-        if width <= 0 or height <= 0:
-            width, height = image_size(image)  # some exports write <width>0</width>
         objects = []
         for j, obj in enumerate(root.findall("object")):
             where = f"object {j}"
@@ -565,11 +630,7 @@ class VocDetection(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, index):
-        img, path = self.images[index], self._image_paths[index]
-        image = load_image(path)
-        if tuple(image.shape[1:]) != (img["height"], img["width"]):
-            raise ValueError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but its xml 'size' says "
-                             f"{img['width']}x{img['height']}")
+        image = load_image(self._image_paths[index])  # size checked at start-up
         target = {"boxes": torch.from_numpy(self.boxes[index].copy()),
                   "labels": torch.from_numpy(self.labels[index].copy()), "image_id": index,
                   "iscrowd": torch.zeros(len(self.labels[index]), dtype=torch.int64),
@@ -586,18 +647,6 @@ class VocDetection(torch.utils.data.Dataset):
 
 # --- Transforms ---
 
-class Compose:
-    """Apply (image, target) -> (image, target) transforms in order."""
-
-    def __init__(self, transforms):
-        self.transforms = list(transforms)
-
-    def __call__(self, image, target):
-        for t in self.transforms:
-            image, target = t(image, target)
-        return image, target
-
-
 def hflip(image, target):
     """Mirror image [3, H, W] and its boxes: x1' = W - x2, x2' = W - x1 (continuous coordinates, no -1)."""
     width = image.shape[-1]
@@ -612,42 +661,9 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, image, target):
-        if torch.rand(()).item() < self.p:  # torch's RNG: seeded per worker by the DataLoader
+        if torch.rand(()).item() < self.p:  # torch's RNG: seeded per image by make_loader
             return hflip(image, target)
         return image, target
-
-
-def resize(image, target, size):
-    """Resize image [3, H, W] to size (h, w), bilinear, and scale the boxes by the same factors per axis."""
-    height, width = image.shape[-2:]
-    image = F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-    if target is not None:
-        target = dict(target)
-        scale = torch.tensor([size[1] / width, size[0] / height] * 2, dtype=target["boxes"].dtype)
-        target["boxes"] = target["boxes"] * scale
-    return image, target
-
-
-class Resize:
-    """Resize to a fixed `size` (h, w), or shorter side to `min_size` with the longer side at most `max_size`.
-
-    The min_size/max_size rule, the size rounding (floor) and bilinear without antialiasing are torchvision's
-    GeneralizedRCNNTransform; a tuple of min_size values picks one at random per image (multi-scale training).
-    """
-
-    def __init__(self, min_size=800, max_size=1333, size=None):
-        self.min_size = (min_size,) if isinstance(min_size, (int, float)) else tuple(min_size)
-        self.max_size, self.size = max_size, size
-
-    def __call__(self, image, target):
-        if self.size is not None:
-            size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
-        else:
-            min_size = self.min_size[int(torch.randint(len(self.min_size), ()).item())]
-            height, width = image.shape[-2:]
-            scale = min(min_size / min(height, width), self.max_size / max(height, width))
-            size = (int(math.floor(height * scale)), int(math.floor(width * scale)))
-        return resize(image, target, size)
 
 
 # --- Loaders ---
@@ -658,37 +674,107 @@ def collate_fn(batch):
     return list(images), list(targets)
 
 
-def seed_worker(worker_id):
-    """Seed numpy and random in each DataLoader worker from torch's per-worker seed (torch seeds itself)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
+def to_device(targets, device):
+    """Targets' tensors to `device` (asynchronously from pinned memory)."""
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+def seed_everything(*keys):
+    """Seed python, numpy and torch (CPU and CUDA) from a tuple of integers, e.g. (seed, epoch, index)."""
+    seed = int(np.random.SeedSequence(keys).generate_state(1)[0])
     random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def make_loader(dataset, batch_size, train, workers=4, seed=0, distributed=None):
-    """DataLoader yielding (images, targets) lists; shuffled when `train`.
+class SeededItems(torch.utils.data.Dataset):
+    """dataset[i] with every random generator seeded from (seed, epoch, i) first: an image's augmentation is a pure
+    function of those three numbers, whatever the worker, the rank, or where a resumed epoch restarts."""
 
-    Under torch.distributed (initialised, or distributed=True) a DistributedSampler splits the data across ranks; call
-    `loader.sampler.set_epoch(epoch)` each epoch so the shuffle changes. Note that it pads the last rank's share with
-    repeated images, so an evaluation must drop duplicate image ids. Shuffling and worker seeds follow `seed` (and the
-    rank), so a run is reproducible.
+    def __init__(self, dataset, seed, epoch):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        seed_everything(self.seed, self.epoch, index)
+        return self.dataset[index]
+
+
+def worker_init(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which saves a checkpoint and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def steps_per_epoch(dataset, batch_size, world_size=1):
+    return math.ceil(len(dataset) / (batch_size * world_size))
+
+
+def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_step=0, rank=0, world_size=1):
+    """DataLoader yielding (images, targets) lists.
+
+    train: one epoch. A shuffle drawn from (seed, epoch) is cut into global batches of batch_size x world_size images,
+    and this rank takes its batch_size of each; the last global batch is filled up from the start of the shuffle, so
+    that every step has batch_size images on every rank. Batches before start_step are skipped (a resumed run). Random
+    transforms are seeded per image (SeededItems): an epoch is the same, augmentation included, with any number of
+    workers, and resuming mid-epoch continues it exactly; a global batch does not depend on the number of ranks.
+    not train: every image once, in order.
     """
     workers = min(workers, os.cpu_count() or 1)  # more worker processes than cores only adds contention
-    if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    generator = torch.Generator().manual_seed(seed + rank)
-    if distributed:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed)
-    elif train:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    if train:
+        global_batch = batch_size * world_size
+        steps = steps_per_epoch(dataset, batch_size, world_size)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        order = order.repeat(math.ceil(steps * global_batch / len(dataset)))[: steps * global_batch]
+        batches = order.view(steps, world_size, batch_size)[start_step:, rank].tolist()
+        dataset = SeededItems(dataset, seed, epoch)
     else:
-        sampler = torch.utils.data.SequentialSampler(dataset)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-        worker_init_fn=seed_worker, generator=generator, pin_memory=torch.cuda.is_available(),
-        # not persistent for training: each epoch then re-seeds its workers, which --resume needs to continue exactly
-        persistent_workers=workers > 0 and not train, drop_last=False)
+        batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
+                                       worker_init_fn=worker_init, pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size, workers, device, class_names=None):
+    """The 12 COCO numbers (common.coco_evaluate) of a detector on a dataset, plus VOC_mAP50 on a VocDetection.
+
+    model(images) -> detections as in every model file, run in fp32 (exact numbers). class_names: the
+    model's, when they are not the dataset's (e.g. torchvision's 91 COCO classes on a COCO json with labels 1..K):
+    detections are mapped to the dataset's labels by class name, and those of other classes dropped.
+    """
+    label_map = None  # identity
+    if class_names is not None and tuple(class_names) != tuple(dataset.class_names):
+        names = dataset.class_names
+        label_map = {i: names.index(n) for i, n in enumerate(class_names) if i and n in names}
+        if unmapped := [n for n in dataset.class_names[1:] if n not in class_names[1:]]:
+            warnings.warn(f"no class of the model is named {', '.join(unmapped)}: nothing detected there")
+    model.eval()
+    results = []
+    for images, targets in make_loader(dataset, batch_size, train=False, workers=workers):
+        detections = model([image.to(device, non_blocking=True) for image in images])
+        for target, det in zip(targets, detections):
+            boxes = box_xyxy_to_xywh(det["boxes"].float()).tolist()  # COCO results are [x, y, w, h]
+            for box, score, label in zip(boxes, det["scores"].tolist(), det["labels"].tolist()):
+                if (label := label_map.get(label) if label_map is not None else label) is not None:
+                    results.append({"image_id": target["image_id"], "category_id": label, "bbox": box, "score": score})
+    gt = dataset.coco_gt()  # its category_id is the dataset's label 1..K
+    stats = coco_evaluate(gt, results)  # COCO's rules: VOC's difficult objects count as plain ground truth here ...
+    stats.pop("per_class", None)
+    if isinstance(dataset, VocDetection):  # ... and VOC's own metric, mAP at IoU 0.5, ignores them
+        stats["VOC_mAP50"] = voc_evaluate(gt, results)["mAP"]
+    return stats
+
+
+def image_files(path):
+    """An image file -> [it]; a folder -> its image files, sorted (for --predict)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return sorted(os.path.join(path, f) for f in os.listdir(path)
+                  if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")))
 
 
 def _coco_image_dir(data_root, ann_file):
@@ -701,24 +787,30 @@ def _coco_image_dir(data_root, ann_file):
     return data_root
 
 
-def build_datasets(data="synthetic", data_root=None, train_ann=None, val_ann=None, train_split="train",
-                   val_split="val", image_size=320, num_train=10000, num_val=500, seed=0, max_objects=6,
-                   train_transforms=None, val_transforms=None):
-    """(train dataset, val dataset) for the --data flags of every model file.
+def build_datasets(cfg, train_transforms=None, train=True):
+    """(train dataset, val dataset) for the data fields of every model file's Config (data, data_root, train_ann,
+    val_ann, train_split, val_split, image_size, num_train, num_val, seed); (None, val dataset) when not train.
 
     synthetic: SyntheticShapes(num_train, image_size, seed) and (num_val, image_size, seed + 1), disjoint by seed.
     coco: data_root/annotations/instances_train2017.json (or instances_train.json) unless train_ann is given, images
-          in the folder named after the json (train2017/), else JPEGImages/ or images/; likewise val.
-    voc:  VocDetection(data_root, train_split) and (data_root, val_split); val uses the train split's class names.
+          in the folder named after the json (train2017/), else JPEGImages/, else images/, else data_root; likewise val.
+    voc:  VocDetection(data_root, train_split) and (data_root, val_split); both take their class names from every
+          xml under Annotations/, so that the splits agree.
+    A training set without a single box stops with an error: there would be nothing to learn.
     """
+    data, data_root, seed = cfg.data, cfg.data_root, cfg.seed
     if data == "synthetic":
-        return (SyntheticShapes(num_train, image_size, seed, train_transforms, max_objects),
-                SyntheticShapes(num_val, image_size, seed + 1, val_transforms, max_objects))
-    if data_root is None:
+        return (SyntheticShapes(cfg.num_train, cfg.image_size, seed, train_transforms) if train else None,
+                SyntheticShapes(cfg.num_val, cfg.image_size, seed + 1))
+    if data not in ("coco", "voc"):
+        raise ValueError(f"unknown --data {data!r}: expected synthetic, coco or voc")
+    if not data_root:
         raise ValueError(f"--data {data} needs --data-root")
+    if not os.path.isdir(data_root):
+        raise FileNotFoundError(f"--data-root {data_root}: no such folder")
     if data == "coco":
         def find(ann, stem):
-            if ann is not None:
+            if ann:
                 return ann if os.path.isabs(ann) or os.path.exists(ann) else os.path.join(data_root, ann)
             for name in (f"instances_{stem}2017.json", f"instances_{stem}.json"):
                 path = os.path.join(data_root, "annotations", name)
@@ -726,25 +818,57 @@ def build_datasets(data="synthetic", data_root=None, train_ann=None, val_ann=Non
                     return path
             raise FileNotFoundError(f"{os.path.join(data_root, 'annotations')}: no instances_{stem}2017.json or "
                                     f"instances_{stem}.json; pass --{stem}-ann")
-        train_ann, val_ann = find(train_ann, "train"), find(val_ann, "val")
-        train = CocoDetection(_coco_image_dir(data_root, train_ann), train_ann, train_transforms)
-        val = CocoDetection(_coco_image_dir(data_root, val_ann), val_ann, val_transforms)
-        if val.cat_ids != train.cat_ids:
+        val_ann = find(cfg.val_ann, "val")
+        val_set = CocoDetection(_coco_image_dir(data_root, val_ann), val_ann)
+        if not train:
+            return None, val_set
+        train_ann = find(cfg.train_ann, "train")
+        train_set = CocoDetection(_coco_image_dir(data_root, train_ann), train_ann, train_transforms)
+        if val_set.cat_ids != train_set.cat_ids:
             raise ValueError(f"{val_ann}: 'categories' differ from {train_ann}'s, labels would not match")
-        return train, val
-    if data == "voc":
-        train = VocDetection(data_root, train_split, train_transforms)
-        return train, VocDetection(data_root, val_split, val_transforms, class_names=train.class_names[1:])
-    raise ValueError(f"unknown --data {data!r}: expected synthetic, coco or voc")
+    else:
+        val_set = VocDetection(data_root, cfg.val_split)
+        if not train:
+            return None, val_set
+        train_set = VocDetection(data_root, cfg.train_split, train_transforms)
+    if not any(len(boxes) for boxes in train_set.boxes):
+        raise ValueError(f"{train_set.source}: no box in any of the {len(train_set)} training images: nothing to learn")
+    return train_set, val_set
+
+
+# --- Command line ---
+
+def parse_args(argv, config_class, presets, make_config):
+    """The command line of every model file: a mode (--train, --eval, --predict, --show-targets), --preset, and one
+    --field-name flag per field of its Config dataclass, whose help is the field's comment and whose default shown is
+    what a plain --train uses on this machine (preset cpu without CUDA). A bool field is --x/--no-x, a tuple field
+    takes several values (--anchor-sizes 16 32 64; "(32, 40)" for a nested one), a Literal field one of its values.
+    Returns (args, {field: value} of the fields given)."""
+    preset = "none" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=f"Defaults shown: a plain --train's here (preset {preset}).")
+    modes = parser.add_mutually_exclusive_group(required=True)
+    modes.add_argument("--train", action="store_true", help="train, evaluate each epoch, save into --out")
+    modes.add_argument("--eval", action="store_true", help="print the 12 COCO numbers of --weights on the val split")
+    modes.add_argument("--predict", metavar="IMG_OR_DIR", help="draw the detections of --weights into --out")
+    modes.add_argument("--show-targets", action="store_true", help="draw ground truth and what the assignment marks")
+    parser.add_argument("--preset", default=preset, choices=["none", *presets], help=f"Config values: {presets}")
+    shown = make_config({}, preset=preset)
+    comments = dict(re.findall(r"^\s+(\w+):[^=\n]*=[^#\n]*#\s*(.*)$", inspect.getsource(config_class), re.MULTILINE))
+    fields = dataclasses.fields(config_class)
+    for f in fields:
+        kind = {bool: dict(action=argparse.BooleanOptionalAction), tuple: dict(nargs="*", type=ast.literal_eval)}.get(
+            f.type, dict(type=type(f.default), choices=typing.get_args(f.type) or None))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind, help=(
+            f"{comments.get(f.name, '')} (default: {getattr(shown, f.name)!r})").replace("%", "%%"))
+    args = parser.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
+    return args, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
 
 
 # --- Main ---
 
 if __name__ == "__main__":
     # python data.py [--image-size 320 --num-images 2000]: SyntheticShapes throughput in one process on one core.
-    import argparse
-    import time
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--num-images", type=int, default=2000)

@@ -18,12 +18,14 @@ test_models.py proves that this file gives torchvision's detections and losses w
     cross-entropy + smooth-L1 losses; decoding (score > 0.05, NMS 0.5 per class, 100 detections per image).
 Assignment and sampling run for the whole batch at once: ground truth is padded to [B, M] with a validity mask.
 
-Run:
-    python faster_rcnn.py --train                                  # synthetic shapes, no download
-    python faster_rcnn.py --train --data coco --data-root DIR      # or --data voc
+Run (--help lists every Config field as a flag, with the values a plain --train uses):
+    python faster_rcnn.py --train                      # synthetic shapes, from scratch, no download; CPU: preset cpu
+    python faster_rcnn.py --train --preset coco --data-root DIR     # torchvision's COCO recipe (or --data voc)
+    python faster_rcnn.py --train --resume runs/faster_rcnn/last.pt # go on after Ctrl-C, SIGTERM or a crash
     python faster_rcnn.py --eval --weights torchvision --data coco --data-root DIR
-    python faster_rcnn.py --predict IMG_OR_DIR --weights PATH --out DIR
+    python faster_rcnn.py --predict IMG_OR_DIR --weights runs/faster_rcnn/best.pt --out DIR
     python faster_rcnn.py --show-targets --out DIR
+    torchrun --nproc_per_node=8 faster_rcnn.py --train ...          # several GPUs
     python -m pytest -q test_models.py -k faster_rcnn             # parity with torchvision
 
 Tensor shapes (legend used in every comment below):
@@ -33,23 +35,21 @@ Tensor shapes (legend used in every comment below):
     K classes including background (num_classes), C feature channels, D detections of one image.
     Boxes are xyxy in pixels of the resized image unless a comment says otherwise.
 """
-import argparse
-import ast
 import contextlib
+import copy
 import dataclasses
 import datetime
 import functools
-import inspect
 import json
 import math
 import os
-import random
 import re
+import signal
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -58,29 +58,32 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_align
 
 import data
-from common import (COCO_METRIC_NAMES, BoxCoder, box_xyxy_to_xywh, clip_boxes_to_image, coco_evaluate, draw_boxes,
-                    elementwise_box_iou, remove_small_boxes, voc_evaluate)
+from common import (COCO_METRIC_NAMES, BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
+                    remove_small_boxes, resize_boxes)
 
 # --- Config ---
 
 
 @dataclass
 class Config:
+    # The defaults are the synthetic run on one GPU (python faster_rcnn.py --train), from random weights; torchvision's
+    # value is in brackets where it differs. PRESETS below: torchvision's COCO recipe, and a run sized for a CPU.
     # model
-    num_classes: int = 91  # K: foreground classes + 1 background (91 = COCO with torchvision's category ids)
-    backbone: str = "resnet50"  # torchvision ResNet body: resnet18 | resnet34 | resnet50
-    backbone_weights: str = "imagenet"  # imagenet | none | PATH to a ResNet state dict; none and no --weights: plain BN
-    trainable_backbone_layers: int = 3  # pretrained (backbone or --weights): layer2..4 train, stem, layer1 frozen
-    bn_eps: float = 1e-5  # backbone batch-norm eps; 0.0 with torchvision's v1 COCO weights (set when starting there)
+    num_classes: int = 7  # K: foreground classes + 1 background; --train takes it from the data [COCO: 91]
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # torchvision ResNet body
+    backbone_weights: str = "none"  # none (random) | imagenet (torchvision's, downloaded) | PATH to a ResNet state dict
+    frozen_bn: bool = False  # FrozenBatchNorm2d, frozen early layers; unless set: on when starting pretrained
+    trainable_backbone_layers: int = 3  # with frozen_bn: layer2..4 train, the stem and layer1 stay frozen
+    bn_eps: float = 1e-5  # backbone batch-norm eps [0.0 with its v1 COCO weights]
     fpn_channels: int = 256  # C: channels of every pyramid level
     # preprocessing
-    min_size: int = 800  # resize the short side to this ...
-    max_size: int = 1333  # ... unless the long side would exceed this
+    min_size: int = 320  # resize the short side to this ... [800]
+    max_size: int = 320  # ... unless the long side would exceed this [1333]
     image_mean: tuple = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB in [0, 1]
     image_std: tuple = (0.229, 0.224, 0.225)
     size_divisible: int = 32  # pad the batch to a multiple of this (the coarsest backbone stride)
     # RPN
-    anchor_sizes: tuple = (32, 64, 128, 256, 512)  # one anchor size per level P2..P6 (pixels)
+    anchor_sizes: tuple = (16, 32, 64, 128, 256)  # one anchor size per level P2..P6, pixels [32..512]
     aspect_ratios: tuple = (0.5, 1.0, 2.0)  # anchor height / width, the same at every level
     rpn_pre_nms_top_n_train: int = 2000  # proposals kept per level before NMS (training)
     rpn_pre_nms_top_n_test: int = 1000  # ... (inference)
@@ -106,8 +109,8 @@ class Config:
     box_nms_thresh: float = 0.5  # NMS IoU, applied per class
     box_detections_per_img: int = 100  # detections kept per image
     # data (data.build_datasets)
-    data: str = "synthetic"  # synthetic | coco | voc
-    data_root: str = ""  # dataset folder for coco / voc
+    data: Literal["synthetic", "coco", "voc"] = "synthetic"  # coco: images in the folder named as the json, ...
+    data_root: str = ""  # dataset folder for coco / voc (coco images: ... else in JPEGImages/ or images/)
     train_ann: str = ""  # coco: training json (default: annotations/instances_train2017.json under data_root)
     val_ann: str = ""  # coco: validation json (default: annotations/instances_val2017.json)
     train_split: str = "train"  # voc: ImageSets/Main/<split>.txt for training
@@ -116,35 +119,50 @@ class Config:
     num_train: int = 10000  # synthetic: training images
     num_val: int = 500  # synthetic: validation images
     hflip_prob: float = 0.5  # training augmentation: horizontal flip probability
-    # training (torchvision's detection recipe: 26 epochs, 16 images per step, lr 0.02, steps at 16 and 22)
-    epochs: int = 26  # passes over the training set
-    batch_size: int = 2  # images per step and per process (torchvision: 2 per GPU x 8 GPUs)
+    # training (torchvision's recipe: 26 epochs of 16 images per step, lr 0.02 with steps at 16 and 22)
+    epochs: int = 6  # passes over the training set [26]
+    batch_size: int = 16  # images per step and per process [2 per GPU x 8 GPUs]
     lr: float = 0.02  # learning rate for 16 images per step, scaled linearly to batch_size x processes
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw (lr ~1e-3): faster from scratch on little data (cpu preset)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # L2 on all trained parameters
-    lr_steps: tuple = (16, 22)  # epochs at which the lr is multiplied by lr_gamma
+    lr_steps: tuple = (4, 5)  # epochs at which the lr is multiplied by lr_gamma [16, 22]
     lr_gamma: float = 0.1  # lr decay factor
-    warmup_iters: int = 1000  # steps of linear warmup at the start
+    warmup_iters: int = 300  # steps of linear warmup at the start, at most a third of the run [1000]
     warmup_factor: float = 0.001  # the warmup starts at lr x this
+    accumulate: int = 1  # batches per optimiser step (gradient accumulation)
+    ema_decay: float = 0.0  # evaluate and save an exponential moving average of the weights (0: off)
     clip_grad_norm: float = 0.0  # clip the gradient norm to this (0: no clipping)
     amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling
+    channels_last: bool = False  # convolutions in channels-last memory layout (can be faster under AMP on a GPU)
+    # run
     workers: int = 4  # DataLoader worker processes
     device: str = ""  # cuda | cpu | cuda:1 ...; empty: cuda if available
-    seed: int = 0  # seeds python, numpy, torch, the data order and the synthetic data
+    seed: int = 0  # seeds the data order, the augmentation, the model's sampling and the synthetic data
     log_every: int = 20  # print and log to metrics.jsonl every this many steps
     out: str = "runs/faster_rcnn"  # output folder: config.json, metrics.jsonl, last.pt, best.pt, PNGs
     resume: str = ""  # checkpoint (last.pt) to continue training from
     weights: str = ""  # torchvision (COCO) | PATH to a checkpoint or torchvision state dict: start from / evaluate
-    predict_score_thresh: float = 0.5  # --predict draws detections scoring at least this
+    draw_thresh: float = 0.5  # --predict draws detections scoring at least this
+
+
+# Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
+PRESETS = {
+    # ~15 minutes on 2 CPU cores: ResNet-18 from scratch on 2,000 128-px images, a smaller FPN and box head, fewer RoIs
+    "cpu": dict(backbone="resnet18", fpn_channels=64, representation_size=256, image_size=128, min_size=128,
+                max_size=128, num_train=2000, num_val=200, batch_size=8, epochs=5, lr_steps=(4,), warmup_iters=100,
+                rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300, rpn_post_nms_top_n_train=500,
+                box_batch_size_per_image=128, workers=1),
+    # torchvision's COCO recipe (ImageNet backbone, 800 px, 26 epochs of 2 images x 8 GPUs)
+    "coco": dict(data="coco", backbone_weights="imagenet", min_size=800, max_size=1333,
+                 anchor_sizes=(32, 64, 128, 256, 512), epochs=26, batch_size=2, lr_steps=(16, 22), warmup_iters=1000),
+}
+# torchvision's fasterrcnn_resnet50_fpn: its model and preprocessing, for --weights torchvision or its state dicts
+TORCHVISION_CONFIG = dict(backbone="resnet50", fpn_channels=256, representation_size=1024, min_size=800, max_size=1333,
+                          anchor_sizes=(32, 64, 128, 256, 512), frozen_bn=True, bn_eps=0.0)
 
 
 # --- Model ---
-
-
-def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
-    """[N, 4] xyxy in an image of original_size (h, w) -> [N, 4] xyxy in the image resized to new_size (h, w)."""
-    ratios = torch.tensor(new_size, dtype=torch.float32) / torch.tensor(original_size, dtype=torch.float32)  # (rh, rw)
-    return boxes * ratios[[1, 0, 1, 0]].to(boxes.device)
 
 
 def preprocess(images: list, targets, cfg: Config):
@@ -201,21 +219,19 @@ class FPN(nn.Module):
 class Backbone(nn.Module):
     """torchvision ResNet body (stem, layer1..4; no pooling or fc) followed by the FPN."""
 
-    def __init__(self, cfg: Config, load_weights: bool = True):
+    def __init__(self, cfg: Config, load_backbone: bool = True):
         super().__init__()
-        # torchvision: frozen batch norm (fixed statistics and affine) and frozen early layers when fine-tuning
-        # pretrained weights of any kind, an ImageNet backbone or a whole detector's --weights (as its builders do when
-        # given detector weights): detection batches are too small for batch statistics. Ordinary batch norm and every
-        # layer trained when training from scratch.
-        pretrained = cfg.backbone_weights != "none" or bool(cfg.weights)
-        norm_layer = functools.partial(FrozenBatchNorm2d if pretrained else nn.BatchNorm2d, eps=cfg.bn_eps)
-        # load_weights=False: the caller overwrites every weight (--weights, --resume, --eval), so nothing is downloaded
-        weights = "IMAGENET1K_V1" if cfg.backbone_weights == "imagenet" and load_weights else None
+        # frozen_bn, as torchvision when it starts from pretrained weights (ImageNet's or a whole detector's): batch
+        # norm with fixed statistics and affine, and the early layers frozen, since detection batches are too small for
+        # batch statistics. From scratch: ordinary batch norm, every layer trained.
+        norm_layer = functools.partial(FrozenBatchNorm2d if cfg.frozen_bn else nn.BatchNorm2d, eps=cfg.bn_eps)
+        # load_backbone=False: the caller then loads every weight (--weights, --resume, --eval): nothing is read
+        weights = "IMAGENET1K_V1" if cfg.backbone_weights == "imagenet" and load_backbone else None
         body = getattr(torchvision.models, cfg.backbone)(weights=weights, norm_layer=norm_layer)
-        if cfg.backbone_weights not in ("imagenet", "none") and load_weights:
+        if cfg.backbone_weights not in ("imagenet", "none") and load_backbone:
             body.load_state_dict(torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True))
         del body.avgpool, body.fc
-        trainable = cfg.trainable_backbone_layers if pretrained else 5
+        trainable = cfg.trainable_backbone_layers if cfg.frozen_bn else 5
         layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1", "bn1"][: trainable + (trainable == 5)]
         for name, parameter in body.named_parameters():
             parameter.requires_grad_(any(name.startswith(layer) for layer in layers_to_train))
@@ -286,88 +302,6 @@ class FastRCNNPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def multiscale_roi_align(features: list, rois: Tensor, image_idx: Tensor, strides: list, cfg: Config) -> Tensor:
-    """RoIAlign of each RoI from one pyramid level, chosen by its size (FPN paper eq. 1, torchvision's
-    MultiScaleRoIAlign/LevelMapper): level = floor(4 + log2(sqrt(area) / 224) + 1e-6), clamped to the available levels.
-    features: L maps [B, C, H/s, W/s] with strides s; rois [S, 4] xyxy; image_idx [S] -> [S, C, 7, 7]."""
-    k_min, k_max = int(math.log2(strides[0])), int(math.log2(strides[-1]))
-    sizes = torch.sqrt((rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1]))  # [S]
-    levels = torch.floor(4 + torch.log2(sizes / 224) + torch.tensor(1e-6, dtype=sizes.dtype))
-    levels = levels.clamp(min=k_min, max=k_max).to(torch.int64) - k_min  # [S] index into features
-    rois = torch.cat([image_idx[:, None].to(rois.dtype), rois], dim=1)  # [S, 5]: image index, x1, y1, x2, y2
-    out = rois.new_zeros(len(rois), features[0].shape[1], cfg.roi_output_size, cfg.roi_output_size)  # [S, C, 7, 7]
-    for level, (feature, stride) in enumerate(zip(features, strides)):
-        idx = torch.where(levels == level)[0]
-        out[idx] = roi_align(feature, rois[idx], cfg.roi_output_size, spatial_scale=1.0 / stride,
-                             sampling_ratio=cfg.roi_sampling_ratio).to(out.dtype)
-    return out
-
-
-class FasterRCNN(nn.Module):
-    """model.train(): model(images, targets) -> dict of losses; model.eval(): model(images) -> list of
-    {"boxes" [D, 4] xyxy in input pixels, "scores" [D], "labels" [D]}. images: list of [3, h, w] in [0, 1]."""
-
-    def __init__(self, cfg: Config, load_weights: bool = True):
-        super().__init__()
-        self.cfg = cfg
-        self.backbone = Backbone(cfg, load_weights)
-        self.rpn_head = RPNHead(cfg.fpn_channels, len(cfg.aspect_ratios))
-        self.box_head = TwoMLPHead(cfg.fpn_channels * cfg.roi_output_size**2, cfg.representation_size)
-        self.box_predictor = FastRCNNPredictor(cfg.representation_size, cfg.num_classes)
-        self.rpn_box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-        self.box_coder = BoxCoder(weights=cfg.bbox_reg_weights)
-        self.strides = [4, 8, 16, 32, 64]  # of P2..P6; RoIAlign uses the first four
-
-    def forward(self, images: list, targets: list = None):
-        if self.training and targets is None:
-            raise ValueError("FasterRCNN: targets are required in training mode")
-        cfg = self.cfg
-        original_sizes = [tuple(image.shape[-2:]) for image in images]
-        batch, image_sizes, targets = preprocess(images, targets, cfg)  # [B, 3, H, W]
-        features = self.backbone(batch)  # L = 5 maps [B, C, H/s, W/s]
-        # float32 from the heads on, also under autocast: bf16 would round box coordinates to 4-8 px
-        objectness, rpn_bbox_regression = [x.float() for x in self.rpn_head(features)]  # [B, A], [B, A, 4]
-        grid_sizes = [tuple(f.shape[-2:]) for f in features]
-        anchors, num_anchors_per_level = make_anchors(batch.shape[-2:], grid_sizes, cfg, batch.device)  # [A, 4]
-        # approximate joint training (paper section 3.2): no gradient flows through the proposals' coordinates
-        proposals = self.rpn_box_coder.decode(rpn_bbox_regression.detach(), anchors)  # [B, A, 4]
-        proposals = select_proposals(proposals, objectness.detach(), num_anchors_per_level, image_sizes, cfg,
-                                     self.training)  # B x [R_i, 4]
-
-        if self.training:
-            gt_boxes, gt_labels, gt_valid = pad_targets(targets)  # [B, M, 4], [B, M], [B, M]
-            matched_idxs = assign_anchors(anchors, gt_boxes, gt_valid, cfg)  # [B, A]
-            rpn_losses = rpn_loss(objectness, rpn_bbox_regression, anchors, matched_idxs, gt_boxes,
-                                  self.rpn_box_coder, cfg)
-            rois, image_idx, labels, regression_targets = sample_proposals(proposals, gt_boxes, gt_labels, gt_valid,
-                                                                           self.box_coder, cfg)  # [S, 4], [S] ...
-            cls_logits, bbox_regression = self.roi_forward(features, rois, image_idx)  # [S, K], [S, K * 4]
-            return {**roi_loss(cls_logits, bbox_regression, labels, regression_targets), **rpn_losses}
-
-        rois = torch.cat(proposals)  # [S, 4]
-        image_idx = torch.cat([torch.full((len(p),), i, device=rois.device) for i, p in enumerate(proposals)])  # [S]
-        cls_logits, bbox_regression = self.roi_forward(features, rois, image_idx)
-        detections = postprocess_detections(cls_logits, bbox_regression, rois, [len(p) for p in proposals],
-                                            image_sizes, self.box_coder, cfg)
-        for det, size, original_size in zip(detections, image_sizes, original_sizes):
-            det["boxes"] = resize_boxes(det["boxes"], size, original_size)  # back to the input image's pixels
-        return detections
-
-    def roi_forward(self, features: list, rois: Tensor, image_idx: Tensor):
-        """RoI features from P2..P5 -> cls_logits [S, K], bbox_regression [S, K * 4]."""
-        box_features = multiscale_roi_align(features[:4], rois, image_idx, self.strides[:4], self.cfg)
-        return [x.float() for x in self.box_predictor(self.box_head(box_features))]
-
-
-Model = FasterRCNN
-
-
-# --- Targets ---
-
-BELOW_LOW_THRESHOLD = -1  # matched_idxs value: background (IoU below the low threshold with every ground-truth box)
-BETWEEN_THRESHOLDS = -2  # matched_idxs value: ignored (best IoU between the two thresholds)
-
-
 def make_anchors(image_size, grid_sizes: list, cfg: Config, device=None):
     """Anchors of all levels, the same for every image of the batch. image_size: padded (H, W); grid_sizes: L sizes
     (H_l, W_l) of the feature maps. Returns anchors [A, 4] xyxy ordered level, y, x, anchor shape, and the count per
@@ -416,21 +350,109 @@ def select_proposals(proposals: Tensor, objectness: Tensor, num_anchors_per_leve
     return final_boxes
 
 
-def pad_targets(targets: list):
-    """B target dicts -> gt_boxes [B, M, 4], gt_labels [B, M], gt_valid [B, M] with M = max(1, most boxes in an image).
-    Padding and degenerate boxes (zero width or height, which have no IoU with anything and cannot be encoded) are
-    invalid: they match nothing, so empty images and bad annotations give only negatives and finite losses."""
-    M = max([1] + [len(t["boxes"]) for t in targets])
-    device = targets[0]["boxes"].device
-    gt_boxes = torch.zeros(len(targets), M, 4, device=device)
-    gt_labels = torch.zeros(len(targets), M, dtype=torch.int64, device=device)
-    gt_valid = torch.zeros(len(targets), M, dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        n = len(t["boxes"])
-        gt_boxes[i, :n] = t["boxes"]
-        gt_labels[i, :n] = t["labels"]
-        gt_valid[i, :n] = (t["boxes"][:, 2] > t["boxes"][:, 0]) & (t["boxes"][:, 3] > t["boxes"][:, 1])
-    return gt_boxes, gt_labels, gt_valid
+def multiscale_roi_align(features: list, rois: Tensor, image_idx: Tensor, strides: list, cfg: Config) -> Tensor:
+    """RoIAlign of each RoI from one pyramid level, chosen by its size (FPN paper eq. 1, torchvision's
+    MultiScaleRoIAlign/LevelMapper): level = floor(4 + log2(sqrt(area) / 224) + 1e-6), clamped to the available levels.
+    features: L maps [B, C, H/s, W/s] with strides s; rois [S, 4] xyxy; image_idx [S] -> [S, C, 7, 7]."""
+    k_min, k_max = int(math.log2(strides[0])), int(math.log2(strides[-1]))
+    sizes = torch.sqrt((rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1]))  # [S]
+    levels = torch.floor(4 + torch.log2(sizes / 224) + torch.tensor(1e-6, dtype=sizes.dtype))
+    levels = levels.clamp(min=k_min, max=k_max).to(torch.int64) - k_min  # [S] index into features
+    rois = torch.cat([image_idx[:, None].to(rois.dtype), rois], dim=1)  # [S, 5]: image index, x1, y1, x2, y2
+    out = rois.new_zeros(len(rois), features[0].shape[1], cfg.roi_output_size, cfg.roi_output_size)  # [S, C, 7, 7]
+    for level, (feature, stride) in enumerate(zip(features, strides)):
+        idx = torch.where(levels == level)[0]
+        out[idx] = roi_align(feature, rois[idx], cfg.roi_output_size, spatial_scale=1.0 / stride,
+                             sampling_ratio=cfg.roi_sampling_ratio).to(out.dtype)
+    return out
+
+
+class FasterRCNN(nn.Module):
+    """model.train(): model(images, targets) -> dict of losses; model.eval(): model(images) -> list of
+    {"boxes" [D, 4] xyxy in input pixels, "scores" [D], "labels" [D]}. images: list of [3, h, w] in [0, 1]."""
+
+    def __init__(self, cfg: Config, load_backbone: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg, load_backbone)
+        self.rpn_head = RPNHead(cfg.fpn_channels, len(cfg.aspect_ratios))
+        self.box_head = TwoMLPHead(cfg.fpn_channels * cfg.roi_output_size**2, cfg.representation_size)
+        self.box_predictor = FastRCNNPredictor(cfg.representation_size, cfg.num_classes)
+        self.rpn_box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.box_coder = BoxCoder(weights=cfg.bbox_reg_weights)
+        self.strides = [4, 8, 16, 32, 64]  # of P2..P6; RoIAlign uses the first four
+
+    def forward(self, images: list, targets: list = None):
+        if self.training and targets is None:
+            raise ValueError("FasterRCNN: targets are required in training mode")
+        cfg = self.cfg
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        batch, image_sizes, targets = preprocess(images, targets, cfg)  # [B, 3, H, W]
+        features, objectness, rpn_bbox_regression, anchors, proposals = self.rpn(batch, image_sizes, self.training)
+
+        if self.training:
+            gt_boxes, gt_labels, gt_valid = pad_targets(targets)  # [B, M, 4], [B, M], [B, M]
+            matched_idxs = assign_anchors(anchors, gt_boxes, gt_valid, cfg)  # [B, A]
+            rpn_losses = rpn_loss(objectness, rpn_bbox_regression, anchors, matched_idxs, gt_boxes,
+                                  self.rpn_box_coder, cfg)
+            rois, image_idx, labels, regression_targets = sample_proposals(proposals, gt_boxes, gt_labels, gt_valid,
+                                                                           self.box_coder, cfg)  # [S, 4], [S] ...
+            cls_logits, bbox_regression = self.roi_forward(features, rois, image_idx)  # [S, K], [S, K * 4]
+            return {**roi_loss(cls_logits, bbox_regression, labels, regression_targets), **rpn_losses}
+
+        rois = torch.cat(proposals)  # [S, 4]
+        image_idx = torch.cat([torch.full((len(p),), i, device=rois.device) for i, p in enumerate(proposals)])  # [S]
+        cls_logits, bbox_regression = self.roi_forward(features, rois, image_idx)
+        detections = postprocess_detections(cls_logits, bbox_regression, rois, [len(p) for p in proposals],
+                                            image_sizes, self.box_coder, cfg)
+        for det, size, original_size in zip(detections, image_sizes, original_sizes):
+            det["boxes"] = resize_boxes(det["boxes"], size, original_size)  # back to the input image's pixels
+        return detections
+
+    def rpn(self, batch: Tensor, image_sizes: list, training: bool):
+        """The backbone and the region proposal network on the padded batch [B, 3, H, W]: features (L maps), objectness
+        [B, A] logits, rpn_bbox_regression [B, A, 4], anchors [A, 4] and the proposals, B x [R_i, 4]."""
+        features = self.backbone(batch)  # L = 5 maps [B, C, H/s, W/s]
+        # float32 from the heads on, also under autocast: bf16 would round box coordinates to 4-8 px
+        objectness, rpn_bbox_regression = [x.float() for x in self.rpn_head(features)]  # [B, A], [B, A, 4]
+        grid_sizes = [tuple(f.shape[-2:]) for f in features]
+        anchors, num_anchors_per_level = make_anchors(batch.shape[-2:], grid_sizes, self.cfg, batch.device)  # [A, 4]
+        # approximate joint training (paper section 3.2): no gradient flows through the proposals' coordinates
+        proposals = self.rpn_box_coder.decode(rpn_bbox_regression.detach(), anchors)  # [B, A, 4]
+        proposals = select_proposals(proposals, objectness.detach(), num_anchors_per_level, image_sizes, self.cfg,
+                                     training)  # B x [R_i, 4]
+        return features, objectness, rpn_bbox_regression, anchors, proposals
+
+    def roi_forward(self, features: list, rois: Tensor, image_idx: Tensor):
+        """RoI features from P2..P5 -> cls_logits [S, K], bbox_regression [S, K * 4]."""
+        box_features = multiscale_roi_align(features[:4], rois, image_idx, self.strides[:4], self.cfg)
+        return [x.float() for x in self.box_predictor(self.box_head(box_features))]
+
+
+TORCHVISION_WEIGHTS = torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1  # --weights torchvision
+
+
+def convert_torchvision(state_dict: dict) -> dict:
+    """A torchvision fasterrcnn_resnet50_fpn state dict (any num_classes; old and new key versions) -> this file's
+    FasterRCNN state dict. Our names are torchvision's without the wrapper modules."""
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.", r"backbone.fpn.\1_blocks.\2.", key)
+        key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.").replace("rpn.head.", "rpn_head.")
+        key = key.replace("roi_heads.box_head.", "box_head.").replace("roi_heads.box_predictor.", "box_predictor.")
+        out[key] = value
+    return out
+
+
+def num_classes_of(state_dict: dict) -> int:
+    """K of a state dict of this file's model, from its classifier's weight."""
+    return state_dict["box_predictor.cls_score.weight"].shape[0]  # [K, representation_size]
+
+
+# --- Targets ---
+
+BELOW_LOW_THRESHOLD = -1  # matched_idxs value: background (IoU below the low threshold with every ground-truth box)
+BETWEEN_THRESHOLDS = -2  # matched_idxs value: ignored (best IoU between the two thresholds)
 
 
 @torch.no_grad()
@@ -520,32 +542,6 @@ def sample_proposals(proposals: list, gt_boxes: Tensor, gt_labels: Tensor, gt_va
     return rois, image_idx, labels, box_coder.encode(matched_gt_boxes, rois)
 
 
-@torch.no_grad()
-def assignment_for_display(model: FasterRCNN, images: list, targets: list) -> list:
-    """What the two assignments mark, for `--show-targets`: per image a dict with the RPN's positive "anchors" [P, 4]
-    and their "matched_idxs" [P] (index of the ground-truth box each learns), and the RoIs the RoI head would train
-    on, "proposals" [S_i, 4] with their "proposal_labels" [S_i] (0 background); boxes in the input image's pixels."""
-    cfg = model.cfg
-    original_sizes = [tuple(image.shape[-2:]) for image in images]
-    batch, image_sizes, resized_targets = preprocess(images, targets, cfg)
-    features = model.backbone(batch)
-    objectness, rpn_bbox_regression = model.rpn_head(features)  # [B, A], [B, A, 4]
-    grid_sizes = [tuple(f.shape[-2:]) for f in features]
-    anchors, num_anchors_per_level = make_anchors(batch.shape[-2:], grid_sizes, cfg, batch.device)  # [A, 4]
-    gt_boxes, gt_labels, gt_valid = pad_targets(resized_targets)
-    matched_idxs = assign_anchors(anchors, gt_boxes, gt_valid, cfg)  # [B, A]
-    proposals = model.rpn_box_coder.decode(rpn_bbox_regression, anchors)  # [B, A, 4]
-    proposals = select_proposals(proposals, objectness, num_anchors_per_level, image_sizes, cfg, training=True)
-    rois, image_idx, labels, _ = sample_proposals(proposals, gt_boxes, gt_labels, gt_valid, model.box_coder, cfg)
-    out = []
-    for i, (matched, size, original_size) in enumerate(zip(matched_idxs, image_sizes, original_sizes)):
-        positive = matched >= 0
-        out.append({"anchors": resize_boxes(anchors[positive], size, original_size), "matched_idxs": matched[positive],
-                    "proposals": resize_boxes(rois[image_idx == i], size, original_size),
-                    "proposal_labels": labels[image_idx == i]})
-    return out
-
-
 # --- Loss ---
 
 
@@ -606,497 +602,280 @@ def postprocess_detections(cls_logits: Tensor, bbox_regression: Tensor, rois: Te
     return detections
 
 
-def convert_torchvision(state_dict: dict) -> dict:
-    """A torchvision fasterrcnn_resnet50_fpn state dict (any num_classes; old and new key versions) -> this file's
-    FasterRCNN state dict. Our names are torchvision's without the wrapper modules."""
-    out = {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.", r"backbone.fpn.\1_blocks.\2.", key)
-        key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.").replace("rpn.head.", "rpn_head.")
-        key = key.replace("roi_heads.box_head.", "box_head.").replace("roi_heads.box_predictor.", "box_predictor.")
-        out[key] = value
-    return out
-
-
-def num_classes_of(state_dict: dict) -> int:
-    """K of a state dict of this file's model, from its classifier's weight."""
-    return state_dict["box_predictor.cls_score.weight"].shape[0]  # [K, representation_size]
-
-
 # --- Training ---
-# The same loop in every model file of this repo (torchvision's references/detection recipe): SGD with momentum, linear
-# warmup, step decay, AMP on CUDA, DDP under torchrun; evaluation with the 12 COCO numbers after each epoch; atomic
-# checkpoints that --resume continues exactly. What is specific to this detector: the builder `FasterRCNN(cfg)`,
-# TORCHVISION_WEIGHTS, SYNTHETIC_PRESET and draw_targets().
+# The template, the same in every model file but for the ALGO LOGIC block (a test keeps it so): AMP, DDP, the 12 COCO
+# numbers after each epoch, atomic checkpoints that --resume continues exactly, also after Ctrl-C or SIGTERM mid-epoch.
 
-TORCHVISION_WEIGHTS = torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1  # --weights torchvision
-TORCHVISION_BN_EPS = 0.0  # torchvision's v1 COCO weights go with batch-norm eps 0 (its overwrite_eps(model, 0))
-COCO_CLASS_NAMES = tuple(TORCHVISION_WEIGHTS.meta["categories"])  # K = 91, index 0 "__background__"
-# Config values for --data synthetic (320-px shapes), used for every field not given on the command line: train at the
-# images' own size rather than upscaled to 800, anchors one octave smaller (the shapes are 13..190 px), a shorter
-# schedule. Chosen to reach mAP@0.5 >= 0.9 on the synthetic val split in ~10 minutes on one GPU: NOT yet measured.
-SYNTHETIC_PRESET = dict(min_size=320, max_size=320, anchor_sizes=(16, 32, 64, 128, 256), batch_size=16, epochs=6,
-                        lr_steps=(4, 5), warmup_iters=300)
+# ALGO LOGIC: what the template needs from this detector
+DETECTOR = FasterRCNN  # the class the template builds, trains, evaluates and saves
 
 
-def build_model(cfg: Config, load_weights: bool = True) -> FasterRCNN:
-    """FasterRCNN(cfg). load_weights=False when the caller then loads every weight (--weights, --resume, --eval): no
-    backbone weights are read or downloaded. Without internet torchvision cannot download the ImageNet backbone: warn,
-    start from scratch."""
-    try:
-        return FasterRCNN(cfg, load_weights)
-    except OSError as e:  # urllib's URLError is an OSError; a missing --backbone-weights PATH too, which we re-raise
-        if cfg.backbone_weights != "imagenet":
-            raise
-        if int(os.environ.get("RANK", 0)) == 0:
-            warnings.warn(f"could not download torchvision's ImageNet weights for {cfg.backbone} ({e}); the "
-                          f"backbone starts from random weights, as with --backbone-weights none (expect much slower "
-                          f"training)")
-        cfg.backbone_weights = "none"
-        return FasterRCNN(cfg)
+def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int):
+    """torchvision's recipe: SGD with momentum (or AdamW) and weight decay, cfg.lr for 16 images scaled linearly to the
+    global batch, a linear warmup (at most a third of the run), x lr_gamma at each of lr_steps."""
+    params, lr = [p for p in model.parameters() if p.requires_grad], cfg.lr * cfg.batch_size * world_size / 16
+    optimizer = (torch.optim.SGD(params, lr, cfg.momentum, weight_decay=cfg.weight_decay, fused=params[0].is_cuda)
+                 if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr, weight_decay=cfg.weight_decay))
+    warmup = min(cfg.warmup_iters, steps_per_epoch * cfg.epochs // 3)
+    if warmup < cfg.warmup_iters and int(os.environ.get("RANK", 0)) == 0:
+        warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {steps_per_epoch * cfg.epochs} steps: "
+                      f"{warmup}")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        1.0, cfg.warmup_factor + (1 - cfg.warmup_factor) * step / max(1, warmup)) * cfg.lr_gamma ** sum(
+        step >= epoch * steps_per_epoch for epoch in cfg.lr_steps))
 
 
-def load_weights(weights: str):
-    """--weights torchvision | PATH -> (state dict for this file's model, class names, saved Config dict or None).
-    PATH is a checkpoint of this file (a dict with "model") or a torchvision state dict (converted)."""
-    if weights == "torchvision":
-        try:
-            state_dict = TORCHVISION_WEIGHTS.get_state_dict(progress=True)
-        except OSError as e:
-            raise SystemExit(f"--weights torchvision: cannot download {TORCHVISION_WEIGHTS.url} ({e}). Without "
-                             f"internet, fetch that file elsewhere and pass --weights PATH_TO_IT") from None
-        return convert_torchvision(state_dict), COCO_CLASS_NAMES, None
-    if not os.path.isfile(weights):
-        raise SystemExit(f"--weights {weights}: file not found")
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    if "model" in checkpoint:
-        return checkpoint["model"], tuple(checkpoint["class_names"]), checkpoint["config"]
-    state_dict = convert_torchvision(checkpoint)
-    if state_dict.keys() == checkpoint.keys():  # nothing renamed: not torchvision's key names
-        raise SystemExit(f"--weights {weights}: neither a checkpoint of this file (a dict with 'model') nor a "
-                         f"torchvision state dict")
-    # K from the classifier's weight: torchvision's COCO names for K = 91 (its released weights), else generic ones
-    K = num_classes_of(state_dict)
-    return state_dict, (COCO_CLASS_NAMES if K == 91 else ("__background__", *map(str, range(1, K)))), None
-
-
-def load_matching(model: torch.nn.Module, state_dict: dict):
-    """Load the entries whose shapes fit (fine-tuning on other classes re-initialises the class-specific layers); any
-    other missing or unexpected key is an error."""
-    own = model.state_dict()
-    skipped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    if skipped and int(os.environ.get("RANK", 0)) == 0:
-        print(f"weights: not loaded (shape differs, e.g. another class count): {', '.join(skipped)}")
-    result = model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
-    missing = [k for k in result.missing_keys if k not in skipped]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"weights do not fit the model: missing {', '.join(missing) or 'none'}; unexpected "
-                         f"{', '.join(result.unexpected_keys) or 'none'}")
-
-
-def autocast(device: torch.device, cfg: Config):
-    """bf16 autocast on CUDA where supported, else fp16 (with GradScaler); nothing on CPU or with --no-amp."""
-    if device.type != "cuda" or not cfg.amp:
-        return contextlib.nullcontext()
-    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later; emulated bf16 is slow
-    return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
-
-
-def to_device(targets: list, device: torch.device) -> list:
-    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-
-
-def save_checkpoint(checkpoint: dict, path: str):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a truncated checkpoint."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def rng_states(device: torch.device) -> dict:
-    """Python, numpy, torch and this process's CUDA device's random states as plain lists (they travel through
-    all_gather_object)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state().tolist(),
-            "cuda": torch.cuda.get_rng_state(device).tolist() if device.type == "cuda" else []}
-
-
-def set_rng_states(states: dict, device: torch.device):
-    random.setstate(states["python"])
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
-    if device.type == "cuda" and states["cuda"]:
-        torch.cuda.set_rng_state(torch.tensor(states["cuda"], dtype=torch.uint8), device)
+def train_transforms(cfg: Config):
+    return data.RandomHorizontalFlip(cfg.hflip_prob)  # torchvision's detection recipe: flips only
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device, label_map=None) -> dict:
-    """The 12 COCO numbers (common.coco_evaluate) of `model` on `dataset`, plus VOC_mAP50 on a VOC dataset.
-    label_map: model label -> dataset label (e.g. torchvision's 91 COCO labels -> the dataset's 1..K); detections of
-    other labels are dropped. None: the model's labels are the dataset's."""
-    model.eval()
-    loader = data.make_loader(dataset, cfg.batch_size, train=False, workers=cfg.workers, distributed=False)
-    results = []
-    for images, targets in loader:
-        with autocast(device, cfg):
-            detections = model([image.to(device, non_blocking=True) for image in images])
-        for target, det in zip(targets, detections):
-            boxes = box_xyxy_to_xywh(det["boxes"].float()).tolist()  # COCO results are [x, y, w, h]
-            for box, score, label in zip(boxes, det["scores"].tolist(), det["labels"].tolist()):
-                label = label_map.get(label) if label_map is not None else label
-                if label is not None:
-                    results.append({"image_id": target["image_id"], "category_id": label, "bbox": box, "score": score})
-    gt = dataset.coco_gt()  # its category_id is the dataset's label 1..K
-    stats = coco_evaluate(gt, results)  # COCO's rules: VOC's difficult objects count as plain ground truth here ...
-    if isinstance(dataset, data.VocDetection):  # ... and VOC's own metric, mAP at IoU 0.5, ignores them
-        stats["VOC_mAP50"] = voc_evaluate(gt, results)["mAP"]
-    return stats
+def draw_targets(model: FasterRCNN, image: Tensor, target: dict, class_names, path: str):
+    """--show-targets: the ground truth (class colours) over what the two assignments mark: the RPN's positive anchors
+    (white) and the RoIs the RoI head would train on, foreground blue and background red (as many background as
+    foreground RoIs: the hundreds sampled would hide the image)."""
+    batch, image_sizes, targets = preprocess([image], [target], model.cfg)
+    _, _, _, anchors, proposals = model.rpn(batch, image_sizes, training=True)
+    gt_boxes, gt_labels, gt_valid = pad_targets(targets)  # [1, M, 4], [1, M], [1, M]
+    positive = assign_anchors(anchors, gt_boxes, gt_valid, model.cfg)[0] >= 0  # [A]
+    rois, _, labels, _ = sample_proposals(proposals, gt_boxes, gt_labels, gt_valid, model.box_coder, model.cfg)
+    drawn = image
+    for boxes, colour in ((anchors[positive], (255, 255, 255)), (rois[labels == 0][:int((labels > 0).sum())],
+                                                                 (255, 0, 0)), (rois[labels > 0], (0, 0, 255))):
+        drawn = draw_boxes(drawn, resize_boxes(boxes, image_sizes[0], image.shape[-2:]), color=colour, width=1)
+    draw_boxes(drawn, target["boxes"], target["labels"], None, class_names, path, width=3)
+
+
+# TRY NOT TO MODIFY: from here to the end of the file, the same in every model file
+
+def load_weights(weights: str):
+    """--weights torchvision | PATH -> (state dict, class names, the config it goes with: the training run's, or
+    TORCHVISION_CONFIG). PATH: a checkpoint of this file, or a torchvision state dict (K from its classifier)."""
+    names = tuple(TORCHVISION_WEIGHTS.meta["categories"])
+    if weights == "torchvision":
+        try:
+            return convert_torchvision(TORCHVISION_WEIGHTS.get_state_dict(progress=True)), names, TORCHVISION_CONFIG
+        except OSError as e:
+            raise SystemExit(f"--weights torchvision: cannot download {TORCHVISION_WEIGHTS.url} ({e})") from None
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    if "model" not in checkpoint:  # COCO's class names for torchvision's K = 91
+        K = num_classes_of(state_dict := convert_torchvision(checkpoint))
+        return state_dict, names if K == 91 else ("__background__", *map(str, range(1, K))), TORCHVISION_CONFIG
+    if checkpoint.get("detector", DETECTOR.__name__) != DETECTOR.__name__:
+        raise SystemExit(f"--weights {weights}: a {checkpoint['detector']} checkpoint: use {checkpoint['file']}")
+    return checkpoint["model"], tuple(checkpoint["class_names"]), checkpoint["config"]
+
+
+def load_state(model: nn.Module, state_dict: dict, source: str, fine_tune: bool = False):
+    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries of another shape (the
+    class layers of another class count) stay at their initialisation."""
+    own = model.state_dict()
+    other = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    missing, unexpected = model.load_state_dict({k: v for k, v in state_dict.items() if k not in other}, strict=False)
+    if wrong := ([f"missing {k}" for k in missing if k not in other] + [f"unexpected {k}" for k in unexpected]
+                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other if not fine_tune]):
+        raise SystemExit(f"{source} does not fit this {DETECTOR.__name__}: {len(wrong)} keys ({', '.join(wrong[:3])})")
+    if other and int(os.environ.get("RANK", 0)) == 0:
+        print(f"{source}: left at their initialisation (another shape, e.g. class count): {', '.join(other)}")
 
 
 def train(cfg: Config):
-    # DDP under torchrun: one process per GPU, RANK / WORLD_SIZE / LOCAL_RANK come from the environment.
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    # DDP under torchrun (one process per GPU): all its state is decided here, as in nanoGPT's train.py
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ddp, main_process = world_size > 1, rank == 0
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if distributed:
+    if ddp:  # rank 0 evaluates alone after each epoch while the others wait at a barrier: allow it an hour
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        # rank 0 evaluates alone after each epoch while the others wait at the next collective: allow it an hour
+            torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
-    main_process = rank == 0
-    if device.type == "cpu" and main_process:
-        warnings.warn("no CUDA device: training on the CPU, which is slow (see README, 'Training on a CPU')")
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed + rank)
+    # AMP as nanoGPT, for training steps (evaluation is fp32): bf16 where the GPU has it, else fp16 with loss scaling
+    dtype = torch.float32 if device.type != "cuda" or not cfg.amp else (
+        torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16)
+    ctx = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.backends.cudnn.benchmark = cfg.data == "synthetic"  # one input size: cuDNN picks its fastest kernels once
 
-    train_set, val_set = build_datasets(cfg, train_transforms=data.RandomHorizontalFlip(cfg.hflip_prob))
-    cfg.num_classes = train_set.num_classes
-    fine_tune = bool(cfg.weights) and not cfg.resume  # start from --weights (a resume loads its checkpoint instead)
-    if fine_tune:
-        state_dict, class_names, saved = load_weights(cfg.weights)
-        if saved is None and len(class_names) == 91:  # torchvision's COCO weights: their eps, saved with the config
-            cfg.bn_eps = TORCHVISION_BN_EPS
-    # with --weights or --resume every weight is overwritten: no ImageNet download, but the same frozen-BN model
-    model = build_model(cfg, load_weights=not (cfg.weights or cfg.resume)).to(device)
-    if fine_tune:
-        load_matching(model, state_dict)
-    model_without_ddp = model
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
-    train_loader = data.make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
-                                    distributed=distributed)
+    train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
+    cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
+    resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
+    data.seed_everything(cfg.seed)  # the initial weights: the same on every rank
+    try:  # with --weights or --resume every weight is overwritten: no backbone weights are read
+        model = raw_model = DETECTOR(cfg, load_backbone=not (cfg.weights or resume)).to(device)
+    except OSError as e:  # no internet for the ImageNet weights, or no file at --backbone-weights PATH
+        raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: cannot load them ({e}); to train from random "
+                         f"weights instead: --backbone-weights none") from None
+    if cfg.weights and not resume:
+        load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
+    if cfg.channels_last:
+        raw_model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
+    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size)
+    epoch, step, best = 0, 0, {"AP": -1.0}
+    if resume:
+        if (batch := resume["config"]["batch_size"] * resume["world_size"]) != cfg.batch_size * world_size:
+            raise SystemExit(f"--resume: {cfg.resume} trained {batch} images per step; resume with as many")
+        raw_model.load_state_dict(resume["raw_model"] or resume["model"])
+        for name, obj in (("model", ema), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            obj is None or obj.load_state_dict(resume[name])
+        epoch, step, best = resume["epoch"], resume["step"], resume["best"]
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
 
-    # cfg.lr for 16 images per step, scaled linearly to the real batch (the linear scaling rule)
-    lr = cfg.lr * cfg.batch_size * world_size / 16
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch, total_steps = len(train_loader), len(train_loader) * cfg.epochs
+    def log(record):  # rank 0 prints one line and appends it to metrics.jsonl
+        if main_process:
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    def lr_factor(step):  # linear warmup from warmup_factor, then x lr_gamma at each epoch in lr_steps
-        warmup = min(1.0, cfg.warmup_factor + (1 - cfg.warmup_factor) * step / max(1, cfg.warmup_iters))
-        return warmup * cfg.lr_gamma ** sum(step >= s * steps_per_epoch for s in cfg.lr_steps)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)  # stepped every iteration
-    fp16 = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported(including_emulation=False)
-    scaler = torch.amp.GradScaler("cuda", enabled=fp16)  # bf16 has fp32's range and needs no loss scaling
-
-    start_epoch, best_ap = 0, -1.0
-    if cfg.resume:
-        checkpoint = torch.load(cfg.resume, map_location="cpu", weights_only=True)
-        model_without_ddp.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint["scaler"]:  # {} from a run without loss scaling (CPU, bf16, --no-amp)
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best_ap = checkpoint["epoch"] + 1, checkpoint["best_ap"]
-        if not math.isclose(scheduler.base_lrs[0], lr):  # another batch size or world size: its scaled lr, warned
-            if main_process:
-                warnings.warn(f"--resume: lr {lr:g} for batch {cfg.batch_size} x {world_size}, not the checkpoint's "
-                              f"{scheduler.base_lrs[0]:g}: continuing with {lr:g}")
-            scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-            for group in optimizer.param_groups:
-                group["initial_lr"], group["lr"] = lr, lr * lr_factor(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        if checkpoint["world_size"] == world_size:  # each rank's RNG streams, else a fresh seed per rank
-            set_rng_states(checkpoint["rng"][rank] if distributed else checkpoint["rng"][0], device)
+    def save(checkpoint, name):  # to a temporary file, then renamed: a checkpoint is never left half-written
+        checkpoint = {"detector": DETECTOR.__name__, "file": os.path.basename(__file__), **checkpoint}
+        torch.save(checkpoint, f"{cfg.out}/{name}.tmp")
+        os.replace(f"{cfg.out}/{name}.tmp", f"{cfg.out}/{name}")
     if main_process:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        print(f"training on {device} x {world_size}: {len(train_set)} images, {cfg.num_classes - 1} classes, "
-              f"{cfg.epochs} epochs of {steps_per_epoch} steps, batch {cfg.batch_size} x {world_size}, lr {lr:g}")
+        kept = [r for r in open(metrics) if json.loads(r)["iter"] <= epoch * steps + step] if resume else []
+        open(metrics, "w").writelines(kept)  # a resumed run continues the log where its checkpoint was, no repeats
+        print(f"{DETECTOR.__name__}, {cfg.backbone}, {cfg.weights or cfg.backbone_weights} weights, "
+              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f} M parameters\ndata: {train_set.source} "
+              f"({len(train_set)} images), val {val_set.source} ({len(val_set)}); {cfg.num_classes - 1} classes: "
+              f"{', '.join(train_set.class_names[1:])}\n{device} x {world_size}, {str(dtype)[6:]}, {cfg.epochs} epochs "
+              f"of {steps} steps of {cfg.batch_size} x {world_size} images; writing to {cfg.out}"
+              + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
-    def log(record):  # rank 0 prints and appends to metrics.jsonl
-        if main_process:
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    start_time = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one stops at once
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stop.append(signal.signal(signum, signal.SIG_DFL)))
+    start_iter, start_time = epoch * steps + step, time.perf_counter()
+    while epoch < cfg.epochs:
+        window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
         model.train()
-        if distributed:
-            train_loader.sampler.set_epoch(epoch)
-        else:
-            train_loader.generator.manual_seed(cfg.seed * 1000 + epoch)  # the epoch's shuffle, the same after a resume
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        tic, images_seen = time.perf_counter(), 0
-        for step, (images, targets) in enumerate(train_loader):
-            global_step = epoch * steps_per_epoch + step
-            images = [image.to(device, non_blocking=True) for image in images]
-            targets = to_device(targets, device)
-            with autocast(device, cfg):
-                loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            # the loss terms averaged over all ranks, for logging and so that every rank stops at the same step
-            terms = torch.stack([v.detach().float() for v in loss_dict.values()])
-            if distributed:
-                dist.all_reduce(terms)
-                terms /= world_size
-            terms = dict(zip(loss_dict, terms.tolist()))
-            if not all(np.isfinite(list(terms.values()))):
-                raise SystemExit(f"non-finite loss at epoch {epoch} step {step} (global step {global_step}): "
-                                 + ", ".join(f"{k} {v}" for k, v in terms.items())
-                                 + f"; stopped, {os.path.join(cfg.out, 'last.pt')} (if it exists) holds the last "
-                                 f"good epoch")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+        for images, targets in data.make_loader(train_set, cfg.batch_size, True, cfg.workers, cfg.seed, epoch, step,
+                                                rank, world_size):
+            data.seed_everything(cfg.seed, rank, epoch, step)  # the model's own randomness, the same after a resume
+            with ctx:
+                loss_dict = model([im.to(device, non_blocking=True) for im in images], data.to_device(targets, device))
+            scaler.scale(sum(loss_dict.values())).backward()
+            step += 1
+            if step % cfg.accumulate == 0 or step == steps:  # YOLOv5 sums the gradients of `accumulate` batches
+                if cfg.clip_grad_norm > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:  # YOLOv5's ModelEMA: the decay ramps up over the first 2000 updates
+                    decay = cfg.ema_decay * (1 - math.exp(-(epoch * steps + step) / cfg.accumulate / 2000))
+                    for e, v in zip(ema.state_dict().values(), raw_model.state_dict().values()):
+                        e.lerp_(v, 1 - decay) if e.is_floating_point() else e.copy_(v)
             scheduler.step()
-            images_seen += len(images) * world_size
-            if step % cfg.log_every == 0 or step == steps_per_epoch - 1:
-                elapsed = time.perf_counter() - tic
-                speed = images_seen / max(elapsed, 1e-9)
-                done = global_step + 1 - start_epoch * steps_per_epoch
-                eta = (time.perf_counter() - start_time) / done * (total_steps - global_step - 1)
-                memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                log({"epoch": epoch, "step": f"{step + 1}/{steps_per_epoch}", "loss": sum(terms.values()), **terms,
-                     "lr": optimizer.param_groups[0]["lr"], "img_s": speed, "eta_min": eta / 60, "mem_gb": memory})
-
-        # every rank's RNG state (rank 0's after its evaluation), so that a resume continues each rank's random streams
-        states = [None] * world_size
-        if distributed:
-            dist.all_gather_object(states, rng_states(device))
-        succeeded = False
-        try:  # rank 0 evaluates and saves while the others wait
+            window = window + torch.stack([v.detach().float() for v in loss_dict.values()])  # on the device: no sync
+            if step % cfg.log_every and step < steps and not (stop and not ddp):
+                continue  # the host reads the losses only on logging steps (and at once on Ctrl-C without DDP)
+            totals = torch.cat([window, window.new_tensor([bool(stop), step - window_start])])
+            if ddp:  # summed over the ranks: every rank logs the same numbers and stops at the same step
+                dist.all_reduce(totals)
+            *totals, stopping, count = totals.tolist()
+            terms = {k: v / count for k, v in zip(loss_dict, totals)}  # averages since the last log line
+            if not all(map(math.isfinite, terms.values())):
+                raise SystemExit(f"non-finite loss in epoch {epoch} steps {window_start}-{step - 1}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in terms.items()) + "; stopped, the last checkpoint is intact")
+            done, elapsed = epoch * steps + step - start_iter, time.perf_counter() - start_time
+            log({"epoch": epoch, "step": f"{step}/{steps}", "iter": epoch * steps + step, "loss": sum(terms.values()),
+                 **terms, "lr": optimizer.param_groups[0]["lr"], "img_s": count * cfg.batch_size / (time.perf_counter()
+                 - tic), "eta_min": elapsed / done * ((cfg.epochs - epoch) * steps - step) / 60, "mem_gb":
+                 torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
+            window, window_start, tic = 0.0, step, time.perf_counter()
+            if stopping and step % cfg.accumulate == 0 and step < steps:
+                break
+        if main_process and step == steps:  # rank 0 evaluates and saves while the others wait
+            stats = data.evaluate(ema or raw_model, val_set, cfg.batch_size, cfg.workers, device)
+            log({"epoch": epoch, "iter": (epoch + 1) * steps, **stats})
+            best, improved = ({"epoch": epoch, **stats}, True) if stats["AP"] > best["AP"] else (best, False)
+        epoch, step = (epoch + 1, 0) if step == steps else (epoch, step)
+        if main_process:  # best.pt: what inference needs; last.pt: also what --resume needs to go on at (epoch, step)
+            weights = {"model": (ema or raw_model).state_dict(), "config": dataclasses.asdict(cfg),
+                       "class_names": train_set.class_names, "best": best}
+            if improved:
+                save(weights, "best.pt")
+            save({**weights, "raw_model": ema and raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                  "world_size": world_size}, "last.pt")
+        if step:  # interrupted mid-epoch
             if main_process:
-                stats = evaluate(model_without_ddp, val_set, cfg, device)
-                log({"epoch": epoch, **{k: v for k, v in stats.items() if k != "per_class"}})
-                states[0] = rng_states(device)
-                checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                              "best_ap": max(best_ap, stats["AP"]), "config": dataclasses.asdict(cfg),
-                              "class_names": tuple(train_set.class_names), "world_size": world_size, "rng": states}
-                save_checkpoint(checkpoint, os.path.join(cfg.out, "last.pt"))
-                if stats["AP"] > best_ap:
-                    best_ap = stats["AP"]
-                    save_checkpoint(checkpoint, os.path.join(cfg.out, "best.pt"))
-            succeeded = True
-        finally:  # tell the others whether rank 0 got through, rather than leave them at a collective for an hour
-            if distributed:
-                flag = torch.tensor([float(succeeded)], device=device)
-                dist.broadcast(flag, 0)
-                if not main_process and flag.item() == 0:
-                    raise SystemExit(f"rank {rank}: stopping, rank 0 failed to evaluate or save epoch {epoch}")
-    if distributed:
+                print(f"stopped at epoch {epoch} step {step}/{steps}, saved in {cfg.out}/last.pt; to go on:\n    "
+                      f"python {os.path.basename(__file__)} --train --resume {cfg.out}/last.pt")
+            raise SystemExit(130)
+        if ddp:
+            dist.barrier()
+    if main_process:
+        print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
+              f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
+    if ddp:
         dist.destroy_process_group()
-    return model_without_ddp
-
-
-def build_datasets(cfg: Config, train_transforms=None):
-    return data.build_datasets(cfg.data, cfg.data_root or None, cfg.train_ann or None, cfg.val_ann or None,
-                               cfg.train_split, cfg.val_split, cfg.image_size, cfg.num_train, cfg.num_val, cfg.seed,
-                               train_transforms=train_transforms)
-
-
-def draw_targets(image, target, assignment, class_names, path):
-    """--show-targets: in thin lines what the assignment marks, the RPN's positive anchors (white) and, where given, the
-    RoI head's sampled proposals (foreground blue; background red, only as many as there are foreground ones, since
-    the hundreds sampled would hide the image), under the ground truth in its class colour."""
-    drawn = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    boxes = [(assignment["anchors"], "white")]
-    if "proposals" in assignment:
-        foreground = assignment["proposal_labels"] > 0
-        background = assignment["proposals"][~foreground][:int(foreground.sum())]
-        boxes += [(background, "red"), (assignment["proposals"][foreground], "blue")]
-    for b, colour in boxes:
-        if len(b):
-            drawn = torchvision.utils.draw_bounding_boxes(drawn, b.cpu().float(), colors=colour, width=1)
-    draw_boxes(drawn, target["boxes"], target["labels"], None, class_names, path, width=3)
-
-
-def bench(cfg: Config, device: torch.device, steps=10):
-    """Train and inference images/s and peak memory on this device, for the current config, on a synthetic batch."""
-    dataset = data.SyntheticShapes(cfg.batch_size, cfg.image_size, seed=0)
-    images, targets = data.collate_fn([dataset[i] for i in range(cfg.batch_size)])
-    images, targets = [image.to(device) for image in images], to_device(targets, device)
-    cfg.num_classes = dataset.num_classes
-    model = build_model(cfg).to(device)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-
-    def train_step():
-        with autocast(device, cfg):
-            loss = sum(model.train()(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def infer_step():
-        with torch.no_grad(), autocast(device, cfg):
-            model.eval()(images)
-
-    cuda = device.type == "cuda"
-    for name, step in (("train", train_step), ("inference", infer_step)):
-        step(), step()  # warm-up: cuDNN autotuning, allocator growth
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        tic = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        seconds = (time.perf_counter() - tic) / steps
-        memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else ""
-        print(f"{name}: {len(images) / seconds:.1f} images/s ({seconds * 1000:.0f} ms per batch of {len(images)} "
-              f"{cfg.image_size}-px images, min_size {cfg.min_size}, amp {cfg.amp and device.type == 'cuda'}){memory}")
+    return raw_model
 
 
 # --- Main ---
 
 
-def field_help() -> dict:
-    """Each Config field's comment in the source, as its --help text."""
-    source = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+):[^=\n]*=[^#\n]*#\s*(.*)$", source, re.MULTILINE))
-
-
-def parse_args(argv=None):
-    """Modes, plus one --field-name flag per Config field. Returns (args, dict of the fields given)."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    modes = parser.add_mutually_exclusive_group(required=True)
-    modes.add_argument("--train", action="store_true", help="train, evaluate each epoch, save into --out")
-    modes.add_argument("--eval", action="store_true", help="print the 12 COCO numbers of --weights on the val split")
-    modes.add_argument("--predict", metavar="IMG_OR_DIR", help="draw the detections of --weights into --out")
-    modes.add_argument("--show-targets", action="store_true", help="draw ground truth and what the assignment marks")
-    modes.add_argument("--bench", action="store_true", help="train / inference throughput on this device")
-    helps = field_help()
-    for f in dataclasses.fields(Config):
-        text = f"{helps.get(f.name, '')} (default {f.default!r})".replace("%", "%%")  # argparse formats help with %
-        flag, kwargs = "--" + f.name.replace("_", "-"), {"default": argparse.SUPPRESS, "help": text}
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(f.default, tuple):  # --anchor-sizes 16 32 64; nested values as literals: "(32, 40)"
-            parser.add_argument(flag, nargs="*", type=ast.literal_eval, metavar="V", **kwargs)
-        else:
-            parser.add_argument(flag, type=type(f.default), **kwargs)
-    args = parser.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    return args, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-
-
-def make_config(given: dict, saved: dict = None, preset=True) -> Config:
-    """Config defaults < SYNTHETIC_PRESET (for --data synthetic) < a checkpoint's saved config < the command line."""
-    values = {}
-    if preset and given.get("data", (saved or {}).get("data", Config.data)) == "synthetic":
-        values.update(SYNTHETIC_PRESET)
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config:
+    """Config defaults < the preset < the config of --weights or --resume < the command line. Unless set, frozen_bn
+    follows the start: pretrained weights (ImageNet's or a detector's) freeze batch norm, as torchvision does."""
+    values, fields = dict(PRESETS.get(preset, {})), {f.name: f for f in dataclasses.fields(Config)}
     for k, v in (saved or {}).items():
         if k in fields:  # a checkpoint of an older version may have fields this file no longer has
-            values[k] = tuple(v) if isinstance(fields[k].default, tuple) else v
+            values[k] = tuple(v) if fields[k].type is tuple else v
     values.update(given)
+    values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
+    if values.get("data_root"):  # absolute: --eval of the checkpoint works from any folder
+        values["data_root"] = os.path.abspath(values["data_root"])
     return Config(**values)
 
 
 def main(argv=None):
-    args, given = parse_args(argv)
-    saved, preset, start_weights = None, True, ""
-    if args.train and given.get("resume"):  # continue with the run's config (so the same model); flags given now
-        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]  # still override it
-    elif (args.eval or args.predict or args.show_targets) and given.get("weights"):
-        state_dict, class_names, saved = load_weights(given["weights"])
-        preset = saved is not None  # torchvision's weights: keep torchvision's preprocessing (800 px) and eps
-        saved = saved or {"bn_eps": TORCHVISION_BN_EPS if len(class_names) == 91 else Config.bn_eps}
-        start_weights = saved.pop("weights", given["weights"])  # the training run's: frozen BN or not (Backbone)
-        for k in ("device", "workers", "out", "resume"):  # the training run's, not this run's
-            saved.pop(k, None)
-    cfg = make_config(given, saved, preset)
+    args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
+    saved = state_dict = None
+    if args.train and given.get("resume"):  # the run's config: its model, schedule and folder (flags still override)
+        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]
+    elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
+        state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
+        drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
+        saved = {k: v for k, v in saved.items() if k not in drop}
+    cfg = make_config(given, saved, args.preset)
     if args.train:
-        train(cfg)
-        return
+        if args.preset != "none" and not saved and int(os.environ.get("RANK", 0)) == 0:
+            print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
+        return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.bench:
-        bench(cfg, device)
-        return
-    if args.show_targets:
-        train_set, _ = build_datasets(cfg)
-        cfg.num_classes = train_set.num_classes  # the assignment needs no trained weights: none downloaded ...
-        model = build_model(dataclasses.replace(cfg, weights=start_weights), load_weights=False).to(device).eval()
-        if cfg.weights:  # ... but what it takes from the model's outputs, if anything, then comes from --weights
-            load_matching(model, state_dict)
-        os.makedirs(cfg.out, exist_ok=True)
-        for i in range(min(8, len(train_set))):
-            image, target = train_set[i]
-            assignment = assignment_for_display(model, [image.to(device)], to_device([target], device))[0]
-            draw_targets(image, target, assignment, train_set.class_names, os.path.join(cfg.out, f"targets_{i}.png"))
-        print(f"wrote {min(8, len(train_set))} images to {cfg.out}")
-        return
-
-    # --eval and --predict: the model of the weights' training run (frozen BN if it started from pretrained weights,
-    # its bn_eps), built without reading or downloading backbone weights: every weight is overwritten.
-    if not cfg.weights:
+    if args.show_targets:  # the assignment needs no trained weights, but takes them where given (proposals)
+        train_set = data.build_datasets(cfg)[0]
+        model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
+        state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
+        for i, (image, target) in zip(range(8), train_set):
+            draw_targets(model.to(device).eval(), image.to(device), data.to_device([target], device)[0],
+                         train_set.class_names, f"{cfg.out}/targets_{i}.png")
+        return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
+    if state_dict is None:
         raise SystemExit("--eval and --predict need --weights PATH|torchvision")
-    cfg.num_classes = len(class_names)
-    model = build_model(dataclasses.replace(cfg, weights=start_weights), load_weights=False)
-    model.load_state_dict(state_dict)
+    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False)
+    load_state(model, state_dict, f"--weights {cfg.weights}")
     model.to(device).eval()
     if args.eval:
-        _, val_set = build_datasets(cfg)
-        label_map = None  # identity: the model was trained on these classes
-        if tuple(class_names) != tuple(val_set.class_names):  # by class name (torchvision's COCO ids -> 1..K)
-            label_map = {i: val_set.class_names.index(n) for i, n in enumerate(class_names)
-                         if i and n in val_set.class_names}
-            unmapped = [n for n in val_set.class_names[1:] if n not in class_names[1:]]
-            if unmapped:
-                warnings.warn(f"--eval: no class of the model is named {', '.join(unmapped)}: nothing detected there")
-        stats = evaluate(model, val_set, cfg, device, label_map)
-        names = [name for name in (*COCO_METRIC_NAMES, "VOC_mAP50") if name in stats]
-        print("\n".join(f"{name:>9} {stats[name]:.4f}" for name in names))
-        return
-    if not os.path.exists(args.predict):
-        raise SystemExit(f"--predict {args.predict}: no such file or folder")
-    single = os.path.isfile(args.predict)
-    paths = [args.predict] if single else sorted(
-        os.path.join(args.predict, f) for f in os.listdir(args.predict)
-        if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")))
-    inputs = {os.path.realpath(p) for p in paths}
-    os.makedirs(cfg.out, exist_ok=True)
-    for path in paths:
-        # the input's whole name plus .png: a.jpg and a.png do not collide, and no output is named like its input
-        out = os.path.join(cfg.out, os.path.basename(path) + ".png")
-        if os.path.realpath(out) in inputs:
-            warnings.warn(f"--predict: skipped {path}: its output {out} is one of the input images")
-            continue
-        try:
-            image = data.load_image(path)
-        except ValueError as e:  # a file given alone is an error; one bad file in a folder only a warning
-            if single:
-                raise SystemExit(str(e)) from None
-            warnings.warn(f"--predict: skipped {e}")
-            continue
-        with torch.no_grad(), autocast(device, cfg):
+        val_set = data.build_datasets(cfg, train=False)[1]
+        print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
+        stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names)
+        return print("\n".join(f"{k:>9} {stats[k]:.4f}" for k in (*COCO_METRIC_NAMES, "VOC_mAP50") if k in stats))
+    for path in data.image_files(args.predict):
+        image, out = data.load_image(path), os.path.join(cfg.out, os.path.splitext(os.path.basename(path))[0] + ".png")
+        with torch.no_grad():
             det = model([image.to(device)])[0]
-        keep = det["scores"] >= cfg.predict_score_thresh
-        draw_boxes(image, det["boxes"][keep].float(), det["labels"][keep], det["scores"][keep].float(), class_names, out)
-        print(f"{path}: {int(keep.sum())} detections -> {out}")
+        keep = det["scores"] >= cfg.draw_thresh
+        draw_boxes(image, det["boxes"][keep], det["labels"][keep], det["scores"][keep], class_names, out)
+        print(f"{path}: {int(keep.sum())} detections scoring >= {cfg.draw_thresh} -> {out}")
 
 
 if __name__ == "__main__":
