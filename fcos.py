@@ -369,9 +369,19 @@ def convert_torchvision(state_dict: dict) -> dict:
     return out
 
 
-def num_classes_of(state_dict: dict) -> int:
-    """K of a state dict of this file's model, from its classifier's weight."""
-    return state_dict["head.cls_logits.weight"].shape[0]  # [K, C, 3, 3]
+def reference_weights(weights: str, state_dict: dict = None):
+    """--weights torchvision (its COCO weights, downloaded) or a file of torchvision's fcos_resnet50_fpn state dict ->
+    (this file's state dict, class names, TORCHVISION_CONFIG: the settings that model was built with). K is read from
+    its class logits [K, 256, 3, 3]; the class names are COCO's for K = 91, else numbers."""
+    if state_dict is None and weights != "torchvision":
+        raise SystemExit(f"--weights {weights}: no such file (--weights torchvision: torchvision's COCO weights)")
+    try:
+        state_dict = convert_torchvision(state_dict or TORCHVISION_WEIGHTS.get_state_dict(progress=True))
+    except OSError as e:  # no internet
+        raise SystemExit(f"--weights torchvision: cannot download {TORCHVISION_WEIGHTS.url} ({e})") from None
+    K = state_dict["head.cls_logits.weight"].shape[0]
+    names = TORCHVISION_WEIGHTS.meta["categories"] if K == 91 else ["__background__", *map(str, range(1, K))]
+    return state_dict, tuple(names), TORCHVISION_CONFIG
 
 
 # --- Targets ---
@@ -553,19 +563,14 @@ def draw_targets(model: FCOS, image: Tensor, target: dict, class_names, path: st
 # TRY NOT TO MODIFY: from here to the end of the file, the same in every model file
 
 def load_weights(weights: str):
-    """--weights torchvision | PATH -> (state dict, class names, the config it goes with: the training run's, or
-    TORCHVISION_CONFIG). PATH: a checkpoint of this file, or a torchvision state dict (K from its classifier)."""
-    names = tuple(TORCHVISION_WEIGHTS.meta["categories"])
-    if weights == "torchvision":
-        try:
-            return convert_torchvision(TORCHVISION_WEIGHTS.get_state_dict(progress=True)), names, TORCHVISION_CONFIG
-        except OSError as e:
-            raise SystemExit(f"--weights torchvision: cannot download {TORCHVISION_WEIGHTS.url} ({e})") from None
+    """--weights PATH (a checkpoint of this file, or the reference implementation's weights) or a name (torchvision)
+    -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
+    if not os.path.isfile(weights):  # a name: the reference's published weights
+        return reference_weights(weights)
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    if "model" not in checkpoint:  # COCO's class names for torchvision's K = 91
-        K = num_classes_of(state_dict := convert_torchvision(checkpoint))
-        return state_dict, names if K == 91 else ("__background__", *map(str, range(1, K))), TORCHVISION_CONFIG
-    if checkpoint.get("detector", DETECTOR.__name__) != DETECTOR.__name__:
+    if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
+        return reference_weights(weights, checkpoint)
+    if checkpoint["detector"] != DETECTOR.__name__:
         raise SystemExit(f"--weights {weights}: a {checkpoint['detector']} checkpoint: use {checkpoint['file']}")
     return checkpoint["model"], tuple(checkpoint["class_names"]), checkpoint["config"]
 
@@ -727,14 +732,14 @@ def train(cfg: Config):
 
 
 def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config:
-    """Config defaults < the preset < the config of --weights or --resume < the command line. Unless set, frozen_bn
-    follows the start: pretrained weights (ImageNet's or a detector's) freeze batch norm, as torchvision does."""
+    """Config defaults < the preset < the config of --weights or --resume < the command line."""
     values, fields = dict(PRESETS.get(preset, {})), {f.name: f for f in dataclasses.fields(Config)}
     for k, v in (saved or {}).items():
         if k in fields:  # a checkpoint of an older version may have fields this file no longer has
             values[k] = tuple(v) if fields[k].type is tuple else v
     values.update(given)
-    values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
+    if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision
+        values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
     if values.get("data_root"):  # absolute: --eval of the checkpoint works from any folder
         values["data_root"] = os.path.abspath(values["data_root"])
     return Config(**values)

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import types
-import typing
 import warnings
 
 import numpy as np
@@ -866,12 +865,14 @@ NUM_CLASSES = 6  # != 91, so that the conversion is checked for a custom head
 SIZES = dict(min_size=128, max_size=208)
 ROOT = os.path.dirname(os.path.abspath(__file__))
 COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-TINY = dict(preset="none", backbone="resnet18", backbone_weights="none", image_size=64, min_size=64, max_size=64,
-            fpn_channels=32, num_train=8, num_val=4, batch_size=2, workers=0, warmup_iters=1, log_every=1, device="cpu",
+# the run and data fields of a tiny CPU run, the same for every model file; each row adds its model's
+TINY = dict(preset="none", image_size=64, num_train=8, num_val=4, batch_size=2, workers=0, log_every=1, device="cpu",
             amp=False)
+RESNET_FPN = dict(backbone="resnet18", backbone_weights="none", min_size=64, max_size=64, warmup_iters=1)
 # Faster R-CNN: fewer proposals and RoIs than the defaults, so that a CPU step takes a second, not ten
-FRCNN_SMALL = dict(representation_size=64, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
-                   rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)
+FRCNN_SMALL = dict(RESNET_FPN, fpn_channels=32, representation_size=64, rpn_pre_nms_top_n_train=200,
+                   rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
+                   box_batch_size_per_image=32)
 # every candidate anchor and RoI is used: training is deterministic and comparable with torchvision's
 ALL_SAMPLES = dict(rpn_batch_size_per_image=100000, box_batch_size_per_image=100000,
                    rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=300)
@@ -895,23 +896,27 @@ def tiny(name, **overrides):
 @dataclasses.dataclass
 class Row:
     module: object  # the model file
-    reference: object  # torchvision's builder of the same detector
-    tiny: dict  # Config values, over TINY, of a CPU run that takes seconds
-    deterministic: dict  # Config values that make the training losses deterministic (no sampling)
+    tiny: dict  # its model's Config values for a tiny CPU run (seconds), over TINY
     box_losses: tuple  # loss terms that are 0 when no image has an object
-    assignment: str  # how the batched assignment is checked against the reference: "two_stage" | "dense"
+    reference: object = None  # torchvision's builder of the same detector, for the shared parity tests
+    assignment: str = ""  # how the batched assignment is checked against torchvision's: "two_stage" | "dense"
+    deterministic: dict = dataclasses.field(default_factory=dict)  # Config values that remove sampling from the loss
+    overfit: dict = dataclasses.field(default_factory=dict)  # Config values for test_overfits_one_batch
 
 
 REGISTRY = {
-    "faster_rcnn": Row(faster_rcnn, torchvision.models.detection.fasterrcnn_resnet50_fpn, FRCNN_SMALL, ALL_SAMPLES,
-                       ("loss_box_reg", "loss_rpn_box_reg"), "two_stage"),
+    "faster_rcnn": Row(faster_rcnn, FRCNN_SMALL, ("loss_box_reg", "loss_rpn_box_reg"),
+                       torchvision.models.detection.fasterrcnn_resnet50_fpn, "two_stage", ALL_SAMPLES),
     # GroupNorm(32) in the heads: 64 channels, so that a 1x1 P7 of one image still has 2 values per group
-    "retinanet": Row(retinanet, torchvision.models.detection.retinanet_resnet50_fpn, dict(fpn_channels=64), {},
-                     ("bbox_regression",), "dense"),
-    "fcos": Row(fcos, torchvision.models.detection.fcos_resnet50_fpn, dict(fpn_channels=64), {},
-                ("bbox_regression", "bbox_ctrness"), "dense"),
+    "retinanet": Row(retinanet, dict(RESNET_FPN, fpn_channels=64), ("bbox_regression",),
+                     torchvision.models.detection.retinanet_resnet50_fpn, "dense",
+                     overfit=dict(anchor_sizes=(8, 16, 32, 64, 128))),  # anchors for 7..28-px shapes
+    "fcos": Row(fcos, dict(RESNET_FPN, fpn_channels=64), ("bbox_regression", "bbox_ctrness"),
+                torchvision.models.detection.fcos_resnet50_fpn, "dense"),
 }
 NAMES = list(REGISTRY)
+TORCHVISION_NAMES = [name for name in NAMES if REGISTRY[name].reference is not None]  # the shared parity tests
+FROZEN_BN_NAMES = [name for name in NAMES if "frozen_bn" in REGISTRY[name].module.Config.__dataclass_fields__]
 
 
 def parse_args(module, argv):
@@ -1015,7 +1020,7 @@ def canonical_order(detections):
 
 # --- Parity with the reference ---
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_detections_match_torchvision(name):
     tv, ours = reference_and_ours(name)
     tv.eval(), ours.eval()
@@ -1032,7 +1037,7 @@ def test_detections_match_torchvision(name):
         torch.testing.assert_close(a["scores"], e["scores"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_losses_and_gradients_match_torchvision(name):
     row = REGISTRY[name]
     tv, ours = reference_and_ours(name, **row.deterministic)
@@ -1124,7 +1129,7 @@ def check_dense_assignment(module, tv, images, targets):
         assert not hasattr(module, "BETWEEN_THRESHOLDS") or (expected == module.BETWEEN_THRESHOLDS).any()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_batched_assignment_equals_torchvision_per_image(name):
     tv, _ = reference_and_ours(name)
     images = make_images()
@@ -1132,7 +1137,7 @@ def test_batched_assignment_equals_torchvision_per_image(name):
         REGISTRY[name].module, tv, images, crowded_targets(images))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_convert_torchvision_round_trip_and_old_keys(name):
     """torchvision's state dict converts to ours key for key, loads strictly into our model with frozen batch norm
     (as torchvision's pretrained detector) and with plain batch norm; the key layout of torchvision's released
@@ -1156,7 +1161,10 @@ def test_convert_torchvision_round_trip_and_old_keys(name):
         key = re.sub(r"^(head\.\w+_head\.conv)\.(\d+)\.0\.", lambda m: f"{m[1]}.{2 * int(m[2])}.", key)
         old[key] = value
     assert old.keys() != state.keys() and row.module.convert_torchvision(old).keys() == converted.keys()
-    assert row.module.num_classes_of(converted) == NUM_CLASSES
+    state_dict, class_names, config = row.module.reference_weights("x.pt", state)  # a file of torchvision's weights
+    assert state_dict.keys() == converted.keys() and len(class_names) == NUM_CLASSES and config == row.module.TORCHVISION_CONFIG
+    with pytest.raises(SystemExit, match="--weights x.pt: no such file"):
+        row.module.reference_weights("x.pt")
 
 
 # --- The model on its own ---
@@ -1165,8 +1173,7 @@ def test_convert_torchvision_round_trip_and_old_keys(name):
 def test_empty_and_degenerate_targets_give_finite_losses(name):
     row = REGISTRY[name]
     torch.manual_seed(0)
-    model = row.module.DETECTOR(tiny_config(name, num_classes=NUM_CLASSES, **row.deterministic,
-                                            min_size=64, max_size=104)).train()
+    model = row.module.DETECTOR(tiny_config(name, num_classes=NUM_CLASSES, **row.deterministic)).train()
     images = make_images()
     degenerate = {"boxes": torch.tensor([[30.0, 30, 30, 60], [10, 10, 50, 10], [60, 60, 40, 80]]),
                   "labels": torch.tensor([1, 2, 3])}  # zero width, zero height, inverted
@@ -1211,8 +1218,7 @@ def test_overfits_one_batch(name):
     """Two images, four shapes of 7..28 px: the model, its losses and decoding can fit them (AP@0.5 >= 0.9)."""
     torch.manual_seed(0)
     dataset = data.SyntheticShapes(2, 64, seed=8, max_objects=2)
-    model = REGISTRY[name].module.DETECTOR(tiny_config(name, anchor_sizes=(8, 16, 32, 64, 128)) if name == "retinanet"
-                                           else tiny_config(name))
+    model = REGISTRY[name].module.DETECTOR(tiny_config(name, **REGISTRY[name].overfit))
     assert fit_one_batch(REGISTRY[name].module, model, dataset, steps=200, first_eval=25) >= 0.9
 
 
@@ -1227,7 +1233,7 @@ def test_bf16_autocast_learns_as_fp32_does(name):
     drops = []
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        model = REGISTRY[name].module.DETECTOR(tiny_config(name, min_size=96, max_size=96, fpn_channels=64)).train()
+        model = REGISTRY[name].module.DETECTOR(tiny_config(name)).train()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         losses = []
         for _ in range(30):
@@ -1426,7 +1432,7 @@ def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert f"(preset {preset})" in text
         shown = module.make_config({}, preset=preset)
-        for field in ("backbone", "epochs", "batch_size", "min_size", "lr_steps"):
+        for field in ("backbone", "epochs", "batch_size", "num_train", "image_size"):
             option = text.split("options:")[1].split(f"--{field.replace('_', '-')} ")[1]
             assert f"(default: {getattr(shown, field)!r})" in option.split(" --")[0], field
     assert module.make_config({}, preset="cpu").backbone == "resnet18" != module.Config.backbone
@@ -1439,16 +1445,16 @@ def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
 def test_command_line_fields(name):
     """Every Config field is a flag; tuples, bools and presets behave; frozen_bn follows the weights unless set."""
     module = REGISTRY[name].module
-    args, given = parse_args(module, ["--train", "--anchor-sizes", "8", "16", "--no-amp", "--lr", "0.01", "--lr-steps"])
-    assert given == {"anchor_sizes": (8, 16), "amp": False, "lr": 0.01, "lr_steps": ()}
-    assert module.make_config(given, preset="coco").min_size == 800 and module.make_config(given).anchor_sizes == (8, 16)
+    args, given = parse_args(module, ["--train", "--lr-steps", "8", "16", "--no-amp", "--lr", "0.01", "--image-mean"])
+    assert given == {"lr_steps": (8, 16), "amp": False, "lr": 0.01, "image_mean": ()}
+    assert module.make_config(given, preset="coco").data == "coco" and module.make_config(given).lr_steps == (8, 16)
     for field in dataclasses.fields(module.Config):
         value = [] if field.type in (bool, tuple) else [str(field.default) if field.default != "" else "x"]
         assert parse_args(module, ["--eval", "--" + field.name.replace("_", "-"), *value])[1].keys() == {field.name}
-    assert not module.make_config({}).frozen_bn
-    assert module.make_config({"backbone_weights": "imagenet"}).frozen_bn
-    assert module.make_config({"weights": "w.pt"}).frozen_bn and not module.make_config({"weights": "w.pt",
-                                                                                           "frozen_bn": False}).frozen_bn
+    if name in FROZEN_BN_NAMES:
+        assert not module.make_config({}).frozen_bn and module.make_config({"backbone_weights": "imagenet"}).frozen_bn
+        assert module.make_config({"weights": "w.pt"}).frozen_bn
+        assert not module.make_config({"weights": "w.pt", "frozen_bn": False}).frozen_bn
 
 
 def fake_imagenet(monkeypatch, available):
@@ -1463,7 +1469,7 @@ def fake_imagenet(monkeypatch, available):
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", get_state_dict)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FROZEN_BN_NAMES)
 def test_pretrained_starts_freeze_batch_norm_and_offline_imagenet_says_what_to_do(name, monkeypatch, tmp_path):
     module = REGISTRY[name].module
     fake_imagenet(monkeypatch, available=False)
@@ -1492,8 +1498,10 @@ def test_fine_tune_from_weights_of_other_classes(one_epoch, tmp_path, monkeypatc
                           "--epochs", "1", "--weights", one_epoch[1] / "last.pt", "--out", out)
     assert "left at their initialisation" in output
     checkpoint = torch.load(out / "last.pt", weights_only=True)
-    assert checkpoint["config"]["frozen_bn"] and checkpoint["class_names"][1:] == ("Platelets", "RBC", "WBC")
-    assert not any(k.endswith("num_batches_tracked") for k in checkpoint["model"])  # FrozenBatchNorm2d
+    assert checkpoint["class_names"][1:] == ("Platelets", "RBC", "WBC")
+    if name in FROZEN_BN_NAMES:
+        assert checkpoint["config"]["frozen_bn"]
+        assert not any(k.endswith("num_batches_tracked") for k in checkpoint["model"])  # FrozenBatchNorm2d
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -1510,7 +1518,7 @@ def test_load_state_says_what_does_not_fit_in_one_line(name):
         module.load_state(model, other, "x")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_torchvision_state_dict_file(name, tmp_path):
     """--weights FILE with a torchvision state dict (here K = 4): converted, loaded strictly, generic class names."""
     module = REGISTRY[name].module
