@@ -30,6 +30,7 @@ Transforms are callables `(image, target) -> (image, target)` that keep the boxe
 import argparse
 import ast
 import dataclasses
+import heapq
 import inspect
 import json
 import math
@@ -41,10 +42,12 @@ import sys
 import time
 import typing
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import scipy.ndimage
 import torch
 from PIL import Image
 
@@ -225,6 +228,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     default_rng((seed, i, 1)). Train and val are two seeds. `coco_gt()` computes only layouts (shape masks and boxes),
     never pixels.
     """
+    proposals = None  # one float32 [R, 4] array per image, set by attach_proposals
 
     def __init__(self, num_images=1000, image_size=320, seed=0, transforms=None, max_objects=6):
         self.num_images = num_images
@@ -250,6 +254,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
         image = torch.from_numpy(self.render(index, shapes))  # [3, H, W]
         target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "image_id": index,
                   "iscrowd": torch.zeros(len(labels), dtype=torch.int64)}
+        if self.proposals is not None:  # R-CNN, Fast R-CNN: attach_proposals
+            target["proposals"] = torch.from_numpy(self.proposals[index])
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -402,6 +408,7 @@ class CocoDetection(torch.utils.data.Dataset):
     space of torchvision's COCO weights (91 classes), for evaluating them without remapping.
     Crowd annotations are kept, flagged by `iscrowd`. Images without annotations are kept as negatives.
     """
+    proposals = None  # one float32 [R, 4] array per image, set by attach_proposals
 
     def __init__(self, image_dir, ann_file, transforms=None, contiguous_labels=True):
         self.image_dir, self.ann_file, self.transforms = image_dir, ann_file, transforms
@@ -504,6 +511,8 @@ class CocoDetection(torch.utils.data.Dataset):
         target = {"boxes": torch.from_numpy(self.boxes[index].copy()),
                   "labels": torch.from_numpy(self.labels[index].copy()),
                   "image_id": img["id"], "iscrowd": torch.from_numpy(self.iscrowd[index].copy())}
+        if self.proposals is not None:  # R-CNN, Fast R-CNN: attach_proposals
+            target["proposals"] = torch.from_numpy(self.proposals[index])
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -535,6 +544,7 @@ class VocDetection(torch.utils.data.Dataset):
     the 20 VOC classes if every name in Annotations/*.xml is one of them, else the sorted names found there, so every
     split of one root gets the same labels. `image_id` is the position in the split file; `ids[i]` is the file stem.
     """
+    proposals = None  # one float32 [R, 4] array per image, set by attach_proposals
 
     def __init__(self, root, split="trainval", transforms=None, class_names=None):
         self.root, self.split, self.transforms = root, split, transforms
@@ -635,6 +645,8 @@ class VocDetection(torch.utils.data.Dataset):
                   "labels": torch.from_numpy(self.labels[index].copy()), "image_id": index,
                   "iscrowd": torch.zeros(len(self.labels[index]), dtype=torch.int64),
                   "difficult": torch.from_numpy(self.difficult[index].copy())}
+        if self.proposals is not None:  # R-CNN, Fast R-CNN: attach_proposals
+            target["proposals"] = torch.from_numpy(self.proposals[index])
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -653,6 +665,9 @@ def hflip(image, target):
     target = dict(target)
     boxes = target["boxes"]
     target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+    if "proposals" in target:
+        p = target["proposals"]
+        target["proposals"] = torch.stack([width - p[:, 2], p[:, 1], width - p[:, 0], p[:, 3]], dim=1)
     return image.flip(-1), target
 
 
@@ -664,6 +679,456 @@ class RandomHorizontalFlip:
         if torch.rand(()).item() < self.p:  # torch's RNG: seeded per image by make_loader
             return hflip(image, target)
         return image, target
+
+
+# --- Selective search ---
+# Region proposals for R-CNN and Fast R-CNN: Uijlings, van de Sande, Gevers, Smeulders, "Selective Search for Object
+# Recognition", IJCV 2013, as R-CNN ran it (rbgirshick/rcnn selective_search/selective_search_boxes.m calls Uijlings'
+# IJCV code). Proposals are data: computed once per image and cached per split, or brought along as a file
+# (attach_proposals).
+
+SELECTIVE_SEARCH_MODES = {  # colour spaces, Felzenszwalb's k (min_size = k, sigma 0.8), similarity strategies
+    "fast": (("hsv", "lab"), (50, 100), (("colour", "texture", "size", "fill"), ("texture", "size", "fill"))),
+    "quality": (("hsv", "lab", "rgi", "h", "intensity"), (50, 100, 150, 300),
+                (("colour", "texture", "size", "fill"), ("texture", "size", "fill"), ("fill",), ("size",))),
+}
+
+
+def selective_search(image, mode="fast", max_side=500, min_box_size=20, seed=0):
+    """Selective search proposals of one image: float [3, H, W] RGB in [0, 1] -> float [N, 4] boxes x1, y1, x2, y2 in
+    the image's pixels (continuous coordinates, as the datasets' boxes), best first, without duplicates.
+
+    mode: "fast" is R-CNN's (HSV and Lab, k 50 and 100, strategies colour+texture+size+fill and texture+size+fill:
+    4 segmentations, 8 hierarchies); "quality" Uijlings' quality mode (5 colour spaces, 4 k, 4 strategies).
+    max_side: the image is first resized so that its longer side is at most this many pixels (R-CNN ran on VOC's
+    ~500x375 images; the boxes are mapped back). Boxes narrower or lower than min_box_size pixels are dropped (R-CNN:
+    20). Ranking as Uijlings': in each hierarchy the n merged regions get priorities n..1 in the order they were made
+    (the whole image 1), the initial regions n + 1; times a uniform random number (seeded by seed); ascending.
+    """
+    colour_spaces, ks, strategies = SELECTIVE_SEARCH_MODES[mode]
+    height, width = image.shape[-2:]
+    if max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0]
+    rgb = (image.float() * 255).round().clamp(0, 255).to(torch.uint8).numpy()  # [3, h, w], as Uijlings' im2uint8
+    h, w = rgb.shape[1:]
+    all_boxes, priorities = [], []
+    for space in colour_spaces:
+        converted = to_colour_space(rgb, space)  # [3, h, w] in 0..255
+        edges = grid_graph(gaussian_smooth(converted, 0.8))
+        texture = texture_maps(converted / 255.0)
+        for k in ks:
+            labels = felzenszwalb(edges, (h, w), k, min_size=k)  # [h, w] in 0..n-1
+            regions = region_features(labels, converted / 255.0, texture)
+            for strategy in strategies:
+                merged = hierarchical_grouping(regions, strategy, h * w)  # [n - 1, 4] in merge order
+                all_boxes.append(merged)
+                priorities.append(np.arange(len(merged), 0, -1, dtype=np.float64))
+            all_boxes.append(regions["boxes"])  # the initial regions, once per segmentation
+            priorities.append(np.full(len(regions["boxes"]), len(regions["boxes"]), dtype=np.float64))
+    boxes, priority = np.concatenate(all_boxes), np.concatenate(priorities)
+    boxes = boxes[np.argsort(priority * np.random.default_rng(seed).random(len(priority)), kind="stable")]
+    boxes = boxes * np.array([width / w, height / h, width / w, height / h])  # [N, 4] in the input image's pixels
+    boxes = boxes[((boxes[:, 2:] - boxes[:, :2]) >= min_box_size).all(1)]
+    _, first = np.unique(boxes, axis=0, return_index=True)  # duplicates: the best ranked one stays
+    return torch.from_numpy(boxes[np.sort(first)]).float()
+
+
+def to_colour_space(rgb, space):
+    """uint8 [3, H, W] RGB -> float64 [3, H, W] in 0..255, rounded to integers as Uijlings' Image2ColourSpace (uint8
+    images). hsv: H, S, V each scaled to 0..255 (hue wraps around at red); lab: CIE L*a*b* (D65) as 8-bit Lab
+    (L * 255 / 100, a + 128, b + 128); rgi: normalised r, g and intensity; h, intensity: one channel, three times."""
+    r, g, b = x = rgb.astype(np.float64) / 255.0
+    if space in ("hsv", "h"):
+        high, delta = x.max(0), x.max(0) - x.min(0)
+        d = np.where(delta > 0, delta, 1.0)
+        hue = np.where(high == r, (g - b) / d, np.where(high == g, 2 + (b - r) / d, 4 + (r - g) / d)) / 6 % 1.0
+        hue = np.where(delta > 0, hue, 0.0)
+        out = [hue, np.where(high > 0, delta / np.where(high > 0, high, 1.0), 0.0), high] if space == "hsv" else [hue] * 3
+    elif space == "lab":
+        linear = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)  # sRGB -> linear RGB
+        xyz = np.tensordot(np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                                     [0.019334, 0.119193, 0.950227]]), linear, 1)
+        xyz /= np.array([0.950456, 1.0, 1.088754])[:, None, None]  # D65 white
+        f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+        out = [(116 * f[1] - 16) / 100, (500 * (f[0] - f[1]) + 128) / 255, (200 * (f[1] - f[2]) + 128) / 255]
+    elif space == "rgi":
+        total = r + g + b
+        t = np.where(total > 0, total, 1.0)
+        out = [np.where(total > 0, r / t, 1 / 3), np.where(total > 0, g / t, 1 / 3), total / 3]
+    elif space == "intensity":
+        out = [0.2989 * r + 0.5870 * g + 0.1140 * b] * 3
+    else:
+        raise ValueError(f"unknown colour space {space!r}")
+    return np.clip(np.round(np.stack(out) * 255), 0, 255)
+
+
+def gaussian_smooth(image, sigma):
+    """Felzenszwalb's smoothing of each channel of [C, H, W]: a normalised Gaussian of half-width ceil(4 sigma), along x
+    then y, borders repeated. float32, as their code."""
+    half = int(math.ceil(4 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    x = scipy.ndimage.correlate1d(image.astype(np.float32), taps, axis=2, mode="nearest")
+    return scipy.ndimage.correlate1d(x, taps, axis=1, mode="nearest")
+
+
+def grid_graph(image):
+    """The pixel graph of Felzenszwalb's segmentation: every pixel of [C, H, W] joined to its right, lower, lower-right
+    and upper-right neighbours, weight the Euclidean distance of the C values. Returns (a, b, w) sorted by weight:
+    pixel indices y * W + x int64 [E] and float64 weights [E], rounded to 1/128 so that a radix sort orders them
+    (np.argsort of uint16, stable: ties stay in edge order)."""
+    _, height, width = image.shape
+    index = np.arange(height * width, dtype=np.int64).reshape(height, width)
+    a, b, w = [], [], []
+    for (ya, xa), (yb, xb) in (((slice(None), slice(0, -1)), (slice(None), slice(1, None))),  # right
+                               ((slice(0, -1), slice(None)), (slice(1, None), slice(None))),  # down
+                               ((slice(0, -1), slice(0, -1)), (slice(1, None), slice(1, None))),  # down-right
+                               ((slice(1, None), slice(0, -1)), (slice(0, -1), slice(1, None)))):  # up-right
+        a.append(index[ya, xa].ravel())
+        b.append(index[yb, xb].ravel())
+        w.append(np.sqrt(((image[:, ya, xa] - image[:, yb, xb]) ** 2).sum(0)).ravel())
+    weight = np.round(np.concatenate(w) * 128).astype(np.uint16)  # at most 255 * sqrt(3) * 128 < 2 ** 16
+    order = np.argsort(weight, kind="stable")
+    return np.concatenate(a)[order], np.concatenate(b)[order], weight[order] / 128.0
+
+
+def felzenszwalb(edges, shape, k, min_size, block=2048):
+    """Felzenszwalb and Huttenlocher, "Efficient Graph-Based Image Segmentation", IJCV 2004: edges (a, b, w) of
+    grid_graph, the image shape (H, W) -> labels int64 [H, W] in 0..n-1.
+
+    The algorithm goes through the edges in order (Kruskal) and joins the components A and B of an edge of weight w
+    when w <= min(Int(A) + k / |A|, Int(B) + k / |B|), Int the largest weight joined inside a component so far; then,
+    in the same order, joins the components of an edge where one of them is smaller than min_size.
+
+    A Python loop over the 750,000 edges of a 500x375 image takes seconds, so the first pass goes through them in
+    blocks of `block` edges, decided together from the components at the block's start. That is the loop's decision
+    for every edge whose two components no earlier edge of the block may have changed: edges joined in the block
+    "taint" their components from their position on, and so does any edge touching a tainted component (it may join,
+    once the earlier ones have) - a fixed point of a few vectorised steps. The untainted edges are applied at once (the
+    joined ones touch disjoint components), then the tainted ones one by one in order, which sees exactly the states
+    the loop would. The second pass needs only the first edge between each pair of components: a later one finds them
+    joined, or both already at least min_size. The result is the loop's partition, edge for edge; test_models.py
+    checks it against the plain loop.
+    """
+    a, b, w = edges
+    n = shape[0] * shape[1]
+    parent = np.arange(n)  # union-find forest; roots are components
+    size = np.ones(n)
+    threshold = np.full(n, float(k))  # Int(C) + k / |C| of each root
+    taint = torch.full((n,), len(a), dtype=torch.int64)  # scratch: first position in the block that may change a root
+    ends = np.stack([a, b], 1)  # [E, 2]
+    for start in range(0, len(a), block):
+        roots = _find(parent, ends[start:start + block].ravel()).reshape(-1, 2)  # [m, 2]
+        ra, rb, ew = roots[:, 0], roots[:, 1], w[start:start + block]
+        cross = ra != rb
+        join = cross & (ew <= threshold[ra]) & (ew <= threshold[rb])  # the decisions with the block-start states
+        if not join.any():
+            continue  # nothing changes: every decision is right
+        pos, troots, tcross = torch.arange(len(ew)), torch.from_numpy(roots), torch.from_numpy(cross)
+        tainted = torch.zeros(len(ew), dtype=torch.bool)
+        changing = torch.from_numpy(join)
+        while True:  # taint spreads along the block's edges, in order, until nothing changes
+            taint.scatter_reduce_(0, troots[changing].ravel(), pos[changing].repeat_interleave(2), "amin")
+            new = tcross & (taint[troots].min(1).values < pos) & ~tainted
+            if not new.any():
+                break
+            tainted |= new
+            changing = new
+        taint[troots.ravel()] = len(a)
+        tainted = tainted.numpy()
+        safe = join & ~tainted  # decided: joins of disjoint component pairs
+        big, small = np.where(size[ra] >= size[rb], ra, rb)[safe], np.where(size[ra] >= size[rb], rb, ra)[safe]
+        parent[small] = big  # union by size: the forest stays shallow
+        size[big] += size[small]
+        threshold[big] = ew[safe] + k / size[big]
+        if tainted.any():  # one by one, in order, on a small union-find of the roots involved
+            ua, ub = _find(parent, a[start:start + block][tainted]), _find(parent, b[start:start + block][tainted])
+            roots = np.unique(np.concatenate([ua, ub]))
+            up, us, ut = list(range(len(roots))), size[roots].tolist(), threshold[roots].tolist()
+            for u, v, weight in zip(np.searchsorted(roots, ua).tolist(), np.searchsorted(roots, ub).tolist(),
+                                    ew[tainted].tolist()):
+                while up[u] != u:
+                    u = up[u]
+                while up[v] != v:
+                    v = up[v]
+                if u != v and weight <= ut[u] and weight <= ut[v]:
+                    u, v = (u, v) if us[u] >= us[v] else (v, u)
+                    up[v] = u
+                    us[u] += us[v]
+                    ut[u] = weight + k / us[u]
+            up = np.array(up)
+            parent[roots] = roots[_find(up, np.arange(len(roots)))]
+            size[roots], threshold[roots] = us, ut  # (only the roots' values are ever read)
+    labels = _find(parent, np.arange(n))
+    # second pass: small components join along the first edge to each neighbour, in order
+    la, lb = labels[a], labels[b]
+    cross = la != lb
+    la, lb = la[cross], lb[cross]
+    _, first = np.unique(np.minimum(la, lb) * n + np.maximum(la, lb), return_index=True)
+    first.sort()
+    roots = np.unique(labels)
+    la, lb = np.searchsorted(roots, la[first]), np.searchsorted(roots, lb[first])
+    up, us = list(range(len(roots))), size[roots].tolist()
+    for u, v in zip(la.tolist(), lb.tolist()):
+        while up[u] != u:
+            u = up[u]
+        while up[v] != v:
+            v = up[v]
+        if u != v and (us[u] < min_size or us[v] < min_size):
+            up[v] = u
+            us[u] += us[v]
+    remap = np.zeros(n, dtype=np.int64)
+    remap[roots] = _find(np.array(up), np.arange(len(roots)))
+    _, labels = np.unique(remap[labels], return_inverse=True)
+    return labels.reshape(shape)
+
+
+def _find(parent, x):
+    """Roots of the elements x in the union-find forest parent (vectorised pointer chasing), compressing their paths."""
+    root = parent[x]
+    while True:
+        up = parent[root]
+        if (up == root).all():
+            break
+        root = up
+    parent[x] = root
+    return root
+
+
+def texture_maps(image):
+    """Uijlings' texture: Gaussian derivatives (sigma 1) of each channel of [C, H, W] in 8 orientations (x, y and the
+    two diagonals, each split into its positive and negative part), each scaled by its image maximum to [0, 1] ->
+    [8 C, H, W]."""
+    x = np.arange(-4, 5)
+    gauss = np.exp(-0.5 * x ** 2)
+    gauss /= gauss.sum()
+    maps = []
+    for channel in image:
+        dx = scipy.ndimage.correlate1d(scipy.ndimage.correlate1d(channel, -x * gauss, axis=1, mode="nearest"), gauss,
+                                       axis=0, mode="nearest")
+        dy = scipy.ndimage.correlate1d(scipy.ndimage.correlate1d(channel, gauss, axis=1, mode="nearest"), -x * gauss,
+                                       axis=0, mode="nearest")
+        for d in (dx, dy, (dx + dy) * math.sqrt(0.5), (dx - dy) * math.sqrt(0.5)):  # a Gaussian derivative steers
+            for part in (np.maximum(d, 0), np.maximum(-d, 0)):
+                maps.append(part / max(part.max(), 1e-12))
+    return np.stack(maps)
+
+
+def region_features(labels, colour, texture):
+    """What the grouping needs of the n regions of labels [H, W]: size [n], boxes [n, 4] (x1, y1, x2, y2 covering their
+    pixels), L1-normalised colour histograms [n, 25 C] of colour [C, H, W] in [0, 1] and texture histograms [n, 10 T]
+    of texture [T, H, W] in [0, 1], and the neighbouring pairs [P, 2] (i < j, 4-connected)."""
+    height, width = labels.shape
+    n = int(labels.max()) + 1
+    flat = torch.from_numpy(labels.ravel())
+    ys, xs = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
+    boxes = torch.stack([torch.full((n,), width).scatter_reduce_(0, flat, xs, "amin"),
+                         torch.full((n,), height).scatter_reduce_(0, flat, ys, "amin"),
+                         torch.zeros(n, dtype=torch.int64).scatter_reduce_(0, flat, xs, "amax") + 1,
+                         torch.zeros(n, dtype=torch.int64).scatter_reduce_(0, flat, ys, "amax") + 1], 1)
+
+    def histograms(maps, bins):  # [M, H, W] in [0, 1] -> [n, bins * M], rows sum to 1
+        index = np.minimum((maps.reshape(len(maps), -1) * bins).astype(np.int64), bins - 1)  # [M, H * W]
+        index += (labels.ravel() * (bins * len(maps)))[None] + (np.arange(len(maps)) * bins)[:, None]
+        counts = np.bincount(index.ravel(), minlength=n * bins * len(maps)).reshape(n, -1).astype(np.float64)
+        return counts / counts.sum(1, keepdims=True)
+
+    pairs = np.concatenate([np.stack([labels[:, :-1].ravel(), labels[:, 1:].ravel()], 1),
+                            np.stack([labels[:-1].ravel(), labels[1:].ravel()], 1)])
+    pairs = np.sort(pairs[pairs[:, 0] != pairs[:, 1]], 1)
+    pairs = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    pairs = np.stack([pairs // n, pairs % n], 1)
+    return {"size": np.bincount(labels.ravel(), minlength=n).astype(np.float64), "boxes": boxes.numpy().astype(np.float64),
+            "colour": histograms(colour, 25), "texture": histograms(texture, 10), "pairs": pairs}
+
+
+def hierarchical_grouping(regions, strategy, image_area):
+    """Uijlings' greedy grouping: join the two most similar neighbouring regions, again and again, until one is left.
+    Similarity: the sum of the strategy's terms, each in [0, 1]: colour and texture (histogram intersection), size
+    (1 - joint size / image area, small regions first) and fill (1 - the gap left in their joint box / image area).
+    A joined region's histograms are the size-weighted means. Returns the boxes of the joined regions in the order
+    they were made [n - 1, 4] (fewer if the regions are not all connected)."""
+    n = len(regions["size"])
+    size, boxes = np.zeros(2 * n - 1), np.zeros((2 * n - 1, 4))
+    size[:n], boxes[:n] = regions["size"], regions["boxes"]
+    hists = {name: np.zeros((2 * n - 1, regions[name].shape[1])) for name in ("colour", "texture") if name in strategy}
+    for name, h in hists.items():
+        h[:n] = regions[name]
+
+    def similarity(i, j):  # region indices i, j [P] -> [P]
+        s = np.zeros(len(i))
+        for h in hists.values():
+            s += np.minimum(h[i], h[j]).sum(1)
+        if "size" in strategy:
+            s += 1 - (size[i] + size[j]) / image_area
+        if "fill" in strategy:
+            joint = (np.maximum(boxes[i, 2], boxes[j, 2]) - np.minimum(boxes[i, 0], boxes[j, 0])) * (
+                np.maximum(boxes[i, 3], boxes[j, 3]) - np.minimum(boxes[i, 1], boxes[j, 1]))
+            s += 1 - (joint - size[i] - size[j]) / image_area
+        return s
+
+    i, j = regions["pairs"].T
+    heap = list(zip((-similarity(i, j)).tolist(), i.tolist(), j.tolist()))  # most similar first; stale pairs skipped
+    heapq.heapify(heap)
+    neighbours = [set() for _ in range(2 * n - 1)]
+    for p, q in regions["pairs"].tolist():
+        neighbours[p].add(q)
+        neighbours[q].add(p)
+    alive = np.ones(2 * n - 1, dtype=bool)
+    new = n
+    while heap:
+        _, p, q = heapq.heappop(heap)
+        if not (alive[p] and alive[q]):
+            continue
+        alive[p] = alive[q] = False
+        size[new] = size[p] + size[q]
+        for h in hists.values():
+            h[new] = (h[p] * size[p] + h[q] * size[q]) / size[new]
+        boxes[new] = np.concatenate([np.minimum(boxes[p, :2], boxes[q, :2]), np.maximum(boxes[p, 2:], boxes[q, 2:])])
+        around = (neighbours[p] | neighbours[q]) - {p, q}
+        for r in around:
+            neighbours[r] -= {p, q}
+            neighbours[r].add(new)
+        neighbours[new] = around
+        if around:
+            others = np.fromiter(around, np.int64, len(around))
+            for s, r in zip(similarity(np.full(len(others), new), others).tolist(), others.tolist()):
+                heapq.heappush(heap, (-s, new, r))
+        new += 1
+    return boxes[n:new]
+
+
+def image_keys(dataset):
+    """The name of each image of a dataset in a proposals file: a VOC image's id (its file stem, as in the split file),
+    a COCO image's id (str), a synthetic image's index (str)."""
+    if isinstance(dataset, VocDetection):
+        return list(dataset.ids)
+    if isinstance(dataset, CocoDetection):
+        return [str(img["id"]) for img in dataset.images]
+    return [str(i) for i in range(len(dataset))]
+
+
+def save_proposals(path, keys, boxes, meta=None):
+    """Write a proposals file (the format load_proposals reads): an .npz holding, for each image, an array named by its
+    key (image_keys), float32 [R, 4] x1, y1, x2, y2 in the image's pixels, best first; meta (a dict) is kept as JSON
+    under "__meta__". Written to a temporary file and renamed."""
+    arrays = {key: np.asarray(b, dtype=np.float32).reshape(-1, 4) for key, b in zip(keys, boxes)}
+    if meta is not None:
+        arrays["__meta__"] = np.array(json.dumps(meta, sort_keys=True))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
+
+
+def load_proposals(path, dataset):
+    """A proposals file for a dataset -> one float32 array [R_i, 4] per image, in dataset order.
+
+    The format (what selective_search writes to its cache, and what a dataset may bring): .npz with one array per
+    image, or .json with one list per image, named by the image's key (image_keys: VOC the image id, COCO the image id,
+    synthetic the index); each row a box x1, y1, x2, y2 in the image's pixels, 0-based continuous coordinates (the
+    targets' convention: a box covering pixel columns 0..9 is x1 0, x2 10), best first. MATLAB/VOC boxes (1-based,
+    inclusive) are x1 - 1, y1 - 1, x2, y2 here; the original selective-search .mat files store y1, x1, y2, x2.
+    """
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+        else:
+            with np.load(path, allow_pickle=False) as f:
+                stored = {key: f[key] for key in f.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: proposals file not found") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read proposals ({e})") from None
+    out = []
+    for key in image_keys(dataset):
+        if key not in stored:
+            raise ValueError(f"{path}: no proposals for image {key!r} of {dataset.source} (a file names its images "
+                             f"by {'id' if isinstance(dataset, (VocDetection, CocoDetection)) else 'index'})")
+        boxes = np.asarray(stored[key], dtype=np.float32)
+        if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all()):
+            raise ValueError(f"{path}: image {key!r}: proposals must be finite [R, 4] x1, y1, x2, y2, got shape "
+                             f"{boxes.shape}")
+        out.append(boxes.reshape(-1, 4))
+    return out
+
+
+_PROPOSAL_JOB = None  # (dataset, keyword arguments) in a worker process of compute_proposals
+
+
+def _proposal_worker_init(dataset, kwargs):
+    global _PROPOSAL_JOB
+    torch.set_num_threads(1)  # one image per process: threads would only compete
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _PROPOSAL_JOB = (dataset, kwargs)
+
+
+def _proposals_of(index):
+    dataset, kwargs = _PROPOSAL_JOB
+    return selective_search(dataset[index][0], **kwargs).numpy()
+
+
+def compute_proposals(dataset, workers=0, **kwargs):
+    """selective_search(image, **kwargs) of every image of a dataset (its transforms left out), in `workers`
+    processes (0 or 1: in this one), with a progress line on stderr. -> list of float32 [R_i, 4] numpy arrays."""
+    global _PROPOSAL_JOB
+    transforms, dataset.transforms = getattr(dataset, "transforms", None), None
+    workers = min(workers, os.cpu_count() or 1, len(dataset))
+    results, tic = [], time.perf_counter()
+    try:
+        if workers > 1:  # fork: the dataset is inherited, not pickled
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, context, _proposal_worker_init, (dataset, kwargs)) as pool:
+                jobs = pool.map(_proposals_of, range(len(dataset)), chunksize=max(1, min(16, len(dataset) // (8 * workers))))
+                for boxes in jobs:
+                    results.append(boxes)
+                    _progress(dataset, results, tic, workers)
+        else:
+            _PROPOSAL_JOB = (dataset, kwargs)
+            for i in range(len(dataset)):
+                results.append(_proposals_of(i))
+                _progress(dataset, results, tic, 1)
+    finally:
+        dataset.transforms, _PROPOSAL_JOB = transforms, None
+    return results
+
+
+def _progress(dataset, results, tic, workers):
+    elapsed = time.perf_counter() - tic
+    if elapsed > 2 and (len(results) % 50 == 0 or len(results) == len(dataset)):
+        print(f"\r{dataset.source}: selective search {len(results)}/{len(dataset)} images, {workers} processes, "
+              f"{elapsed / len(results):.2f} s per image, {np.mean([len(r) for r in results]):.0f} boxes per image",
+              end="\n" if len(results) == len(dataset) else "", file=sys.stderr, flush=True)
+
+
+def attach_proposals(dataset, given="", cache="", workers=0, collective=True, **kwargs):
+    """Give every item of a dataset its proposals: target["proposals"] float [R, 4] (image pixels, best first).
+
+    given: a proposals file the dataset brings (load_proposals states the format). Otherwise selective_search(image,
+    **kwargs) of every image, computed once in `workers` processes and kept in the file `cache` (an .npz, also in that
+    format), which later runs reuse as long as it was made for the same images with the same settings. Under
+    torch.distributed (collective), rank 0 computes and the other ranks wait, then read the file."""
+    if given:
+        dataset.proposals = load_proposals(given, dataset)
+        return
+    meta = {"source": dataset.source, "images": image_keys(dataset), **kwargs}
+    distributed = collective and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 computes the file first
+    try:
+        with np.load(cache, allow_pickle=False) as f:
+            fresh = "__meta__" in f.files and json.loads(str(f["__meta__"])) == json.loads(json.dumps(meta))
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh and not (distributed and torch.distributed.get_rank() != 0):
+        boxes = compute_proposals(dataset, workers, **kwargs)
+        save_proposals(cache, meta["images"], boxes, meta)
+    if distributed and torch.distributed.get_rank() == 0:
+        torch.distributed.barrier()
+    dataset.proposals = load_proposals(cache, dataset)
 
 
 # --- Loaders ---
@@ -753,7 +1218,11 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None):
     model.eval()
     results = []
     for images, targets in make_loader(dataset, batch_size, train=False, workers=workers):
-        detections = model([image.to(device, non_blocking=True) for image in images])
+        images = [image.to(device, non_blocking=True) for image in images]
+        if "proposals" in targets[0]:  # R-CNN, Fast R-CNN: the dataset's proposals (attach_proposals)
+            detections = model(images, proposals=[t["proposals"].to(device) for t in targets])
+        else:
+            detections = model(images)
         for target, det in zip(targets, detections):
             boxes = box_xyxy_to_xywh(det["boxes"].float()).tolist()  # COCO results are [x, y, w, h]
             for box, score, label in zip(boxes, det["scores"].tolist(), det["labels"].tolist()):
@@ -797,7 +1266,21 @@ def build_datasets(cfg, train_transforms=None, train=True):
     voc:  VocDetection(data_root, train_split) and (data_root, val_split); both take their class names from every
           xml under Annotations/, so that the splits agree.
     A training set without a single box stops with an error: there would be nothing to learn.
+    A Config with a `proposals` field (R-CNN, Fast R-CNN: a selective search mode) also gets proposals in every target
+    (attach_proposals): the files train_proposals / val_proposals where given, else selective search, cached in
+    out/proposals_train.npz and out/proposals_val.npz.
     """
+    train_set, val_set = _build_datasets(cfg, train_transforms, train)
+    if getattr(cfg, "proposals", ""):
+        settings = dict(mode=cfg.proposals, max_side=cfg.proposal_max_side, min_box_size=cfg.proposal_min_size)
+        for dataset, given, split in ((train_set, cfg.train_proposals, "train"), (val_set, cfg.val_proposals, "val")):
+            if dataset is not None:
+                attach_proposals(dataset, given, os.path.join(cfg.out, f"proposals_{split}.npz"), cfg.workers,
+                                 **settings)
+    return train_set, val_set
+
+
+def _build_datasets(cfg, train_transforms, train):
     data, data_root, seed = cfg.data, cfg.data_root, cfg.seed
     if data == "synthetic":
         return (SyntheticShapes(cfg.num_train, cfg.image_size, seed, train_transforms) if train else None,
