@@ -694,21 +694,22 @@ SELECTIVE_SEARCH_MODES = {  # colour spaces, Felzenszwalb's k (min_size = k, sig
 }
 
 
-def selective_search(image, mode="fast", max_side=500, min_box_size=20, seed=0):
+def selective_search(image, mode="fast", side=500, min_box_size=20, seed=0):
     """Selective search proposals of one image: float [3, H, W] RGB in [0, 1] -> float [N, 4] boxes x1, y1, x2, y2 in
     the image's pixels (continuous coordinates, as the datasets' boxes), best first, without duplicates.
 
     mode: "fast" is R-CNN's (HSV and Lab, k 50 and 100, strategies colour+texture+size+fill and texture+size+fill:
     4 segmentations, 8 hierarchies); "quality" Uijlings' quality mode (5 colour spaces, 4 k, 4 strategies).
-    max_side: the image is first resized so that its longer side is at most this many pixels (R-CNN ran on VOC's
-    ~500x375 images; the boxes are mapped back). Boxes narrower or lower than min_box_size pixels are dropped (R-CNN:
-    20). Ranking as Uijlings': in each hierarchy the n merged regions get priorities n..1 in the order they were made
+    side: the image is first resized so that its longer side is this many pixels (0: left as it is), the boxes mapped
+    back: the segmentation's k and min_size are in pixels, and R-CNN ran on VOC's ~500x375 images (its
+    selective_search_boxes.m has the same option, im_width). Boxes narrower or lower than min_box_size pixels are
+    dropped (R-CNN: 20). Ranking as Uijlings': in each hierarchy the n merged regions get priorities n..1 in the order they were made
     (the whole image 1), the initial regions n + 1; times a uniform random number (seeded by seed); ascending.
     """
     colour_spaces, ks, strategies = SELECTIVE_SEARCH_MODES[mode]
     height, width = image.shape[-2:]
-    if max(height, width) > max_side:
-        scale = max_side / max(height, width)
+    if side and max(height, width) != side:
+        scale = side / max(height, width)
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         image = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0]
     rgb = (image.float() * 255).round().clamp(0, 255).to(torch.uint8).numpy()  # [3, h, w], as Uijlings' im2uint8
@@ -1272,7 +1273,7 @@ def build_datasets(cfg, train_transforms=None, train=True):
     """
     train_set, val_set = _build_datasets(cfg, train_transforms, train)
     if getattr(cfg, "proposals", ""):
-        settings = dict(mode=cfg.proposals, max_side=cfg.proposal_max_side, min_box_size=cfg.proposal_min_size)
+        settings = dict(mode=cfg.proposals, side=cfg.proposal_side, min_box_size=cfg.proposal_min_size)
         for dataset, given, split in ((train_set, cfg.train_proposals, "train"), (val_set, cfg.val_proposals, "val")):
             if dataset is not None:
                 attach_proposals(dataset, given, os.path.join(cfg.out, f"proposals_{split}.npz"), cfg.workers,

@@ -84,7 +84,7 @@ class Config:
     # value is in brackets where it differs. PRESETS below: the paper's VOC 2007 recipe, and a run sized for a CPU.
     # model
     num_classes: int = 7  # K: foreground classes + 1 background; --train takes it from the data [VOC: 21]
-    backbone: Literal["alexnet", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"  # [alexnet: CaffeNet]
+    backbone: Literal["alexnet", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # [alexnet: CaffeNet]
     backbone_weights: str = "none"  # none (random) | imagenet (torchvision's, downloaded) | PATH to its state dict
     crop_size: int = 112  # warped regions are crop_size x crop_size [227; 224 for a torchvision ResNet]
     crop_padding: int = 8  # context around each region at the crop's scale, pixels [16 of 227]
@@ -94,7 +94,7 @@ class Config:
     proposals: Literal["fast", "quality"] = "fast"  # selective search mode, computed once and cached in out/
     train_proposals: str = ""  # a proposals file of the training images (format: data.load_proposals); "": compute
     val_proposals: str = ""  # ... of the validation images
-    proposal_max_side: int = 500  # selective search runs on the image resized to at most this side (VOC: ~500)
+    proposal_side: int = 0  # selective search sees the image resized to this longer side; 0: as it is [VOC: ~500]
     proposal_min_size: int = 4  # selective search drops boxes narrower or lower than this, pixels [20]
     proposals_per_image: int = 2000  # the first (best) proposals of each image that are used
     # stage 1: fine-tuning (pascal_finetune_train.prototxt)
@@ -161,7 +161,7 @@ class Config:
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
     # ~15 minutes on 2 CPU cores: 300 192-px images, 64-px crops, all three stages
-    "cpu": dict(image_size=192, num_train=300, num_val=100, crop_size=64, crop_padding=4, batch_size=4, epochs=4,
+    "cpu": dict(backbone="resnet18", image_size=192, num_train=300, num_val=100, crop_size=64, crop_padding=4, batch_size=4, epochs=4,
                 lr_steps=(3,), warmup_iters=50, workers=2, feature_batch=128, rois_per_batch=64),
     # the paper's VOC 2007 recipe: ImageNet AlexNet (CaffeNet), 227-px crops with 16 px of context, 20-px proposals
     "voc": dict(data="voc", backbone="alexnet", backbone_weights="imagenet", crop_size=227, crop_padding=16,
@@ -249,7 +249,7 @@ class RCNN(nn.Module):
                 if len(self.proposal_cache) >= 256:
                     self.proposal_cache.pop(next(iter(self.proposal_cache)))
                 self.proposal_cache[key] = data.selective_search(image.detach().cpu(), cfg.proposals,
-                                                                 cfg.proposal_max_side, cfg.proposal_min_size)
+                                                                 cfg.proposal_side, cfg.proposal_min_size)
             boxes = self.proposal_cache[key]
         return clip_boxes_to_image(boxes[:cfg.proposals_per_image].to(image.device).float(), image.shape[-2:])
 
@@ -312,7 +312,7 @@ class RCNN(nn.Module):
 
 def proposal_settings(cfg: Config) -> dict:
     """The selective search settings of a run (what its proposals cache was made with)."""
-    return dict(mode=cfg.proposals, max_side=cfg.proposal_max_side, min_box_size=cfg.proposal_min_size)
+    return dict(mode=cfg.proposals, side=cfg.proposal_side, min_box_size=cfg.proposal_min_size)
 
 
 def warp_regions(image: Tensor, boxes: Tensor, crop_size: int, padding: int) -> Tensor:
@@ -643,6 +643,7 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
                 f"retrained {len(gaps)} classes (largest duality gap {max(gaps, default=0):.2g}), "
                 f"{(time.perf_counter() - tic) / (i + 1 - first):.2f} s per image")
         if (i + 1) % checkpoint_every == 0 or i == len(dataset) - 1:
+            os.makedirs(cfg.out, exist_ok=True)
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)
     model.svm_weight.copy_(weight[:, :-1].float())
@@ -695,8 +696,10 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
     """Stage 1 (pascal_finetune_solver/train.prototxt): SGD with momentum (or AdamW), weight decay on weights only,
     biases at 2 x lr, the new classifier at 10 x (weights) and 20 x (biases), cfg.lr scaled to the processes; a linear
     warmup (at most a third of the run), x lr_gamma at each of lr_steps. Also tells the model how many steps
-    fine-tuning takes: it runs stages 2 and 3 at its first evaluation after them."""
-    model.finetune_steps.fill_(steps_per_epoch * cfg.epochs)
+    fine-tuning takes (from 0; --resume then restores the count): it runs stages 2 and 3 at its first evaluation after
+    them."""
+    if isinstance(model, RCNN):  # (also after --weights: the count is this run's)
+        model.steps.zero_(), model.fitted_at.fill_(-1), model.finetune_steps.fill_(steps_per_epoch * cfg.epochs)
     lr, groups = cfg.lr * world_size, {}
     for name, p in model.named_parameters():
         if p.requires_grad:
