@@ -297,6 +297,13 @@ class RCNN(nn.Module):
         y = torch.einsum("skc,kce->ske", y, self.bbox_t_inv) + self.bbox_mean  # dx, dy, dw, dh
         return decode_boxes(y, rois[:, None])
 
+    def start_finetuning(self, steps: int):
+        """A training run of `steps` steps starts (also from --weights: the count is this run's; --resume then
+        restores it): stages 2 and 3 are fitted at the first evaluation after the last one."""
+        self.steps.zero_()
+        self.fitted_at.fill_(-1)
+        self.finetune_steps.fill_(steps)
+
     def training_set(self):
         """The training images of this model's Config with their proposals (stages 2 and 3 need them): the cached
         or given file, as at the start of training; no augmentation."""
@@ -308,6 +315,17 @@ class RCNN(nn.Module):
     def fit_stages_2_and_3(self, device):
         train_svms_and_regressors(self, self.training_set(), device)
         self.fitted_at.copy_(self.steps)
+
+
+def caffe_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:
+    """pascal_finetune_train.prototxt's blobs_lr and weight_decay: weights at lr with weight decay, biases at 2 x lr
+    without, the new classifier (fc8_pascal, here cls_score) at 10 x and 20 x."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("cls_score."), p.ndim == 1), []).append(p)
+    return [{"params": ps, "lr": lr * (10 if new else 1) * (2 if bias else 1),
+             "weight_decay": 0.0 if bias else weight_decay} for (new, bias), ps in groups.items()]
 
 
 def proposal_settings(cfg: Config) -> dict:
@@ -420,6 +438,19 @@ def sample_regions(proposals: list, targets: list, cfg: Config):
     keep = torch.cat([fg[torch.randperm(len(fg), device=fg.device)[:num_fg]],
                       bg[torch.randperm(len(bg), device=bg.device)[:num_bg]]])
     return rois[keep], image_idx[keep], labels[keep]
+
+
+@torch.no_grad()
+def region_roles(proposals: Tensor, target: dict, cfg: Config):
+    """What --show-targets draws of an image's proposals [R, 4]: fine-tuning's sampled background and foreground
+    (as many background as foreground), the SVMs' ignored regions (0.3..1 IoU with a box of the image's classes) and
+    as many negatives (under 0.3 with all of them) as ground-truth boxes."""
+    rois, _, labels = sample_regions([proposals], [target], cfg)
+    gt_boxes, gt_labels = valid_boxes(target)
+    classes = gt_labels.unique().to(proposals.device)
+    negative = svm_labels(proposals, gt_boxes.to(proposals), gt_labels, cfg.num_classes, cfg.svm_neg_iou)[1][:, classes]
+    return (rois[labels == 0][:int((labels > 0).sum())], rois[labels > 0], proposals[~negative.all(1)],
+            proposals[negative.all(1)][:len(gt_boxes)])
 
 
 @torch.no_grad()
@@ -693,20 +724,12 @@ DETECTOR = RCNN  # the class the template builds, trains, evaluates and saves
 
 
 def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int):
-    """Stage 1 (pascal_finetune_solver/train.prototxt): SGD with momentum (or AdamW), weight decay on weights only,
-    biases at 2 x lr, the new classifier at 10 x (weights) and 20 x (biases), cfg.lr scaled to the processes; a linear
-    warmup (at most a third of the run), x lr_gamma at each of lr_steps. Also tells the model how many steps
-    fine-tuning takes (from 0; --resume then restores the count): it runs stages 2 and 3 at its first evaluation after
-    them."""
-    if isinstance(model, RCNN):  # (also after --weights: the count is this run's)
-        model.steps.zero_(), model.fitted_at.fill_(-1), model.finetune_steps.fill_(steps_per_epoch * cfg.epochs)
-    lr, groups = cfg.lr * world_size, {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            new, bias = name.startswith("cls_score."), p.ndim == 1
-            groups.setdefault((new, bias), []).append(p)
-    params = [{"params": ps, "lr": lr * (10 if new else 1) * (2 if bias else 1), "weight_decay": 0.0 if bias else
-               cfg.weight_decay} for (new, bias), ps in groups.items()]
+    """Stage 1 (pascal_finetune_solver.prototxt): SGD with momentum (or AdamW), Caffe's parameter groups
+    (caffe_param_groups), cfg.lr scaled to the processes, a linear warmup (at most a third of the run), x lr_gamma at
+    each of lr_steps. Tells the model how many steps fine-tuning takes: it runs stages 2 and 3 after the last."""
+    if isinstance(model, RCNN):
+        model.start_finetuning(steps_per_epoch * cfg.epochs)
+    params, lr = caffe_param_groups(model, cfg.lr * world_size, cfg.weight_decay), cfg.lr * world_size
     optimizer = (torch.optim.SGD(params, lr, cfg.momentum, fused=next(model.parameters()).is_cuda)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr))
     warmup = min(cfg.warmup_iters, steps_per_epoch * cfg.epochs // 3)
@@ -724,26 +747,17 @@ def train_transforms(cfg: Config):
 
 @torch.no_grad()
 def draw_targets(model: RCNN, image: Tensor, target: dict, class_names, path: str):
-    """--show-targets: two panels, the image's proposals as stage 1 (left) and the SVMs (right) label them, under the
-    ground truth (class colours). Left: foreground (IoU >= 0.5, blue) and as many background regions (red) of the
-    sampled batch. Right, for each ground-truth class: negatives (IoU < 0.3 with its boxes, red, as many as
-    positives) and ignored regions (0.3..1, grey); the SVMs' positives are the ground-truth boxes."""
-    cfg = model.cfg
-    proposals = model.proposals_of(image, target)
-    rois, _, labels = sample_regions([proposals], [target], cfg)
-    left = image
-    for boxes, colour in ((rois[labels == 0][:int((labels > 0).sum())], (255, 0, 0)), (rois[labels > 0], (0, 0, 255))):
-        left = draw_boxes(left, boxes, color=colour, width=1)
-    gt_boxes, gt_labels = valid_boxes(target)
-    overlap, negative = svm_labels(proposals, gt_boxes.to(proposals), gt_labels, cfg.num_classes, cfg.svm_neg_iou)
-    classes = gt_labels.unique()
-    ignored = (~negative[:, classes]).any(1) if len(classes) else torch.zeros(len(proposals), dtype=torch.bool)
-    right = draw_boxes(image, proposals[ignored], color=(160, 160, 160), width=1)
-    right = draw_boxes(right, proposals[negative[:, classes].all(1)][:max(1, len(gt_boxes))] if len(classes) else
-                       proposals[:1], color=(255, 0, 0), width=1)
-    left, right = (draw_boxes(x, target["boxes"], target["labels"], None, class_names, width=2) for x in (left, right))
-    both = torch.cat([left, torch.full_like(left[:, :, :4], 255), right], 2)
-    draw_boxes(both, torch.zeros(0, 4), path=path)
+    """--show-targets: the image's proposals as fine-tuning (left) and the SVMs (right) label them, under the ground
+    truth (class colours). Left: the sampled foreground (IoU >= 0.5, blue) and as many sampled background regions
+    (red). Right: negatives of the image's classes (IoU < 0.3, red, as many as ground-truth boxes) and ignored regions
+    (0.3..1, grey); the SVMs' positives are the ground-truth boxes themselves."""
+    panels = [image, image]
+    for panel, boxes, colour in zip((0, 0, 1, 1), region_roles(model.proposals_of(image, target), target, model.cfg),
+                                    ((255, 0, 0), (0, 0, 255), (160, 160, 160), (255, 0, 0))):
+        panels[panel] = draw_boxes(panels[panel], boxes, color=colour, width=1)
+    panels = [draw_boxes(p, target["boxes"], target["labels"], None, class_names, width=2) for p in panels]
+    draw_boxes(torch.cat([panels[0], torch.full_like(panels[0][:, :, :4], 255), panels[1]], 2), torch.zeros(0, 4),
+               path=path)
 
 
 # TRY NOT TO MODIFY: from here to the end of the file, the same in every model file
