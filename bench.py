@@ -5,6 +5,9 @@
         ours vs torchvision with the same weights: train step, inference at batch 1 and 8, peak memory; 320 px too
     python bench.py fcos --device cuda --image-size 320 320 --min-size 320 --max-size 320 --train-batch 16
         the synthetic default's step: 320x320 images, 16 per step, bf16
+    python bench.py selective_search [--data-root ../shared/data/bccd --split test --mode fast]
+        data.selective_search vs OpenCV-contrib's fast mode (when cv2.ximgproc is installed): recall of the ground
+        truth at IoU 0.5 and 0.7 with at most 2000 boxes per image, boxes per image, seconds per image on one thread
 
 Each benchmark is a function bench_NAME(args) registered in main()'s table.
 """
@@ -12,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import io
+import os
 import time
 
 import numpy as np
@@ -106,6 +110,63 @@ def bench_coco_eval(args):
               f"{np.abs(stats - rows[0][2]).max():.1e}")
     agree = all(np.abs(stats - rows[0][2]).max() <= 1e-6 for _, _, stats in rows)
     print("all 12 numbers agree to 1e-6:" if agree else "NUMBERS DIFFER (> 1e-6):", agree)
+
+
+# --- Selective search against OpenCV ---
+
+
+def bench_selective_search(args):
+    """data.selective_search against OpenCV-contrib's SelectiveSearchSegmentation in fast mode (not a dependency: run
+    only when cv2.ximgproc imports) on a VOC-layout dataset: recall of every ground-truth box at IoU 0.5 and 0.7 by
+    the first --max-boxes boxes, boxes per image, and seconds per image: CPU time of this process (what one thread
+    costs, whatever else runs on the machine) and wall time; one torch / OpenCV thread, the image already decoded.
+    The two run image by image in turn, so that a busy machine slows both alike."""
+    import data
+    torch.set_num_threads(1)
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+        cv2.ximgproc.segmentation.createSelectiveSearchSegmentation  # noqa: B018 (contrib present?)
+    except (ImportError, AttributeError):
+        cv2 = None
+        print("OpenCV with ximgproc not installed: ours only (pip install opencv-contrib-python-headless)")
+    dataset = data.VocDetection(args.data_root, args.split)
+    num_images = min(args.num_images or len(dataset), len(dataset))
+
+    def opencv(image):  # BGR uint8, as cv2.imread gives it
+        bgr = (image.flip(0) * 255).round().byte().permute(1, 2, 0).numpy().copy()
+        search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        search.setBaseImage(bgr)
+        search.switchToSelectiveSearchFast()
+        rects = torch.tensor(search.process(), dtype=torch.float32).reshape(-1, 4)
+        return torch.cat([rects[:, :2], rects[:, :2] + rects[:, 2:]], 1)  # x, y, w, h -> x1, y1, x2, y2
+
+    methods = {f"data.selective_search ({args.mode})": lambda image: data.selective_search(image, args.mode)}
+    if cv2 is not None:
+        methods["OpenCV fast"] = opencv
+    totals = {name: {"cpu": 0.0, "wall": 0.0, "boxes": 0, "hit50": 0, "hit70": 0} for name in methods}
+    num_gt = 0
+    for i in range(num_images):
+        image, target = dataset[i]
+        num_gt += len(target["boxes"])
+        for name, method in methods.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            boxes = method(image)
+            total = totals[name]
+            total["cpu"] += time.process_time() - cpu
+            total["wall"] += time.perf_counter() - wall
+            total["boxes"] += len(boxes)
+            if len(target["boxes"]) and len(boxes):
+                best = common.box_iou(target["boxes"], boxes[:args.max_boxes]).max(1).values
+                total["hit50"] += int((best >= 0.5).sum())
+                total["hit70"] += int((best >= 0.7).sum())
+        if (i + 1) % 10 == 0 or i + 1 == num_images:
+            print(f"\r{i + 1}/{num_images} images", end="\n" if i + 1 == num_images else "", flush=True)
+    print(f"{dataset.source}: {num_images} images, {num_gt} ground-truth boxes, at most {args.max_boxes} boxes per image")
+    print(f"{'method':<32} {'recall@0.5':>10} {'recall@0.7':>10} {'boxes':>7} {'CPU s/img':>10} {'wall s/img':>10}")
+    for name, t in totals.items():
+        print(f"{name:<32} {t['hit50'] / num_gt:10.4f} {t['hit70'] / num_gt:10.4f} {t['boxes'] / num_images:7.0f} "
+              f"{t['cpu'] / num_images:10.2f} {t['wall'] / num_images:10.2f}")
 
 
 # --- Models against torchvision ---
@@ -212,7 +273,8 @@ def bench_model(args):
 
 
 def main():
-    benchmarks = {"coco_eval": bench_coco_eval, **{name: bench_model for name in MODELS}}
+    benchmarks = {"coco_eval": bench_coco_eval, "selective_search": bench_selective_search,
+                  **{name: bench_model for name in MODELS}}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(benchmarks))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -222,6 +284,12 @@ def main():
     parser.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="models: synthetic image size before the models resize it (default: COCO-like 480 640)")
     parser.add_argument("--steps", type=int, default=10, help="models: timed steps per measurement (median)")
+    parser.add_argument("--data-root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                                                            "data", "bccd"), help="selective_search: a VOC folder")
+    parser.add_argument("--split", default="test", help="selective_search: its split (default test)")
+    parser.add_argument("--mode", default="fast", choices=["fast", "quality"], help="selective_search: our mode")
+    parser.add_argument("--max-boxes", type=int, default=2000, help="selective_search: boxes per image counted")
+    parser.add_argument("--num-images", type=int, default=0, help="selective_search: the first N images (0: all)")
     args = parser.parse_args()
     benchmarks[args.name](args)
 
