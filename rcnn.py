@@ -595,12 +595,14 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
     log = (lambda text: print(f"{time.strftime('%H:%M:%S')} stage 2: {text}", flush=True)) \
         if int(os.environ.get("RANK", 0)) == 0 else (lambda text: None)
 
-    def regions(i):  # -> the image's boxes (ground truth first) [R, 4], ground truth boxes, labels, pool5, fc7
+    def regions(i, rng=None):  # -> the image's boxes (ground truth first) [R, 4], its ground truth, pool5, fc7
         image, target = dataset[i]
         image = image.to(device)
         gt_boxes, gt_labels = valid_boxes(target)
         gt_boxes, gt_labels = gt_boxes.to(device), gt_labels.to(device)
         boxes = torch.cat([gt_boxes, model.proposals_of(image, data.to_device([target], device)[0])])
+        if rng is not None:  # rcnn_feature_stats: 200 random regions of the image
+            boxes = boxes[torch.from_numpy(rng.permutation(len(boxes))[:200]).to(device)]
         pool5, fc7 = model.features([image], [boxes])
         return boxes, gt_boxes, gt_labels, pool5, fc7
 
@@ -610,16 +612,12 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
         norms, positives = [[], []], [[] for _ in range(K)]
         for i in range(len(dataset)):
             if i in sampled:
-                boxes, gt_boxes, gt_labels, pool5, fc7 = regions(i)
-                pick = torch.from_numpy(rng.permutation(len(fc7))[:200]).to(device)
-                norms[0].append(pool5[pick].norm(dim=1))
-                norms[1].append(fc7[pick].norm(dim=1))
-                fc7 = fc7[:len(gt_boxes)]  # the ground truth comes first
-            else:
-                image, target = dataset[i]
-                gt_boxes, gt_labels = valid_boxes(target)
-                fc7 = model.features([image.to(device)], [gt_boxes.to(device)])[1]
-            for k, f in zip(gt_labels.tolist(), fc7):
+                _, _, _, pool5, fc7 = regions(i, rng)
+                norms[0].append(pool5.norm(dim=1))
+                norms[1].append(fc7.norm(dim=1))
+            image, target = dataset[i]
+            gt_boxes, gt_labels = valid_boxes(target)
+            for k, f in zip(gt_labels.tolist(), model.features([image.to(device)], [gt_boxes.to(device)])[1]):
                 positives[k].append(f)
         scale = torch.tensor([cfg.feature_norm / max(float(torch.cat(n).mean()), 1e-12) if n else 1.0 for n in norms],
                              device=device)

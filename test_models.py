@@ -1911,7 +1911,7 @@ def test_stage_2_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     def dies_at_image_3(images, boxes):
         calls.append(1)
-        if len(calls) == 4 + 3:  # the first pass takes 4 calls, then one per image
+        if len(calls) == 8 + 3:  # the first pass takes 2 calls per image (statistics, positives), then one per image
             raise KeyboardInterrupt
         return features(images, boxes)
 
@@ -1930,7 +1930,7 @@ def test_stage_2_resumes_where_it_stopped(tmp_path, monkeypatch):
         model.cls_score.weight.add_(1.0)  # another network: stage 2 starts over
     calls.clear()
     rcnn.train_svms_and_regressors(model, dataset, "cpu", checkpoint_every=1)
-    assert len(calls) == 4 + 4
+    assert len(calls) == 8 + 4
 
 
 @pytest.mark.parametrize("one_epoch", ["rcnn"], indirect=True)
