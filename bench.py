@@ -5,12 +5,16 @@
         ours vs torchvision with the same weights: train step, inference at batch 1 and 8, peak memory; 320 px too
     python bench.py fcos --device cuda --image-size 320 320 --min-size 320 --max-size 320 --train-batch 16
         the synthetic default's step: 320x320 images, 16 per step, bf16
+    python bench.py detr --detr-root DETR_ROOT [--device cpu|cuda] [--min-size 800 --max-size 1333]
+        detr.py vs the official DETR-R50 (a checkout of facebookresearch/detr) with the same weights and inputs:
+        train step (matching, loss, backward, clipped AdamW step), inference at batch 1 and 8, the matcher's share
 
 Each benchmark is a function bench_NAME(args) registered in main()'s table.
 """
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import time
 
@@ -211,8 +215,130 @@ def bench_model(args):
         del tv, ours, backbone
 
 
+# --- DETR against the official implementation ---
+
+
+def bench_detr(args):
+    """detr.py against facebookresearch/detr's DETR-R50 (DETR_ROOT: a checkout at 29901c51; without one, ours alone),
+    the same weights (the official model's random initialisation, converted) and the same inputs: images already at
+    the model's size (so our resize is the identity and the official model, which leaves resizing to its dataset, sees
+    the same pixels), normalised inside each timed step. A training step is the model, the Hungarian matching of all 6
+    decoder layers, the loss, backward and an AdamW step after clipping the gradient norm at 0.1, with dropout 0.1;
+    inference is the model and the post-processing. Also the share of a training step spent in the matching."""
+    import os
+    import sys
+    import data
+    import detr
+    device, cuda = torch.device(args.device), args.device == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    cfg = detr.Config(**{**detr.OFFICIAL_CONFIG, "num_classes": 91, "min_size": args.min_size, "max_size": args.max_size})
+    dataset = data.SyntheticShapes(max(8, args.train_batch), tuple(args.image_size), seed=0)
+    images, targets = [], []
+    for image, target in (dataset[i] for i in range(len(dataset))):
+        size = detr.resized_size(*image.shape[-2:], cfg.min_size, cfg.max_size)
+        images.append(torch.nn.functional.interpolate(image[None], size, mode="bilinear", antialias=True)[0].to(device))
+        targets.append({"boxes": common.resize_boxes(target["boxes"], image.shape[-2:], size).to(device),
+                        "labels": target["labels"].to(device)})
+    mean = torch.tensor(cfg.image_mean, device=device)[:, None, None]
+    std = torch.tensor(cfg.image_std, device=device)[:, None, None]
+    ours = detr.DETR(cfg, load_backbone=False).to(device)
+    official = criterion = postprocess = None
+    root = args.detr_root or os.environ.get("DETR_ROOT")
+    if root:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "detr_reference"))
+        from make_reference import load_official, normalised_cxcywh
+        official, criterion, postprocess, _ = load_official(root, "r50")
+        for layer in [*official.transformer.encoder.layers, *official.transformer.decoder.layers]:
+            for m in layer.modules():  # load_official builds with dropout 0 (for parity): the training recipe's 0.1
+                if isinstance(m, (torch.nn.Dropout, torch.nn.MultiheadAttention)):
+                    setattr(m, "p" if isinstance(m, torch.nn.Dropout) else "dropout", 0.1)
+        official.to(device)
+        criterion.to(device)
+        ours.load_state_dict(detr.convert_official(official.state_dict()))
+        official_targets = [{"labels": t["labels"], "boxes": normalised_cxcywh(t["boxes"].cpu(), im.shape[-2:]).to(device)}
+                            for t, im in zip(targets, images)]
+    else:
+        print("no --detr-root (or DETR_ROOT): detr.py alone")
+    print(f"detr on {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}, "
+          f"{'bf16 autocast' if cuda else 'fp32'}), images {tuple(images[0].shape[-2:])}, DETR-R50 (91 classes), "
+          f"median of {args.steps} steps")
+    matching = []  # seconds spent in matching during the timed training steps
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            if cuda:
+                torch.cuda.synchronize(device)
+            tic = time.perf_counter()
+            out = fn(*a, **k)
+            if cuda:
+                torch.cuda.synchronize(device)
+            matching.append(time.perf_counter() - tic)
+            return out
+        return wrapper
+    detr.hungarian_match = timed(detr.hungarian_match)
+    if criterion is not None:
+        criterion.matcher.forward = timed(criterion.matcher.forward)
+
+    def measure(fns):
+        """Median seconds per call of each of fns and its mean matching seconds; the calls alternate (ours, the
+        official's, ours, ...) so that a machine shared with other jobs slows both alike."""
+        times, matched = [[] for _ in fns], [0.0 for _ in fns]
+        for fn in fns:
+            fn()  # warm-up
+        for _ in range(args.steps):
+            for i, fn in enumerate(fns):
+                matching.clear()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                tic = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                times[i].append(time.perf_counter() - tic)
+                matched[i] += sum(matching) / args.steps
+        return [(float(np.median(t)), m) for t, m in zip(times, matched)]
+
+    def train_step(model, batch):
+        optimizer, _ = detr.make_optimizer(model, dataclasses.replace(cfg, lr_backbone=1e-5, warmup_iters=0), 1, 1)
+
+        def step():
+            model.train()
+            with amp:
+                if model is ours:
+                    loss = sum(model(images[:batch], targets[:batch]).values())
+                else:
+                    losses = criterion(model([(im - mean) / std for im in images[:batch]]), official_targets[:batch])
+                    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            optimizer.step()
+        return step
+
+    def infer_step(model, batch):
+        def step():
+            model.eval()
+            with torch.no_grad(), amp:
+                if model is ours:
+                    model(images[:batch])
+                else:
+                    sizes = torch.tensor([im.shape[-2:] for im in images[:batch]], device=device)
+                    postprocess(model([(im - mean) / std for im in images[:batch]]), sizes)
+        return step
+
+    print(f"{'':<22} {'ours ms':>9} {'official ms':>12} {'speed-up':>8}   matching: ours ms (share)  official ms (share)")
+    for label, make, batch in [(f"train step, batch {args.train_batch}", train_step, args.train_batch),
+                               ("inference, batch 1", infer_step, 1), ("inference, batch 8", infer_step, 8)]:
+        torch.manual_seed(0)
+        (t_ours, m_ours), (t_off, m_off) = (measure([make(ours, batch), make(official, batch)]) if official is not None
+                                            else [*measure([make(ours, batch)]), (float("nan"), float("nan"))])
+        share = (f"   {m_ours * 1000:9.1f} ({m_ours / t_ours:.1%})  {m_off * 1000:9.1f} ({m_off / t_off:.1%})"
+                 if make is train_step else "")
+        print(f"{label:<22} {t_ours * 1000:9.1f} {t_off * 1000:12.1f} {t_off / t_ours:8.2f}{share}")
+
+
 def main():
-    benchmarks = {"coco_eval": bench_coco_eval, **{name: bench_model for name in MODELS}}
+    benchmarks = {"coco_eval": bench_coco_eval, "detr": bench_detr, **{name: bench_model for name in MODELS}}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(benchmarks))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -222,6 +348,7 @@ def main():
     parser.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="models: synthetic image size before the models resize it (default: COCO-like 480 640)")
     parser.add_argument("--steps", type=int, default=10, help="models: timed steps per measurement (median)")
+    parser.add_argument("--detr-root", default="", help="detr: a checkout of facebookresearch/detr (or DETR_ROOT)")
     args = parser.parse_args()
     benchmarks[args.name](args)
 

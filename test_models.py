@@ -1896,3 +1896,24 @@ def test_detr_official_checkpoint_files(tmp_path):
         detr.load_weights(str(tmp_path / "pre_norm.pth"))
     with pytest.raises(SystemExit, match="no such file .*detr-r50"):
         detr.load_weights("detr-r51")
+
+
+def test_detr_published_weights_by_name(monkeypatch):
+    """--weights detr-r50-dc5: the official file (its URL, hash checked) with the settings of that model; offline, one
+    line that names the URL."""
+    import urllib.error
+    model = detr.DETR(tiny_config("detr", frozen_bn=True, num_classes=91), load_backbone=False)
+    official = {"model": {official_name(k): v for k, v in model.state_dict().items()}}
+    asked = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: asked.append((url, kw)) or official)
+    state_dict, class_names, config = detr.load_weights("detr-r50-dc5")
+    assert asked[0][0].endswith("detr-r50-dc5-f0fb7ef5.pth") and asked[0][1]["check_hash"]
+    assert config["dilation"] and config["frozen_bn"] and config["min_size"] == 800 and config["max_size"] == 1333
+    assert len(class_names) == 91 and class_names[1] == "person" and class_names[90] == "toothbrush"  # COCO ids
+    assert state_dict.keys() == model.state_dict().keys()
+
+    def offline(url, **kw):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit, match="--weights detr-r50: cannot download https://dl.fbaipublicfiles.com/detr/"):
+        detr.load_weights("detr-r50")
