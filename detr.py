@@ -370,7 +370,7 @@ class DETR(nn.Module):
             pred_logits, pred_boxes = pred_logits[-1:], pred_boxes[-1:]  # L = 1
         gt_boxes, gt_labels, num_gt = prepare_targets(targets, image_sizes)  # [B, M, 4], [B, M], B counts
         matched = hungarian_match(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, self.cfg)
-        return set_loss(pred_logits, pred_boxes, gt_boxes, gt_labels, matched, self.cfg)
+        return set_loss(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, matched, self.cfg)
 
     def predict(self, batch: Tensor, mask: Tensor):
         """The padded batch [B, 3, H, W] and its mask [B, H, W] -> class logits [dec_layers, B, Q, K + 1] and boxes
@@ -524,17 +524,17 @@ def hungarian_match(pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, g
 # --- Loss ---
 
 
-def set_loss(pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, matched: list,
-             cfg: Config) -> dict:
+def set_loss(pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_gt: list,
+             matched: list, cfg: Config) -> dict:
     """The official SetCriterion (losses labels and boxes) for L decoder layers, each term times its weight.
-    pred_logits [L, B, Q, K + 1], pred_boxes [L, B, Q, 4], gt_boxes [B, M, 4], gt_labels [B, M], matched as
-    hungarian_match returns. Per layer: cross-entropy over every query (target: the matched class, else no object
+    pred_logits [L, B, Q, K + 1], pred_boxes [L, B, Q, 4], gt_boxes [B, M, 4], gt_labels [B, M], num_gt B counts,
+    matched as hungarian_match returns. Per layer: cross-entropy over every query (target: the matched class, else no object
     weighted by eos_coef), a weighted mean; L1 and 1 - GIoU over the matched pairs, summed and divided by the number of
     ground-truth boxes in the batch (averaged over processes, at least 1). Keys: loss_ce, loss_bbox, loss_giou for the
     last layer, with _0 .. _{L-2} for the others."""
     layer_idx, batch_idx, query_idx, gt_idx = matched
     L, B, Q, K1 = pred_logits.shape
-    num_boxes = pred_boxes.new_tensor(float(len(gt_idx) // L if L else 0))  # ground-truth boxes in this batch
+    num_boxes = pred_boxes.new_tensor(float(sum(num_gt)))  # ground-truth boxes in the batch, matched or not
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(num_boxes)
         num_boxes = num_boxes / dist.get_world_size()

@@ -1764,6 +1764,26 @@ def test_detr_batch_without_objects_teaches_no_object_and_keeps_the_box_head_in_
     assert all((p.grad == 0).all() for p in model.bbox_embed.parameters())
 
 
+def test_detr_box_losses_are_divided_by_all_boxes_also_when_there_are_more_than_queries():
+    """12 objects in an image and 10 queries: 10 are matched, and L1 and GIoU are still divided by all 12 + 2 boxes
+    of the batch (SetCriterion's num_boxes counts the targets, not the matches)."""
+    torch.manual_seed(0)
+    model = detr.DETR(tiny_config("detr")).train()  # 10 queries
+    images = make_images()[:2]
+    targets = crowded_targets(images, n=12)
+    targets[1] = {"boxes": targets[1]["boxes"][:2], "labels": targets[1]["labels"][:2]}
+    losses = model(images, targets)
+    batch, mask, sizes, resized = detr.preprocess(images, targets, model.cfg, training=True)
+    pred_logits, pred_boxes = model.predict(batch, mask)
+    gt_boxes, gt_labels, num_gt = detr.prepare_targets(resized, sizes)
+    layer_idx, batch_idx, query_idx, gt_idx = detr.hungarian_match(pred_logits, pred_boxes, gt_boxes, gt_labels,
+                                                                   num_gt, model.cfg)
+    last = layer_idx == 1
+    assert num_gt == [12, 2] and last.sum() == 10 + 2
+    l1 = (pred_boxes[1, batch_idx[last], query_idx[last]] - gt_boxes[batch_idx[last], gt_idx[last]]).abs().sum()
+    assert losses["loss_bbox"].item() == pytest.approx(5 * l1.item() / 14, rel=1e-5)
+
+
 def test_detr_preprocess_pads_to_the_largest_image_without_rounding_and_resizes_as_detr():
     cfg = detr.Config(min_size=100, max_size=1000)
     images = [torch.rand(3, 100, 140), torch.rand(3, 150, 100)]
