@@ -505,7 +505,7 @@ def assign_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_
 def random_subset(mask: Tensor, counts: Tensor) -> Tensor:
     """mask [B, N] candidates, counts [B] -> [B, N] a uniformly random choice of counts[b] candidates of row b.
     Candidates get random keys in [0, 1), others -1; the top counts[b] keys of each row are the choice. When counts
-    equals the number of candidates every candidate is chosen, whatever the random numbers (parity tests use this)."""
+    equals the number of candidates every candidate is chosen, whatever the random numbers."""
     k = int(counts.max()) if counts.numel() else 0
     if k == 0:
         return torch.zeros_like(mask)
@@ -751,9 +751,9 @@ def train(cfg: Config):
               f"of {steps} steps of {cfg.batch_size} x {world_size} images; writing to {cfg.out}"
               + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one stops at once
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stop.append(signal.signal(signum, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one acts as it did before
+    handlers = {signum: signal.signal(signum, lambda signum, frame: stop.append(signal.signal(signum, handlers[signum])))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     start_iter, start_time = epoch * steps + step, time.perf_counter()
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
@@ -819,6 +819,8 @@ def train(cfg: Config):
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
+    for signum, handler in handlers.items():  # train() called from a notebook leaves Ctrl-C as it found it
+        signal.signal(signum, handler)
     if ddp:
         dist.destroy_process_group()
     return raw_model

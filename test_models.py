@@ -416,6 +416,29 @@ def test_draw_boxes_writes_png(tmp_path):
     assert torch.equal(common.draw_boxes(image, torch.zeros(0, 4)), (image * 255).round().to(torch.uint8))
 
 
+def test_draw_boxes_captions_are_readable_sized_and_do_not_cover_each_other():
+    """A caption sits on a filled box of its class colour, its text black or white, whichever stands out; its size
+    follows the image's; captions of overlapping boxes do not cover one another."""
+    names = ["bg", "a", "b", "c", "d"]
+    boxes = torch.tensor([[10.0, 40, 100, 100], [12, 42, 110, 110], [14, 44, 90, 90]])  # three boxes, nearly one corner
+    drawn = common.draw_boxes(torch.ones(3, 200, 300), boxes, torch.tensor([3, 2, 4]), torch.tensor([0.9, 0.8, 0.7]),
+                              names).permute(1, 2, 0)  # [H, W, 3]
+
+    def pixels(colour, region=drawn):
+        return int((region == torch.tensor(colour, dtype=torch.uint8)).all(-1).sum())
+    blue, yellow, orange = common.PALETTE[3], common.PALETTE[2], common.PALETTE[4]
+    for colour in (blue, yellow, orange):  # each caption's filled box is visible, none hidden under another
+        assert pixels(colour) > 100, colour
+    caption = drawn[27:39, 11:40]  # above the first box: its caption, blue, with light text (blue is dark)
+    brightness = caption.int().sum(-1)  # [h, w]
+    assert pixels(blue, caption) > 0.5 * caption.shape[0] * caption.shape[1] and (brightness > 600).sum() > 10
+    yellow_rows = (drawn == torch.tensor(yellow, dtype=torch.uint8)).all(-1).any(1).nonzero()[:, 0]
+    assert (drawn[yellow_rows.min():yellow_rows.max() + 1].int().sum(-1) < 200).sum() > 10  # dark text on yellow
+    large = common.draw_boxes(torch.ones(3, 800, 1200), boxes * 4, torch.tensor([3, 2, 4]), None, names).permute(1, 2, 0)
+    rows = lambda image: int((image == torch.tensor(blue, dtype=torch.uint8)).all(-1).any(1).sum())
+    assert rows(large) > 2 * rows(drawn)  # the caption grows with the image (and so does the line width)
+
+
 # ======================================== data ========================================
 
 BCCD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bccd")
