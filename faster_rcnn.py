@@ -148,11 +148,12 @@ class Config:
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
-    # ~15 minutes on 2 CPU cores: ResNet-18 from scratch on 2,000 128-px images, a smaller FPN and box head, fewer RoIs
+    # ~15 minutes on 2 CPU cores: ResNet-18 from scratch on 2,000 128-px images, a smaller FPN and box head, fewer
+    # RoIs, AdamW
     "cpu": dict(backbone="resnet18", fpn_channels=64, representation_size=256, image_size=128, min_size=128,
-                max_size=128, num_train=2000, num_val=200, batch_size=8, epochs=5, lr_steps=(4,), warmup_iters=100,
-                rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300, rpn_post_nms_top_n_train=500,
-                box_batch_size_per_image=128, workers=1),
+                max_size=128, num_train=2000, num_val=200, batch_size=8, epochs=5, optimizer="adamw", lr=1e-3,
+                lr_steps=(4,), warmup_iters=100, rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
+                rpn_post_nms_top_n_train=500, box_batch_size_per_image=128, workers=1),
     # torchvision's COCO recipe (ImageNet backbone, 800 px, 26 epochs of 2 images x 8 GPUs)
     "coco": dict(data="coco", backbone_weights="imagenet", min_size=800, max_size=1333,
                  anchor_sizes=(32, 64, 128, 256, 512), epochs=26, batch_size=2, lr_steps=(16, 22), warmup_iters=1000),
@@ -847,7 +848,7 @@ def main(argv=None):
     args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
     saved = state_dict = None
     if args.train and given.get("resume"):  # the run's config: its model, schedule and folder (flags still override)
-        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]
+        saved = load_weights(given["resume"])[2]  # (and a checkpoint of another detector is refused)
     elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())

@@ -752,7 +752,7 @@ def main(argv=None):
     args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
     saved = state_dict = None
     if args.train and given.get("resume"):  # the run's config: its model, schedule and folder (flags still override)
-        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]
+        saved = load_weights(given["resume"])[2]  # (and a checkpoint of another detector is refused)
     elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())

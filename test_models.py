@@ -1361,8 +1361,9 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
 def test_checkpoint_of_another_detector_is_refused_in_one_line(one_epoch):
     name, out, _ = one_epoch
     other = NAMES[(NAMES.index(name) + 1) % len(NAMES)]
-    with pytest.raises(SystemExit, match=rf"a {REGISTRY[name].module.DETECTOR.__name__} checkpoint: use {name}.py"):
-        REGISTRY[other].module.main(["--eval", "--weights", str(out / "best.pt")])
+    for args in (["--eval", "--weights", str(out / "best.pt")], ["--train", "--resume", str(out / "last.pt")]):
+        with pytest.raises(SystemExit, match=rf"a {REGISTRY[name].module.DETECTOR.__name__} checkpoint: use {name}.py"):
+            REGISTRY[other].module.main(args)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -1381,9 +1382,9 @@ def test_interrupt_saves_and_resume_continues_exactly(name, tmp_path):
     assert process.wait() == 130, "".join(output)
     assert re.search(r"stopped at epoch 0 step [234]/4, saved in .*last.pt; to go on:\n    python .*--resume",
                      "".join(output))
-    output = cli("--train", "--resume", tmp_path / "a" / "last.pt", cmd=[sys.executable, f"{name}.py"])
+    output = run_main(name, "--train", "--resume", tmp_path / "a" / "last.pt")  # in this process: less start-up
     assert re.search(r"resumed from .*last.pt: epoch 0 step [234]/4", output)
-    cli("--train", *args, "--out", tmp_path / "b", cmd=[sys.executable, f"{name}.py"])
+    run_main(name, "--train", *args, "--out", tmp_path / "b")
     resumed, straight = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in "ab")
     assert resumed["epoch"] == straight["epoch"] == 2
     assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
