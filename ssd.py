@@ -223,7 +223,9 @@ class Backbone(nn.Module):
         for layer in vgg[: ([0] + pools[:4])[5 - trainable] if trainable else len(vgg)]:
             layer.requires_grad_(False)
         self.features = vgg[: pools[3]]  # conv1_1 .. conv4_3 + ReLU: [B, 512, 38, 38]
-        self.scale_weight = nn.Parameter(torch.full((w(512),), 20.0))  # conv4_3's L2Norm scale
+        # conv4_3's L2Norm scale: 20 (per position, over 512 channels); x sqrt(width) keeps each channel's values
+        # as large in a narrower network (at width 1/32 they would be 5.7x larger: class logits of std ~4)
+        self.scale_weight = nn.Parameter(torch.full((w(512),), 20.0 * math.sqrt(w(512) / 512)))
         self.conv5 = nn.Sequential(*vgg[pools[3]: pools[4]])  # pool4, conv5_1 .. conv5_3 + ReLU: [B, 512, 19, 19]
         self.fc = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1),  # pool5, keeping 19 x 19
                                 *conv_block(w(512), w(1024), norm, kernel_size=3, padding=6, dilation=6),  # fc6
@@ -416,7 +418,9 @@ def hard_negatives(cls_loss: Tensor, foreground: Tensor, neg_to_pos_ratio: float
     """cls_loss [B, A] (cross-entropy of each default box against its target), foreground [B, A] -> [B, A] mask of the
     negatives that count: per image the neg_to_pos_ratio x (its positives) with the highest loss (paper section 2.2,
     "Hard negative mining"). An image without positives gets none (torchvision; so it adds no loss at all). The rank
-    of each default box in its image's descending loss order is argsort(argsort), as torchvision computes it."""
+    of each default box in its image's descending loss order is argsort(argsort), as torchvision computes it.
+    As torchvision's, the mask also takes positives (ranked last) when an image has fewer negatives than it wants, i.e.
+    when over a quarter of its default boxes are positive: their loss then counts twice."""
     num_negative = neg_to_pos_ratio * foreground.sum(1, keepdim=True)  # [B, 1]
     negative_loss = cls_loss.masked_fill(foreground, -math.inf)  # positives rank last
     order = negative_loss.sort(1, descending=True).indices  # [B, A]
@@ -439,9 +443,10 @@ def compute_loss(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor, m
     box_loss = F.smooth_l1_loss(bbox_regression, target_regression, reduction="none").sum(-1)  # [B, A]
     cls_loss = F.cross_entropy(cls_logits.flatten(0, 1), gt_classes_target.flatten(), reduction="none")
     cls_loss = cls_loss.view_as(gt_classes_target)  # [B, A]
-    counted = foreground | hard_negatives(cls_loss, foreground, cfg.neg_to_pos_ratio)  # [B, A]
+    negatives = hard_negatives(cls_loss, foreground, cfg.neg_to_pos_ratio)  # [B, A]
     return {"bbox_regression": torch.where(foreground, box_loss, 0.0).sum() / num_foreground,
-            "classification": torch.where(counted, cls_loss, 0.0).sum() / num_foreground}
+            "classification": (torch.where(foreground, cls_loss, 0.0).sum()
+                               + torch.where(negatives, cls_loss, 0.0).sum()) / num_foreground}
 
 
 # --- Decoding ---
