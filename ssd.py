@@ -101,17 +101,17 @@ class Config:
     image_size: int = 300  # synthetic: image side in pixels
     num_train: int = 10000  # synthetic: training images
     num_val: int = 500  # synthetic: validation images
-    augment: Literal["ssd", "flip"] = "ssd"  # ssd: photometric distortion, zoom out, IoU crop, flip | flip: flips only
+    augment: Literal["ssd", "flip"] = "flip"  # ssd: photometric distortion, zoom out, IoU crop, flip | flips [ssd]
     zoom_out_max: float = 4.0  # ssd: zoom out onto a canvas up to this many times the image side (mean colour)
     hflip_prob: float = 0.5  # horizontal flip probability
     # training (torchvision's recipe: 120 epochs of 32 images per step, lr 0.002 with steps at 80 and 110)
-    epochs: int = 24  # passes over the training set [120]
+    epochs: int = 20  # passes over the training set [120]
     batch_size: int = 32  # images per step and per process [4 per GPU x 8 GPUs]
-    lr: float = 0.002  # learning rate for 32 images per step, scaled linearly to batch_size x processes
-    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw (lr ~1e-3): faster from scratch on little data (cpu preset)
+    lr: float = 1e-3  # learning rate for 32 images per step, scaled linearly to batch_size x processes [0.002]
+    optimizer: Literal["sgd", "adamw"] = "adamw"  # adamw: the runs from scratch | sgd: with pretrained VGG16 [sgd]
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 on all trained parameters
-    lr_steps: tuple = (16, 22)  # epochs at which the lr is multiplied by lr_gamma [80, 110]
+    lr_steps: tuple = (14, 18)  # epochs at which the lr is multiplied by lr_gamma [80, 110]
     lr_gamma: float = 0.1  # lr decay factor
     warmup_iters: int = 300  # steps of linear warmup at the start, at most a third of the run [1000]
     warmup_factor: float = 0.001  # the warmup starts at lr x this
@@ -135,10 +135,10 @@ class Config:
 PRESETS = {
     # ~15 minutes on 2 CPU cores: an eighth-width VGG16-BN from scratch (1/64 of the compute), AdamW, flips only
     "cpu": dict(width=0.125, image_size=128, num_train=1500, num_val=200, batch_size=16, epochs=4, lr_steps=(3,),
-                optimizer="adamw", lr=2e-3, augment="flip", warmup_iters=50, workers=1),
+                lr=2e-3, warmup_iters=50, workers=1),
     # torchvision's COCO recipe (ImageNet VGG16, 120 epochs of 4 images x 8 GPUs, SSD augmentation)
-    "coco": dict(data="coco", backbone="vgg16", backbone_weights="imagenet", epochs=120, batch_size=4,
-                 lr_steps=(80, 110), warmup_iters=1000),
+    "coco": dict(data="coco", backbone="vgg16", backbone_weights="imagenet", augment="ssd", epochs=120, batch_size=4,
+                 optimizer="sgd", lr=0.002, lr_steps=(80, 110), warmup_iters=1000),
 }
 # torchvision's ssd300_vgg16: its model and preprocessing, for --weights torchvision or its state dicts
 TORCHVISION_CONFIG = dict(backbone="vgg16", width=1.0, size=300, image_mean=(0.48235, 0.45882, 0.40784),
@@ -184,17 +184,22 @@ def conv_block(in_channels: int, out_channels: int, norm: bool, **conv_args) -> 
 class Backbone(nn.Module):
     """VGG16 through conv5_3, then pool5 (3x3, stride 1), fc6 (3x3 conv, dilation 6) and fc7 (1x1 conv) in place of
     the fully connected layers, then the extra blocks (1x1 conv to fewer channels, 3x3 conv stride 2 or unpadded).
-    conv4_3's map is L2-normalised per position and rescaled by a learned per-channel scale starting at 20 (ParseNet):
-    its activations are much larger than the later maps', and the head shares no weights between maps.
+    conv4_3's map is L2-normalised per position and rescaled by a learned per-channel scale starting at 20 (ParseNet;
+    paper section 3.1): its features are on another scale than the later maps'.
 
     backbone vgg16 is torchvision's (no normalisation layers; its COCO weights need it). vgg16_bn, the default here,
     puts BatchNorm after every VGG, fc and extra conv: from random weights, plain VGG16 on Caffe-scaled input (0..255)
     starts with fc7 activations in the hundreds and class logits to match (a first classification loss of ~60 per
     positive), and trains slowly and unstably; with BatchNorm it trains from scratch like any modern network.
+    (vgg16_bn's ImageNet weights, torchvision's IMAGENET1K_V1, expect [0, 1] input normalised with ImageNet's mean and
+    std: pass --image-mean 0.485 0.456 0.406 --image-std 0.229 0.224 0.225 with them.)
     width scales every channel count (0.25: 1/16 of the compute), for CPU runs and tests."""
 
     def __init__(self, cfg: Config, load_backbone: bool = True):
         super().__init__()
+        if not (0 <= cfg.trainable_backbone_layers <= 5 and cfg.width > 0):
+            raise ValueError(f"trainable_backbone_layers {cfg.trainable_backbone_layers} must be 0..5 (VGG16's five "
+                             f"stages) and width {cfg.width} above 0")
         norm = cfg.backbone == "vgg16_bn"
 
         def w(channels):
@@ -211,7 +216,7 @@ class Backbone(nn.Module):
         if cfg.backbone_weights != "none" and load_backbone:  # load_backbone=False: every weight will be overwritten
             if cfg.backbone_weights == "imagenet":  # vgg16: the Caffe VGG16 ported, for this normalisation (0..255)
                 weights = (torchvision.models.VGG16_Weights.IMAGENET1K_FEATURES if cfg.backbone == "vgg16" else
-                           torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)  # (trained on [0, 1] ImageNet-scaled)
+                           torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
                 state_dict = weights.get_state_dict(progress=True)
             else:
                 state_dict = torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True)
@@ -510,11 +515,9 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
 
 
 def train_transforms(cfg: Config):
-    """augment ssd: SSD's augmentation (paper section 2.2 "Data augmentation", 3.6) as torchvision's reference recipe
-    (--data-augmentation ssd), with its transforms.v2: photometric distortion (brightness, contrast, saturation, hue,
-    channel order, each with p 0.5), zoom out onto a canvas of the mean colour up to zoom_out_max times the image side
-    (p 0.5: more small objects), a crop whose IoU with some box is at least one of 0, 0.1, 0.3, 0.5, 0.7, 0.9 (or no
-    crop; boxes whose centre falls outside it are dropped with their labels), horizontal flip. augment flip: flips."""
+    """augment ssd: SSD's augmentation (paper sections 2.2, 3.6) as torchvision's reference recipe, with transforms.v2:
+    photometric distortion (p 0.5 each), zoom out onto a mean-colour canvas up to zoom_out_max x the side (p 0.5), a
+    crop with IoU >= 0, 0.1, .., 0.9 with some box or none (boxes whose centre leaves it go, labels too), flip."""
     if cfg.augment == "flip":
         return data.RandomHorizontalFlip(cfg.hflip_prob)
     return data.TransformsV2(v2.Compose([
@@ -532,11 +535,10 @@ def draw_targets(model: SSD, image: Tensor, target: dict, class_names, path: str
     batch, targets = preprocess([image], [target], model.cfg)
     anchors = make_anchors([f.shape[-2:] for f in model.backbone(batch)], model.cfg, batch.device)  # [A, 4]
     gt_boxes, gt_labels, gt_valid = pad_targets(targets)  # [1, M, 4], [1, M], [1, M]
-    matched_idxs = assign_anchors(anchors, gt_boxes, gt_valid, model.cfg)[0]  # [A]
-    positive = matched_idxs >= 0
+    positive = (matched_idxs := assign_anchors(anchors, gt_boxes, gt_valid, model.cfg)[0]) >= 0  # [A]
     colours = [PALETTE[label % len(PALETTE)] for label in gt_labels[0, matched_idxs[positive]].tolist()]
-    drawn = draw_boxes(image, resize_boxes(anchors[positive], (model.cfg.size,) * 2, image.shape[-2:]),
-                       color=colours, width=1)
+    boxes = resize_boxes(anchors[positive], batch.shape[-2:], image.shape[-2:])  # matched default boxes, image pixels
+    drawn = draw_boxes(image, boxes, color=colours, width=1)
     draw_boxes(drawn, target["boxes"], target["labels"], None, class_names, path, width=3)
 
 

@@ -1769,7 +1769,7 @@ def colour_classes(image):
 def test_ssd_augmentation_moves_boxes_with_their_pixels():
     """SSD's augmentation (photometric distortion, zoom out, IoU crop, flip) on a red and a blue rectangle on green:
     every box it returns still frames its own colour, tightly; boxes it drops take their labels and iscrowd along."""
-    cfg = ssd.Config()
+    cfg = ssd.Config(augment="ssd")
     image = torch.zeros(3, 120, 160)
     image[1] = 1.0  # green background
     rects = torch.tensor([[20.0, 30, 60, 70], [100, 40, 150, 110]])
@@ -1824,3 +1824,5 @@ def test_ssd_backbone_weights_and_frozen_stages(tmp_path):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * 0.001) and coco.batch_size * 8 == 32
     assert (coco.backbone, coco.epochs, coco.lr_steps, coco.weight_decay, coco.augment) == (
         "vgg16", 120, (80, 110), 5e-4, "ssd")
+    with pytest.raises(ValueError, match="trainable_backbone_layers 6 must be 0..5"):
+        ssd.SSD(ssd_tiny(trainable_backbone_layers=6))
