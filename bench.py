@@ -5,6 +5,7 @@
         ours vs torchvision with the same weights: train step, inference at batch 1 and 8, peak memory; 320 px too
     python bench.py fcos --device cuda --image-size 320 320 --min-size 320 --max-size 320 --train-batch 16
         the synthetic default's step: 320x320 images, 16 per step, bf16
+    python bench.py ssd --device cuda --train-batch 32 --infer-batch 32   # SSD: always 300x300, no size flags
 
 Each benchmark is a function bench_NAME(args) registered in main()'s table.
 """
@@ -111,20 +112,22 @@ def bench_coco_eval(args):
 # --- Models against torchvision ---
 # name -> torchvision builder of the same detector. Each model file has Config, TORCHVISION_CONFIG, DETECTOR and
 # convert_torchvision.
-MODELS = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "retinanet": "retinanet_resnet50_fpn", "fcos": "fcos_resnet50_fpn"}
+MODELS = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "retinanet": "retinanet_resnet50_fpn", "fcos": "fcos_resnet50_fpn",
+          "ssd": "ssd300_vgg16"}
 
 
 def bench_model(args):
     """Our detector and torchvision's with the same (converted) weights, inputs and precision: a training step (forward,
-    backward, SGD step; batch --train-batch), inference at batch 1 and 8, peak CUDA memory, and the speed-ups; plus the
-    ResNet-50-FPN backbone alone (forward, and forward + backward) as the floor no detector can beat. Both models are
-    built without pretrained weights (offline), so both use ordinary batch norm with every layer trained."""
+    backward, SGD step; batch --train-batch), inference at batch 1 and --infer-batch, peak CUDA memory, and the
+    speed-ups; plus the backbone alone (ResNet-50-FPN, SSD's VGG16 and extras: forward, and forward + backward) as the
+    floor no detector can beat. Both models are built without pretrained weights (offline), so both use ordinary batch
+    norm with every layer trained. SSD resizes every image to 300x300: it runs once, without the size settings."""
     import importlib
     import data
     import torchvision
     builder, module = MODELS[args.name], importlib.import_module(args.name)
     device = torch.device(args.device)
-    dataset = data.SyntheticShapes(max(8, args.train_batch), tuple(args.image_size), seed=0)  # the models resize them
+    dataset = data.SyntheticShapes(max(args.infer_batch, args.train_batch), tuple(args.image_size), seed=0)
     samples = [dataset[i] for i in range(len(dataset))]
     images = [image.to(device) for image, _ in samples]
     targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in samples]
@@ -151,11 +154,14 @@ def bench_model(args):
             times.append(time.perf_counter() - tic)
         return float(np.median(times)), (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"))
 
-    for min_size, max_size in dict.fromkeys([(args.min_size, args.max_size), (320, 533)]):  # the reference size, 320 px
+    fields = module.Config.__dataclass_fields__
+    for min_size, max_size in dict.fromkeys([(args.min_size, args.max_size), (320, 533)] if "min_size" in fields else
+                                            [(300, 300)]):  # the reference size, 320 px (SSD: 300 x 300 always)
+        sizes = dict(min_size=min_size, max_size=max_size) if "min_size" in fields else {}
         tv = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=91,
-                                                            min_size=min_size, max_size=max_size).to(device)
-        cfg = module.Config(**{**module.TORCHVISION_CONFIG, "frozen_bn": False, "bn_eps": 1e-5, "num_classes": 91,
-                               "min_size": min_size, "max_size": max_size})  # torchvision's model without weights
+                                                            **sizes).to(device)
+        plain_bn = dict(frozen_bn=False, bn_eps=1e-5) if "frozen_bn" in fields else {}
+        cfg = module.Config(**{**module.TORCHVISION_CONFIG, **plain_bn, "num_classes": 91, **sizes})  # no weights
         ours = module.DETECTOR(cfg).to(device)
         ours.load_state_dict(module.convert_torchvision(tv.state_dict()))
 
@@ -179,7 +185,8 @@ def bench_model(args):
             return step
 
         rows = [(f"train step, batch {args.train_batch}", train_step, args.train_batch),
-                ("inference, batch 1", infer_step, 1), ("inference, batch 8", infer_step, 8)]
+                ("inference, batch 1", infer_step, 1), (f"inference, batch {args.infer_batch}", infer_step,
+                                                         args.infer_batch)]
         print(f"\nmin_size {min_size}, max_size {max_size}")
         # speed-up = torchvision's time / ours = our throughput / torchvision's (> 1: ours is faster)
         print(f"{'':<22} {'ours ms':>9} {'torchvision ms':>15} {'speed-up':>8} {'ours GiB':>9} {'tv GiB':>7}")
@@ -191,7 +198,7 @@ def bench_model(args):
             print(f"{label:<22} {t_ours * 1000:9.1f} {t_tv * 1000:15.1f} {t_tv / t_ours:8.2f} {gib(m_ours):>9} "
                   f"{gib(m_tv):>7}")
 
-        # the floor: torchvision's backbone + FPN on the already resized, padded batch
+        # the floor: torchvision's backbone (+ FPN) on the already resized, padded batch
         batch_tensor = tv.transform(images[:args.train_batch], None)[0].tensors
         backbone = tv.backbone.train()
 
@@ -205,9 +212,9 @@ def bench_model(args):
                 backbone(batch_tensor)
         t_bt, m_bt = measure(backbone_train)
         t_bi, m_bi = measure(backbone_infer)
-        print(f"{'backbone+FPN fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>8} {gib(m_bt):>9}   (batch "
+        print(f"{'backbone fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>8} {gib(m_bt):>9}   (batch "
               f"{args.train_batch}, padded {tuple(batch_tensor.shape[-2:])})")
-        print(f"{'backbone+FPN forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>8} {gib(m_bi):>9}")
+        print(f"{'backbone forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>8} {gib(m_bi):>9}")
         del tv, ours, backbone
 
 
@@ -219,6 +226,7 @@ def main():
     parser.add_argument("--min-size", type=int, default=800, help="models: short side (torchvision's default 800)")
     parser.add_argument("--max-size", type=int, default=1333, help="models: long side at most (default 1333)")
     parser.add_argument("--train-batch", type=int, default=2, help="models: images per training step (2 per GPU)")
+    parser.add_argument("--infer-batch", type=int, default=8, help="models: images per inference call, besides 1")
     parser.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="models: synthetic image size before the models resize it (default: COCO-like 480 640)")
     parser.add_argument("--steps", type=int, default=10, help="models: timed steps per measurement (median)")

@@ -38,6 +38,7 @@ import data
 import faster_rcnn
 import fcos
 import retinanet
+import ssd
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -925,6 +926,9 @@ class Row:
     assignment: str = ""  # how the batched assignment is checked against torchvision's: "two_stage" | "dense"
     deterministic: dict = dataclasses.field(default_factory=dict)  # Config values that remove sampling from the loss
     overfit: dict = dataclasses.field(default_factory=dict)  # Config values for test_overfits_one_batch
+    parity_sizes: dict = dataclasses.field(default_factory=lambda: SIZES)  # resize settings of the parity models
+    old_key_layout: bool = True  # torchvision released weights with other key names too (convert_torchvision maps them)
+    empty_images_train_background: bool = True  # an image without boxes still gives a classification loss
 
 
 REGISTRY = {
@@ -936,6 +940,11 @@ REGISTRY = {
                      overfit=dict(anchor_sizes=(8, 16, 32, 64, 128))),  # anchors for 7..28-px shapes
     "fcos": Row(fcos, dict(RESNET_FPN, fpn_channels=64), ("bbox_regression", "bbox_ctrness"),
                 torchvision.models.detection.fcos_resnet50_fpn, "dense"),
+    # SSD squashes every image to 300 x 300: a VGG16-BN of 1/32 the width keeps a CPU step at ~0.1 s. Its hard negative
+    # mining takes 3 negatives per positive of the same image: an image without boxes adds no loss (torchvision).
+    "ssd": Row(ssd, dict(backbone="vgg16_bn", width=1 / 32, augment="flip", warmup_iters=1), ("bbox_regression",),
+               torchvision.models.detection.ssd300_vgg16, "ssd", parity_sizes={}, old_key_layout=False,
+               empty_images_train_background=False),
 }
 NAMES = list(REGISTRY)
 TORCHVISION_NAMES = [name for name in NAMES if REGISTRY[name].reference is not None]  # the shared parity tests
@@ -956,8 +965,9 @@ def tiny_config(name, **overrides):
 def parity_config(name, **overrides):
     """torchvision's model as its builder makes it without weights: its settings, plain batch norm, 128-208 px."""
     module = REGISTRY[name].module
-    return module.Config(**{**module.TORCHVISION_CONFIG, "frozen_bn": False, "bn_eps": 1e-5, "num_classes": NUM_CLASSES,
-                            **SIZES, **overrides})
+    plain_bn = dict(frozen_bn=False, bn_eps=1e-5) if name in FROZEN_BN_NAMES else {}
+    return module.Config(**{**module.TORCHVISION_CONFIG, **plain_bn, "num_classes": NUM_CLASSES,
+                            **REGISTRY[name].parity_sizes, **overrides})
 
 
 def make_images():
@@ -1008,6 +1018,15 @@ def spread_scores(tv, images):
     batch, _ = tv.transform(images)
     features = list(tv.backbone(batch.tensors).values())
     head = tv.head
+    if hasattr(head.classification_head, "module_list"):  # SSD: one final conv per map, no subnet before it
+        for convs, std, mean in [(head.classification_head.module_list, 2.0, -1.0),
+                                 (head.regression_head.module_list, 0.3, 0.0)]:
+            for conv, feature in zip(convs, features):
+                conv.bias.zero_()
+                out = conv(feature).transpose(0, 1).flatten(1)  # [channels, N]
+                conv.weight.mul_(std / out.std())
+                conv.bias.copy_(mean - out.mean(1) * std / out.std())
+        return
     for subnet, name, std, mean in [(head.classification_head, "cls_logits", 2.0, -1.0),
                                     (head.regression_head, "bbox_reg", 0.3, 0.0),
                                     (head.regression_head, "bbox_ctrness", 1.0, 0.0)]:
@@ -1027,7 +1046,7 @@ def reference_and_ours(name, **overrides):
     """torchvision's model with random weights (spread out) and ours holding the same, converted, weights."""
     row = REGISTRY[name]
     torch.manual_seed(0)
-    tv = row.reference(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, **SIZES, **overrides)
+    tv = row.reference(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, **row.parity_sizes, **overrides)
     spread_scores(tv, make_images())
     ours = row.module.DETECTOR(parity_config(name, **overrides))
     ours.load_state_dict(row.module.convert_torchvision(tv.state_dict()))
@@ -1065,8 +1084,8 @@ def test_losses_and_gradients_match_torchvision(name):
     row = REGISTRY[name]
     tv, ours = reference_and_ours(name, **row.deterministic)
     tv.train(), ours.train()
-    for body in (tv.backbone.body, ours.backbone.body):  # the gradient check stops at the FPN: CPU time
-        body.requires_grad_(False)
+    for model in (tv, ours):  # the gradient check stops at the FPN (SSD: at conv4_3): CPU time
+        (model.backbone.body if hasattr(model.backbone, "body") else model.backbone.features).requires_grad_(False)
     images, targets = make_images(), make_targets()
     targets[2] = EMPTY  # a negative image too
     expected, actual = tv(images, targets), ours(images, targets)
@@ -1156,7 +1175,8 @@ def check_dense_assignment(module, tv, images, targets):
 def test_batched_assignment_equals_torchvision_per_image(name):
     tv, _ = reference_and_ours(name)
     images = make_images()
-    {"two_stage": check_two_stage_assignment, "dense": check_dense_assignment}[REGISTRY[name].assignment](
+    {"two_stage": check_two_stage_assignment, "dense": check_dense_assignment,
+     "ssd": check_ssd_assignment}[REGISTRY[name].assignment](
         REGISTRY[name].module, tv, images, crowded_targets(images))
 
 
@@ -1169,12 +1189,13 @@ def test_convert_torchvision_round_trip_and_old_keys(name):
     tv, _ = reference_and_ours(name)
     state = tv.state_dict()
     converted = row.module.convert_torchvision(state)
-    frozen = row.module.DETECTOR(parity_config(name, frozen_bn=True), load_backbone=False)
-    assert isinstance(frozen.backbone.body.bn1, FrozenBatchNorm2d)
-    body = frozen.backbone.body  # pretrained: stem and layer1 frozen, as torchvision's trainable_backbone_layers=3
-    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
-    assert body.layer2[0].conv1.weight.requires_grad
-    frozen.load_state_dict(converted)
+    if name in FROZEN_BN_NAMES:
+        frozen = row.module.DETECTOR(parity_config(name, frozen_bn=True), load_backbone=False)
+        assert isinstance(frozen.backbone.body.bn1, FrozenBatchNorm2d)
+        body = frozen.backbone.body  # pretrained: stem and layer1 frozen, as torchvision's trainable_backbone_layers=3
+        assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+        assert body.layer2[0].conv1.weight.requires_grad
+        frozen.load_state_dict(converted)
     plain = row.module.DETECTOR(parity_config(name))
     plain.load_state_dict(converted)  # strict: every key is mapped, none is left over
     assert len(converted) == len(state) and all(torch.equal(plain.state_dict()[k], v) for k, v in converted.items())
@@ -1183,7 +1204,8 @@ def test_convert_torchvision_round_trip_and_old_keys(name):
         key = re.sub(r"(_blocks\.\d+|rpn\.head\.conv)(\.0)+\.(weight|bias)$", r"\1.\3", key)
         key = re.sub(r"^(head\.\w+_head\.conv)\.(\d+)\.0\.", lambda m: f"{m[1]}.{2 * int(m[2])}.", key)
         old[key] = value
-    assert old.keys() != state.keys() and row.module.convert_torchvision(old).keys() == converted.keys()
+    assert (old.keys() != state.keys()) == row.old_key_layout
+    assert row.module.convert_torchvision(old).keys() == converted.keys()
     state_dict, class_names, config = row.module.reference_weights("x.pt", state)  # a file of torchvision's weights
     assert state_dict.keys() == converted.keys() and len(class_names) == NUM_CLASSES and config == row.module.TORCHVISION_CONFIG
     with pytest.raises(SystemExit, match="--weights x.pt: no such file"):
@@ -1208,7 +1230,8 @@ def test_empty_and_degenerate_targets_give_finite_losses(name):
         sum(losses.values()).backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         if targets[2] is not mixed:  # nothing to learn but background: no box loss, a positive classification loss
-            assert all(losses[k] == 0 for k in row.box_losses) and sum(losses.values()) > 0
+            assert all(losses[k] == 0 for k in row.box_losses)
+            assert (sum(losses.values()) > 0) == row.empty_images_train_background
     # degenerate boxes are ignored: the same losses as without them
     torch.manual_seed(0)
     with_them = model(images, [EMPTY, degenerate, mixed])
@@ -1307,8 +1330,9 @@ def test_train_writes_run_folder_and_says_what_it_does(one_epoch):
     name, out, output = one_epoch
     assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == [
         "best.pt", "config.json", "last.pt", "metrics.jsonl"]
-    config = json.load(open(out / "config.json"))
-    assert config["backbone"] == "resnet18" and config["min_size"] == 64 and config["num_classes"] == 7
+    config, given = json.load(open(out / "config.json")), {**TINY, **REGISTRY[name].tiny}
+    assert all(config[k] == (list(v) if isinstance(v, tuple) else v) for k, v in given.items() if k != "preset")
+    assert config["num_classes"] == 7
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == ["1/4", "2/4", "3/4", "4/4"] and [r["iter"] for r in steps] == [1, 2, 3, 4]
@@ -1319,7 +1343,8 @@ def test_train_writes_run_folder_and_says_what_it_does(one_epoch):
     evals = [r for r in records if "AP" in r]
     assert len(evals) == 1 and set(COCO_NAMES) <= set(evals[0])
     # the first lines say what runs, the last what came out
-    for words in (f"{REGISTRY[name].module.DETECTOR.__name__}, resnet18", "M parameters", "data: synthetic shapes 64x64",
+    for words in (f"{REGISTRY[name].module.DETECTOR.__name__}, {given['backbone']}", "M parameters",
+                  "data: synthetic shapes 64x64",
                   "(8 images)", "6 classes: rectangle, ellipse", "cpu x 1, float32", f"writing to {out}"):
         assert words in output, words
     assert re.search(r"done: best AP \d\.\d{4} .* after epoch 0; weights .*best.pt", output.splitlines()[-1])
@@ -1459,7 +1484,7 @@ def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
         for field in ("backbone", "epochs", "batch_size", "num_train", "image_size"):
             option = text.split("options:")[1].split(f"--{field.replace('_', '-')} ")[1]
             assert f"(default: {getattr(shown, field)!r})" in option.split(" --")[0], field
-    assert module.make_config({}, preset="cpu").backbone == "resnet18" != module.Config.backbone
+    assert module.make_config({}, preset="cpu") != module.Config()  # sized for a CPU: a smaller model or images
     with pytest.raises(SystemExit):
         parse_args(module, ["--train", "--data", "cocoo"])
     assert "invalid choice: 'cocoo'" in capsys.readouterr().err
@@ -1552,8 +1577,9 @@ def test_torchvision_state_dict_file(name, tmp_path):
     assert config == module.TORCHVISION_CONFIG and class_names == ("__background__", "1", "2", "3")
     image = data.SyntheticShapes(1, 64, seed=0)[0][0]
     torchvision.io.write_png((image * 255).to(torch.uint8), str(tmp_path / "img.png"))
+    small = flags(dict(min_size=64, max_size=64)) if REGISTRY[name].parity_sizes else []  # (SSD: always 300)
     output = run_main(name, "--predict", tmp_path / "img.png", "--weights", tmp_path / "tv.pth", "--out",
-                      tmp_path / "pred", "--min-size", "64", "--max-size", "64", "--draw-thresh", "0", "--device", "cpu")
+                      tmp_path / "pred", *small, "--draw-thresh", "0", "--device", "cpu")
     assert os.path.isfile(tmp_path / "pred" / "img.png") and "detections" in output
 
 
@@ -1617,3 +1643,210 @@ def test_template_is_the_same_in_every_model_file():
         defined = set(re.findall(r"^(?:def |class )?(\w+)[ (:=]", algo, re.MULTILINE)) - {"ALGO"}
         assert defined == TEMPLATE_PER_FILE, (name, defined)
         assert lines <= 280, f"{name}.py: Training + Main are {lines} lines"
+
+
+# ======================================== ssd ========================================
+# SSD (ssd.py) against torchvision's ssd300_vgg16: default boxes, SSDMatcher, hard negative mining, postprocessing;
+# its augmentation and its options (SSD512, the paper's VOC scales, VGG16-BN, width, frozen stages).
+
+
+def check_ssd_assignment(module, tv, images, targets):
+    """torchvision matches image by image (SSDMatcher: IoU >= 0.5, then every ground truth takes its best default box;
+    on a shared best box the later ground truth wins); ours the padded batch at once. The same default boxes and
+    matched_idxs, also for our code image by image."""
+    tv.eval()
+    grid_sizes = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]  # the maps of 300 px
+    with torch.no_grad():
+        image_list, resized_targets = tv.transform(images, targets)
+        anchors = tv.anchor_generator(image_list, [torch.zeros(1, 1, *size) for size in grid_sizes])[0]  # [A, 4]
+    cfg = parity_config("ssd")
+    batch, ours_targets = module.preprocess(images, targets, cfg)
+    assert torch.equal(batch, image_list.tensors)
+    assert torch.equal(module.make_anchors(grid_sizes, cfg), anchors) and len(anchors) == 8732
+    gt_boxes, _, gt_valid = common.pad_targets(ours_targets)
+    matched_idxs = module.assign_anchors(anchors, gt_boxes, gt_valid, cfg)  # [B, A]
+    shared = 0
+    for i, target in enumerate(resized_targets):
+        boxes, n = target["boxes"], len(target["boxes"])
+        iou = torchvision.ops.box_iou(boxes, anchors)  # [M, A]
+        expected = tv.proposal_matcher(iou)
+        best = iou.max(dim=1).indices
+        shared += n - len(best.unique())
+        assert torch.equal(matched_idxs[i], expected)
+        assert torch.equal(module.assign_anchors(anchors, gt_boxes[i:i + 1, :n], gt_valid[i:i + 1, :n], cfg)[0],
+                           expected)
+        assert (expected >= 0).sum() >= 20 and len(expected[expected >= 0].unique()) >= len(best.unique())
+    assert shared > 0  # some ground-truth boxes share their best default box: the later one must have won it
+
+
+def ssd_tiny(**overrides):
+    return tiny_config("ssd", **overrides)
+
+
+def test_ssd_default_boxes_match_torchvision_generator():
+    """torchvision's DefaultBoxGenerator: SSD300 (8732 boxes; the 300 / 8 = 37.5-cell centres), the paper's VOC
+    scales (--scales 0.2 0.9), and SSD512's 7 maps of 64 .. 1 cells (24564 boxes, paper Table 7)."""
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    def reference(size, grid, **kwargs):
+        maps = [torch.zeros(1, 1, h, w) for h, w in grid]
+        return DefaultBoxGenerator(**kwargs)(ImageList(torch.zeros(1, 3, size, size), [(size, size)]), maps)[0]
+    grid300 = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+    settings = ssd.DEFAULT_BOXES[300]
+    for scales, kwargs in [((), dict(scales=list(settings["scales"]))), ((0.2, 0.9), dict(min_ratio=0.2, max_ratio=0.9))]:
+        expected = reference(300, grid300, aspect_ratios=[list(r) for r in settings["aspect_ratios"]],
+                             steps=list(settings["steps"]), **kwargs)
+        assert torch.equal(ssd.make_anchors(grid300, ssd.Config(scales=scales)), expected)
+    model = ssd.SSD(ssd_tiny(size=512)).eval()
+    grid512 = [tuple(f.shape[-2:]) for f in model.backbone(torch.zeros(1, 3, 512, 512))]
+    assert grid512 == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    settings = ssd.DEFAULT_BOXES[512]
+    expected = reference(512, grid512, aspect_ratios=[list(r) for r in settings["aspect_ratios"]],
+                         steps=list(settings["steps"]), scales=list(settings["scales"]))
+    assert torch.equal(ssd.make_anchors(grid512, model.cfg), expected) and len(expected) == 24564
+    with torch.no_grad():
+        detections = model([torch.rand(3, 90, 120)])
+    assert detections[0]["boxes"].shape[1] == 4
+    with pytest.raises(ValueError, match="size 300 has 6 maps: aspect_ratios needs 6 tuples"):
+        ssd.SSD(ssd_tiny(aspect_ratios=((2,), (2, 3))))
+
+
+def test_ssd_later_ground_truth_wins_a_shared_best_default_box():
+    """Two (nearly) identical boxes share their best default box: the later one takes it (torchvision's CPU order),
+    the earlier one keeps the default boxes it wins by IoU >= 0.5 (the first on exact ties), an empty image has none."""
+    cfg = ssd.Config()
+    anchors = ssd.make_anchors([(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)], cfg)
+    boxes = torch.tensor([[40.0, 40, 140, 120], [40.0, 40, 140, 120], [41, 40, 140, 120], [200, 10, 260, 60]])
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3, 4])}, EMPTY]
+    gt_boxes, _, gt_valid = common.pad_targets(targets)
+    matched_idxs = ssd.assign_anchors(anchors, gt_boxes, gt_valid, cfg)
+    best = torchvision.ops.box_iou(boxes, anchors).max(dim=1).indices
+    assert best[0] == best[1] == best[2] and matched_idxs[0, best[0]] == 2
+    assert (matched_idxs[0] == 0).sum() > 0 and (matched_idxs[0] == 3).sum() > 0 and (matched_idxs[1] == -1).all()
+    assert torch.equal(matched_idxs[0], det_utils.SSDMatcher(0.5)(torchvision.ops.box_iou(boxes, anchors)))
+
+
+def test_ssd_losses_match_torchvision_with_a_shared_best_default_box_and_an_empty_image():
+    tv, ours = reference_and_ours("ssd")
+    tv.train(), ours.train()
+    images = make_images()
+    targets = [{"boxes": torch.tensor([[10.0, 20, 100, 90], [10, 20, 100, 91], [60, 5, 150, 60]]),
+                "labels": torch.tensor([1, 2, 5])}, EMPTY,
+               {"boxes": torch.tensor([[0.0, 0, 30, 30], [40, 40, 140, 140]]), "labels": torch.tensor([4, 1])}]
+    with torch.no_grad():
+        expected, actual = tv(images, targets), ours(images, targets)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-5, msg=key)
+    resized = ssd.preprocess(images, targets, ours.cfg)[1][0]["boxes"][:2]  # the two boxes share their best one
+    anchors = ssd.make_anchors([(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)], ours.cfg)
+    best = torchvision.ops.box_iou(resized, anchors).max(dim=1).indices
+    assert best[0] == best[1]
+
+
+def test_ssd_hard_negatives_per_image():
+    """The 3 x (positives of the image) highest-loss negatives of each image; none in an image without positives;
+    torchvision's quirk kept: where an image has too few negatives, the mask takes positives too."""
+    g = torch.Generator().manual_seed(0)
+    cls_loss = torch.rand(3, 50, generator=g)
+    foreground = torch.zeros(3, 50, dtype=torch.bool)
+    foreground[0, [3, 7]] = True
+    foreground[2, :15] = True  # more negatives wanted (45) than there are (35): all, and 10 positives (torchvision)
+    negatives = ssd.hard_negatives(cls_loss, foreground, 3.0)
+    expected = cls_loss[0].masked_fill(foreground[0], -1).topk(6).indices
+    assert sorted(torch.where(negatives[0])[0].tolist()) == sorted(expected.tolist())
+    assert not negatives[1].any() and negatives[2, 15:].all() and negatives[2, :15].sum() == 10
+
+
+def test_ssd_batched_decoding_equals_torchvision_postprocess():
+    """Random head outputs for 4 images (one with every score below the threshold, one with more candidates than
+    topk): our one-pass decoding gives torchvision's per-image, per-class loop's detections."""
+    cfg = ssd.Config(num_classes=5, topk_candidates=50, detections_per_img=60)
+    g = torch.Generator().manual_seed(0)
+    A, K = 8732, 5
+    cls_logits = torch.randn(4, A, K, generator=g) * 2
+    cls_logits[1, :, 0] = 20.0  # background everywhere: no detection
+    bbox_regression = torch.randn(4, A, 4, generator=g) * 0.5
+    anchors = ssd.make_anchors([(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)], cfg)
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.ssd import SSD
+    tv = SSD(torch.nn.Identity(), DefaultBoxGenerator([[2]]), (300, 300), K, head=torch.nn.Identity(),
+             topk_candidates=50, detections_per_img=60)
+    expected = tv.postprocess_detections({"cls_logits": cls_logits, "bbox_regression": bbox_regression},
+                                         [anchors] * 4, [(300, 300)] * 4)
+    actual = ssd.postprocess_detections(cls_logits, bbox_regression, anchors, common.BoxCoder(), cfg)
+    assert [len(d["boxes"]) for d in actual] == [len(d["boxes"]) for d in expected]
+    assert len(actual[1]["boxes"]) == 0 and len(actual[0]["boxes"]) == 60
+    for e, a in zip(expected, actual):
+        e, a = canonical_order(e), canonical_order(a)
+        assert torch.equal(e["labels"], a["labels"]) and torch.equal(e["scores"], a["scores"])
+        torch.testing.assert_close(a["boxes"], e["boxes"], atol=1e-4, rtol=0)
+
+
+def colour_classes(image):
+    """[3, H, W] -> [H, W]: the strongest channel where the pixel is coloured, -1 where it is grey (SSD's zoom-out
+    canvas, the mean colour, has channels within 0.08 of each other)."""
+    spread = image.max(0).values - image.min(0).values
+    return torch.where(spread > 0.12, image.argmax(0), -1)
+
+
+def test_ssd_augmentation_moves_boxes_with_their_pixels():
+    """SSD's augmentation (photometric distortion, zoom out, IoU crop, flip) on a red and a blue rectangle on green:
+    every box it returns still frames its own colour, tightly; boxes it drops take their labels and iscrowd along."""
+    cfg = ssd.Config(augment="ssd")
+    image = torch.zeros(3, 120, 160)
+    image[1] = 1.0  # green background
+    rects = torch.tensor([[20.0, 30, 60, 70], [100, 40, 150, 110]])
+    for (x1, y1, x2, y2), channel in zip(rects.int().tolist(), (0, 2)):  # red, blue
+        image[:, y1:y2, x1:x2] = 0
+        image[channel, y1:y2, x1:x2] = 1
+    target = {"boxes": rects, "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([0, 1]), "image_id": 3}
+    transform, sizes, counts = ssd.train_transforms(cfg), set(), set()
+    for seed in range(30):
+        data.seed_everything(seed)
+        out, t = transform(image, target)
+        H, W = out.shape[1:]
+        sizes.add((H > 120) - (H < 120))
+        counts.add(len(t["boxes"]))
+        assert len(t["labels"]) == len(t["iscrowd"]) == len(t["boxes"]) and t["image_id"] == 3
+        assert type(out) is torch.Tensor and type(t["boxes"]) is torch.Tensor
+        assert (t["boxes"][:, :2] >= 0).all() and (t["boxes"][:, 2] <= W).all() and (t["boxes"][:, 3] <= H).all()
+        classes = colour_classes(out)
+        inside_colour = {}
+        for (x1, y1, x2, y2), label, crowd in zip(t["boxes"].round().int().tolist(), t["labels"].tolist(),
+                                                  t["iscrowd"].tolist()):
+            assert crowd == label - 1  # iscrowd stayed with its box
+            inside = classes[y1 + 1:y2 - 1, x1 + 1:x2 - 1].flatten()
+            colour = int(inside.mode().values)
+            assert colour >= 0 and (inside == colour).float().mean() > 0.95
+            inside_colour[label] = colour
+            ring = torch.cat([classes[max(y1 - 2, 0):y1, x1:x2].flatten(), classes[y2:y2 + 2, x1:x2].flatten(),
+                              classes[y1:y2, max(x1 - 2, 0):x1].flatten(), classes[y1:y2, x2:x2 + 2].flatten()])
+            assert len(ring) == 0 or (ring == colour).float().mean() < 0.5  # the box is tight
+        assert len(set(inside_colour.values())) == len(inside_colour)  # red and blue stay apart
+    assert sizes == {-1, 0, 1} and 2 in counts and min(counts) < 2  # zoomed out, cropped, untouched; boxes dropped
+
+
+def test_ssd_backbone_weights_and_frozen_stages(tmp_path):
+    """--backbone-weights PATH (a VGG16(-BN) state dict as torchvision names it) loads VGG's convs and freezes conv1_x
+    (trainable_backbone_layers 4, as torchvision with pretrained weights); from scratch every layer trains. The coco
+    preset is torchvision's recipe."""
+    scratch = ssd.SSD(ssd_tiny())
+    assert all(p.requires_grad for p in scratch.parameters())
+    vgg = {f"features.{i}.{k}": v for i, m in enumerate([*scratch.backbone.features, *scratch.backbone.conv5, None])
+           if m is not None for k, v in m.state_dict().items()}
+    vgg = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in vgg.items()}
+    torch.save(vgg, tmp_path / "vgg.pth")
+    model = ssd.SSD(ssd_tiny(backbone_weights=str(tmp_path / "vgg.pth")))
+    first = model.backbone.features[0]
+    assert torch.equal(first.weight, vgg["features.0.weight"]) and not first.weight.requires_grad
+    conv2_1 = model.backbone.features[7]  # conv, bn, relu, conv, bn, relu, pool, conv2_1
+    assert torch.equal(conv2_1.weight, vgg["features.7.weight"]) and conv2_1.weight.requires_grad
+    assert torch.equal(model.backbone.conv5[1].weight, vgg["features.34.weight"])  # conv5_1 after pool4
+    coco = ssd.make_config({}, preset="coco")
+    optimizer, _ = ssd.make_optimizer(ssd.SSD(ssd_tiny(backbone="vgg16")), coco, 100, world_size=8)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * 0.001) and coco.batch_size * 8 == 32
+    assert (coco.backbone, coco.epochs, coco.lr_steps, coco.weight_decay, coco.augment) == (
+        "vgg16", 120, (80, 110), 5e-4, "ssd")
+    with pytest.raises(ValueError, match="trainable_backbone_layers 6 must be 0..5"):
+        ssd.SSD(ssd_tiny(trainable_backbone_layers=6))
