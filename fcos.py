@@ -47,6 +47,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import time
@@ -524,7 +525,7 @@ def postprocess_detections(cls_logits: Tensor, bbox_regression: Tensor, centerne
 DETECTOR = FCOS  # the class the template builds, trains, evaluates and saves
 
 
-def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int):
+def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
     """torchvision's recipe: SGD with momentum (or AdamW) and weight decay, cfg.lr for 16 images scaled linearly to the
     global batch, a linear warmup (at most a third of the run), x lr_gamma at each of lr_steps."""
     params, lr = [p for p in model.parameters() if p.requires_grad], cfg.lr * cfg.batch_size * world_size / 16
@@ -566,9 +567,10 @@ def draw_targets(model: FCOS, image: Tensor, target: dict, class_names, path: st
 def load_weights(weights: str):
     """--weights PATH (a checkpoint of this file, or the reference implementation's weights) or a name (torchvision)
     -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
-    if not os.path.isfile(weights):  # a name: the reference's published weights
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, pickle.UnpicklingError):  # a name, or a pickled model: reference_weights says what to do
         return reference_weights(weights)
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
         return reference_weights(weights, checkpoint)
     if checkpoint["detector"] != DETECTOR.__name__:
@@ -604,7 +606,6 @@ def train(cfg: Config):
     ctx = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.backends.cudnn.benchmark = cfg.data == "synthetic"  # one input size: cuDNN picks its fastest kernels once
-
     train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
     cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
     resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
@@ -618,11 +619,11 @@ def train(cfg: Config):
         load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
     if cfg.channels_last:
         raw_model.to(memory_format=torch.channels_last)
+    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
-    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
-    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size)
     epoch, step, best = 0, 0, {"AP": -1.0}
     if resume:
         if (batch := resume["config"]["batch_size"] * resume["world_size"]) != cfg.batch_size * world_size:
@@ -657,8 +658,8 @@ def train(cfg: Config):
               + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
     stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one acts as it did before
-    handlers = {signum: signal.signal(signum, lambda signum, frame: stop.append(signal.signal(signum, handlers[signum])))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(signal.signal(sig, handlers[sig])))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     start_iter, start_time = epoch * steps + step, time.perf_counter()
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
@@ -763,19 +764,20 @@ def main(argv=None):
             print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.show_targets:  # the assignment needs no trained weights, but takes them where given (proposals)
-        train_set = data.build_datasets(cfg)[0]
+    if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
+        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
-        for i, (image, target) in zip(range(8), train_set):
+        for i in range(min(8, len(train_set))):
+            data.seed_everything(cfg.seed, 0, i)  # epoch 0's augmentation of image i, as make_loader draws it
+            image, target = train_set[i]
             draw_targets(model.to(device).eval(), image.to(device), data.to_device([target], device)[0],
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
         raise SystemExit("--eval and --predict need --weights PATH|torchvision")
-    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False)
+    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
-    model.to(device).eval()
     if args.eval:
         val_set = data.build_datasets(cfg, train=False)[1]
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")

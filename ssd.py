@@ -44,6 +44,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import time
@@ -499,7 +500,7 @@ def postprocess_detections(cls_logits: Tensor, bbox_regression: Tensor, anchors:
 DETECTOR = SSD  # the class the template builds, trains, evaluates and saves
 
 
-def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int):
+def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
     """torchvision's recipe: SGD with momentum (or AdamW) and weight decay, cfg.lr for 32 images scaled linearly to the
     global batch, a linear warmup (at most a third of the run), x lr_gamma at each of lr_steps."""
     params, lr = [p for p in model.parameters() if p.requires_grad], cfg.lr * cfg.batch_size * world_size / 32
@@ -515,9 +516,8 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
 
 
 def train_transforms(cfg: Config):
-    """augment ssd: SSD's augmentation (paper sections 2.2, 3.6) as torchvision's reference recipe, with transforms.v2:
-    photometric distortion (p 0.5 each), zoom out onto a mean-colour canvas up to zoom_out_max x the side (p 0.5), a
-    crop with IoU >= 0, 0.1, .., 0.9 with some box or none (boxes whose centre leaves it go, labels too), flip."""
+    """augment ssd: SSD's augmentation (paper 2.2, 3.6) as torchvision's recipe, in transforms.v2: photometric
+    distortion, zoom out onto the mean colour, a crop with IoU >= 0..0.9 with a box (boxes leaving it go), flip."""
     if cfg.augment == "flip":
         return data.RandomHorizontalFlip(cfg.hflip_prob)
     return data.TransformsV2(v2.Compose([
@@ -528,10 +528,8 @@ def train_transforms(cfg: Config):
 
 @torch.no_grad()
 def draw_targets(model: SSD, image: Tensor, target: dict, class_names, path: str):
-    """--show-targets: what training sees, the image after train_transforms (seeded by its image_id) with its ground
-    truth (thick) and the default boxes matched to each ground-truth box (thin), both in the box's class colour."""
-    data.seed_everything(model.cfg.seed, target["image_id"])
-    image, target = train_transforms(model.cfg)(image, target)
+    """--show-targets: the ground truth (thick) and the default boxes matched to each ground-truth box (thin), both in
+    the box's class colour."""
     batch, targets = preprocess([image], [target], model.cfg)
     anchors = make_anchors([f.shape[-2:] for f in model.backbone(batch)], model.cfg, batch.device)  # [A, 4]
     gt_boxes, gt_labels, gt_valid = pad_targets(targets)  # [1, M, 4], [1, M], [1, M]
@@ -547,9 +545,10 @@ def draw_targets(model: SSD, image: Tensor, target: dict, class_names, path: str
 def load_weights(weights: str):
     """--weights PATH (a checkpoint of this file, or the reference implementation's weights) or a name (torchvision)
     -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
-    if not os.path.isfile(weights):  # a name: the reference's published weights
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, pickle.UnpicklingError):  # a name, or a pickled model: reference_weights says what to do
         return reference_weights(weights)
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
         return reference_weights(weights, checkpoint)
     if checkpoint["detector"] != DETECTOR.__name__:
@@ -585,7 +584,6 @@ def train(cfg: Config):
     ctx = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.backends.cudnn.benchmark = cfg.data == "synthetic"  # one input size: cuDNN picks its fastest kernels once
-
     train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
     cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
     resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
@@ -599,11 +597,11 @@ def train(cfg: Config):
         load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
     if cfg.channels_last:
         raw_model.to(memory_format=torch.channels_last)
+    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
-    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
-    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size)
     epoch, step, best = 0, 0, {"AP": -1.0}
     if resume:
         if (batch := resume["config"]["batch_size"] * resume["world_size"]) != cfg.batch_size * world_size:
@@ -637,9 +635,9 @@ def train(cfg: Config):
               f"of {steps} steps of {cfg.batch_size} x {world_size} images; writing to {cfg.out}"
               + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one stops at once
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stop.append(signal.signal(signum, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one acts as it did before
+    handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(signal.signal(sig, handlers[sig])))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     start_iter, start_time = epoch * steps + step, time.perf_counter()
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
@@ -705,6 +703,8 @@ def train(cfg: Config):
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
+    for signum, handler in handlers.items():  # train() called from a notebook leaves Ctrl-C as it found it
+        signal.signal(signum, handler)
     if ddp:
         dist.destroy_process_group()
     return raw_model
@@ -731,7 +731,7 @@ def main(argv=None):
     args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
     saved = state_dict = None
     if args.train and given.get("resume"):  # the run's config: its model, schedule and folder (flags still override)
-        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]
+        saved = load_weights(given["resume"])[2]  # (and a checkpoint of another detector is refused)
     elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
@@ -742,19 +742,20 @@ def main(argv=None):
             print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.show_targets:  # the assignment needs no trained weights, but takes them where given (proposals)
-        train_set = data.build_datasets(cfg)[0]
+    if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
+        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
-        for i, (image, target) in zip(range(8), train_set):
+        for i in range(min(8, len(train_set))):
+            data.seed_everything(cfg.seed, 0, i)  # epoch 0's augmentation of image i, as make_loader draws it
+            image, target = train_set[i]
             draw_targets(model.to(device).eval(), image.to(device), data.to_device([target], device)[0],
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
         raise SystemExit("--eval and --predict need --weights PATH|torchvision")
-    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False)
+    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
-    model.to(device).eval()
     if args.eval:
         val_set = data.build_datasets(cfg, train=False)[1]
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
