@@ -83,6 +83,7 @@ class Config:
     width_multiple: float = 0.0  # channels x this, rounded up to 8 (0: the scale's: n 0.25; s 0.5; m 0.75; l 1; x 1.25)
     anchors: tuple = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326))  # w, h in
     # pixels, three per level P3/8, P4/16, P5/32 (AutoAnchor may replace them before training; checkpoints keep them)
+    bn_momentum: float = 0.03  # batch-norm running-statistics momentum (eps 1e-3) [PyTorch's default: 0.1]
     # preprocessing
     letterbox_pad: float = 0.5  # evaluation and --predict batches: val.py's rectangle + this many strides (0: minimal)
     # targets and loss (train.py scales the gains by 3 / L, the class count and the image size: see compute_loss)
@@ -196,13 +197,13 @@ def letterbox(images: list, targets, cfg: Config, training: bool):
 
 
 class Conv(nn.Module):
-    """Conv2d without bias + BatchNorm (eps 1e-3, momentum 0.03, as yolov5's initialize_weights sets them) + SiLU."""
+    """Conv2d without bias + BatchNorm (eps and momentum set by YOLO, as yolov5's initialize_weights) + SiLU."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, stride: int = 1, padding: int = None):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
         self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.03)
+        self.bn = nn.BatchNorm2d(c_out)
         self.act = nn.SiLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -345,6 +346,9 @@ class YOLO(nn.Module):
             self.backbone.load_state_dict({k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")})
         self.neck = PAN(channels, max(round(3 * depth), 1))
         self.head = Detect(channels[2:], cfg.num_classes - 1, cfg.anchors)
+        for module in self.modules():  # yolov5's initialize_weights (conv weights keep PyTorch's default init)
+            if isinstance(module, nn.BatchNorm2d):
+                module.eps, module.momentum = 1e-3, cfg.bn_momentum
 
     def forward(self, images: list, targets: list = None):
         if self.training and targets is None:
