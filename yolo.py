@@ -401,7 +401,7 @@ def reference_weights(weights: str, state_dict: dict = None):
     state_dict = convert_yolov5(state_dict)
     anchors = state_dict["head.anchors"]  # [L, A, 2] pixels
     K = state_dict["head.convs.0.weight"].shape[0] // anchors.shape[1] - 5
-    width = state_dict["backbone.stem.conv.weight"].shape[0] / 64
+    width = state_dict["backbone.dark5.0.conv.weight"].shape[0] / 1024  # the widest layer: the least rounding
     depth = sum(k.endswith("cv1.conv.weight") for k in state_dict if k.startswith("backbone.dark4.1.m.")) / 9
     scale = min(SCALES, key=lambda name: abs(SCALES[name][0] - depth) + abs(SCALES[name][1] - width))
     if abs(SCALES[scale][0] - depth) < 0.01 and abs(SCALES[scale][1] - width) < 0.01:

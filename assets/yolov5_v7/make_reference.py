@@ -1,7 +1,9 @@
 """Reference numbers of ultralytics/yolov5 v7.0 for yolo.py's parity test (CI has no network, so they are stored).
 
     git --git-dir=<clone of github.com/ultralytics/yolov5> archive v7.0 | tar -x -C /tmp/yolov5   # tag v7.0 = 915bbf29
-    python assets/yolov5_v7/make_reference.py /tmp/yolov5        # writes assets/yolov5_v7/reference.pt (~0.6 MB)
+    python assets/yolov5_v7/make_reference.py /tmp/yolov5        # writes assets/yolov5_v7/reference.pt (0.7 MB)
+    python assets/yolov5_v7/make_reference.py /tmp/yolov5 --case yolov5s --out /tmp/yolov5s.pt   # the full-width
+        yolov5s at 256 px, K = 6, two synthetic images and one without boxes (what the live test also compares)
 
 needs only torch, torchvision, numpy and scipy: the modules v7.0 imports but never uses for a model, its loss and NMS
 (cv2, pandas, requests, IPython, matplotlib, seaborn, psutil, tqdm, yaml, pkg_resources) are stubbed by load_yolov5().
@@ -11,11 +13,13 @@ random weights with batch-norm statistics from the images and head outputs sprea
 sharing cells, one with a single box, one without boxes. Stored: the v7.0 state dict, the images (uint8), the targets
 (this repo's format), ComputeLoss's loss items, its total and per-parameter gradient norms (train mode), and the
 detections of the eval-mode model + non_max_suppression as val.py (multi-label, conf 0.001, IoU 0.6) and as
-detect.py (best class, IoU 0.45; conf 0.05 rather than its 0.25, which keeps nothing of a random head), boxes clipped to the image as scale_boxes does.
+detect.py (best class, IoU 0.45; conf 0.05 rather than its 0.25, which keeps nothing of a random head), boxes
+clipped to the image as scale_boxes does.
 test_models.py compares yolo.py with these numbers, and with v7.0 itself when YOLOV5_ROOT names a v7.0 work tree
 (live_case() below). bench.py times both with load_yolov5(). YOLOv5 is AGPL-3.0: it is run here, never copied.
 """
 import importlib.machinery
+import math
 import os
 import sys
 import tempfile
@@ -131,12 +135,15 @@ def reference_outputs(yv5, model, images, targets, size):
     loss, items = yv5.ComputeLoss(model)(model(x), yolo_labels(targets, size))
     loss.backward()
     grad_norms = {k: p.grad.norm().item() for k, p in model.named_parameters()}
+    assert all(map(math.isfinite, grad_norms.values())), "non-finite gradients: a smaller spread (make_model)"
     return {"detections": detections, "loss_items": items.tolist(), "loss": loss.item(), "grad_norms": grad_norms}
 
 
-def make_model(yv5, nc, depth, width, images, seed=0):
+def make_model(yv5, nc, depth, width, images, spread=2.0, seed=0):
     """A v7.0 DetectionModel with random weights whose scores spread: batch-norm statistics from the images, head
-    outputs rescaled to std ~1.5 around their bias (an untrained head scores every location alike)."""
+    outputs rescaled to std ~spread around their bias, objectness raised (an untrained head scores every location
+    alike). Too wide a spread saturates some sigmoids: (2 sigmoid)^2 x anchor underflows and CIoU's gradient is NaN
+    (in v7.0 as here)."""
     torch.manual_seed(seed)
     with mock.patch("models.yolo.LOGGER"):
         model = yv5.Model(model_dict(nc, depth, width), ch=3, nc=nc)
@@ -152,24 +159,47 @@ def make_model(yv5, nc, depth, width, images, seed=0):
         hook.remove()
         for conv, feature in zip(model.model[-1].m, features):
             out = conv(feature) - conv.bias[:, None, None]
-            conv.weight.mul_(2.0 / out.std())
+            conv.weight.mul_(spread / out.std())
             conv.bias.view(3, -1)[:, 4] += 4.0  # objectness up to ~0.9: scores spread over (0, 0.3)
         for m in norms:
             m.momentum = 0.03
     return model
 
 
-def main():
-    root = sys.argv[1]
+def yolov5s_inputs():
+    """yolov5s's case: two synthetic 256 x 256 images with their shapes, and one without boxes."""
+    sys.path.insert(0, ROOT)
+    import data
+    dataset = data.SyntheticShapes(3, 256, seed=3)
+    images = torch.stack([(dataset[i][0] * 255).round().to(torch.uint8) for i in range(3)])
+    targets = [{"boxes": dataset[i][1]["boxes"], "labels": dataset[i][1]["labels"]} for i in range(2)]
+    return images, targets + [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+
+
+def make_reference(root, case="fixture"):
+    """v7.0's numbers for a case: "fixture" (the stored one) or "yolov5s"."""
     yv5 = load_yolov5(root)
-    images, targets = make_inputs()
-    model = make_model(yv5, NUM_CLASSES, DEPTH, WIDTH, images)
+    (nc, size, depth, width, spread), (images, targets) = (
+        ((NUM_CLASSES, IMAGE_SIZE, DEPTH, WIDTH, 2.0), make_inputs()) if case == "fixture"
+        else ((6, 256, 0.33, 0.50, 1.0), yolov5s_inputs()))
+    model = make_model(yv5, nc, depth, width, images, spread)
     state_dict = {k: v.clone() for k, v in model.state_dict().items()}
-    out = reference_outputs(yv5, model, images, targets, IMAGE_SIZE)
-    reference = {"commit": COMMIT, "torch": str(torch.__version__), "num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE,
-                 "depth_multiple": DEPTH, "width_multiple": WIDTH, "state_dict": state_dict, "images": images,
-                 "targets": targets, **out}
-    path = os.path.join(HERE, "reference.pt")
+    out = reference_outputs(yv5, model, images, targets, size)
+    return {"commit": COMMIT, "torch": str(torch.__version__), "num_classes": nc, "image_size": size,
+            "depth_multiple": depth, "width_multiple": width, "state_dict": state_dict, "images": images,
+            "targets": targets, **out}
+
+
+def main():
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("yolov5_root", help="a work tree of ultralytics/yolov5 at tag v7.0")
+    parser.add_argument("--case", choices=["fixture", "yolov5s"], default="fixture")
+    parser.add_argument("--out", default=os.path.join(HERE, "reference.pt"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    reference = make_reference(args.yolov5_root, args.case)
+    out, path = reference, args.out
     torch.save(reference, path)
     print(f"{path}: {os.path.getsize(path) / 1e6:.2f} MB; loss items (box, obj, cls) {out['loss_items']}, loss x bs "
           f"{out['loss']:.6f}; detections val {[len(d) for d in out['detections']['val']]}, detect "
