@@ -69,6 +69,8 @@ from common import COCO_METRIC_NAMES, box_cxcywh_to_xyxy, clip_boxes_to_image, d
 
 # --- Config ---
 
+YOLOV5_ANCHORS = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326))  # COCO's, pixels
+
 
 @dataclass
 class Config:
@@ -81,8 +83,7 @@ class Config:
     backbone_weights: str = "none"  # none (random) | PATH to a state dict of this model or of v7.0's: its backbone
     depth_multiple: float = 0.0  # C3 repeats x this (0: the scale's: n, s 0.33; m 0.67; l 1.0; x 1.33)
     width_multiple: float = 0.0  # channels x this, rounded up to 8 (0: the scale's: n 0.25; s 0.5; m 0.75; l 1; x 1.25)
-    anchors: tuple = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326))  # w, h in
-    # pixels, three per level P3/8, P4/16, P5/32 (AutoAnchor may replace them before training; checkpoints keep them)
+    anchors: tuple = YOLOV5_ANCHORS  # w, h in pixels, 3 per level P3, P4, P5 (AutoAnchor may change them; saved)
     bn_momentum: float = 0.03  # batch-norm running-statistics momentum (eps 1e-3) [PyTorch's default: 0.1]
     # preprocessing
     letterbox_pad: float = 0.5  # evaluation and --predict batches: val.py's rectangle + this many strides (0: minimal)
@@ -94,7 +95,7 @@ class Config:
     balance: tuple = (4.0, 1.0, 0.4)  # objectness loss weight of P3, P4, P5
     autoanchor: bool = True  # before training: check the anchors' best possible recall, evolve new ones below 0.98
     # decoding (val.py's; detect.py uses conf 0.25, iou 0.45, one label per box)
-    conf_thresh: float = 0.001  # keep candidates whose objectness, then whose objectness x class probability, exceed this
+    conf_thresh: float = 0.001  # candidates: objectness, then objectness x class probability, above this
     iou_thresh: float = 0.6  # NMS IoU, per class [the README's COCO AP: 0.65]
     max_det: int = 300  # detections kept per image
     multi_label: bool = True  # every class above conf_thresh is a detection of the box (val.py); else the best class
@@ -132,13 +133,13 @@ class Config:
     amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling
     channels_last: bool = False  # convolutions in channels-last memory layout (can be faster under AMP on a GPU)
     # run
-    workers: int = 8  # DataLoader worker processes (a mosaic reads 4 images) [8]
+    workers: int = 8  # DataLoader worker processes (a mosaic reads 4 images)
     device: str = ""  # cuda | cpu | cuda:1 ...; empty: cuda if available
     seed: int = 0  # seeds the data order, the augmentation, the model's sampling and the synthetic data
     log_every: int = 20  # print and log to metrics.jsonl every this many steps
     out: str = "runs/yolo"  # output folder: config.json, metrics.jsonl, last.pt, best.pt, PNGs
     resume: str = ""  # checkpoint (last.pt) to continue training from
-    weights: str = ""  # PATH to a checkpoint of this file or a state dict of v7.0's DetectionModel: start from / evaluate
+    weights: str = ""  # PATH to a checkpoint of this file or the state dict of a v7.0 model: start from / evaluate
     draw_thresh: float = 0.5  # --predict draws detections scoring at least this
 
 
@@ -389,12 +390,12 @@ def convert_yolov5(state_dict: dict) -> dict:
 
 
 def reference_weights(weights: str, state_dict: dict = None):
-    """--weights FILE holding the state dict of a v7.0 DetectionModel -> (this file's state dict, class names, the config
-    it was built with: scale, multiples, anchors). K is read from the head; the names are COCO's for K = 80, else
+    """--weights FILE holding the state dict of a v7.0 DetectionModel -> (this file's state dict, class names, the
+    config it was built with: scale, multiples, anchors). K is read from the head; the names are COCO's for K = 80, else
     numbers. Released files (yolov5s.pt ...) are pickled models that need the yolov5 code: README says how to turn one
     into a state dict."""
     if state_dict is None or "model.0.conv.weight" not in state_dict:
-        raise SystemExit(f"--weights {weights}: not a checkpoint of yolo.py nor the state dict of a v7.0 DetectionModel. "
+        raise SystemExit(f"--weights {weights}: neither a checkpoint of yolo.py nor a v7.0 DetectionModel state dict. "
                          "A released yolov5s.pt is a pickled model: in a yolov5 v7.0 checkout run  python -c \"import "
                          "torch; torch.save(torch.load('yolov5s.pt', weights_only=False)['model'].float().state_dict(),"
                          " 'yolov5s_state_dict.pt')\"  and pass --weights yolov5s_state_dict.pt")
@@ -441,7 +442,7 @@ NEIGHBOUR_OFFSETS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0
 @torch.no_grad()
 def build_targets(gt: Tensor, anchors: Tensor, grid_sizes: list, anchor_t: float) -> list:
     """Which predictions learn which box (yolov5's ComputeLoss.build_targets), for the whole batch at once.
-    gt [N, 6] (yolo_targets); anchors [L, A, 2] in grid units of their level (pixels / stride); grid_sizes: L x (H_l, W_l).
+    gt [N, 6] (yolo_targets); anchors [L, A, 2] in grid units of their level (pixels / stride); grid_sizes L x (H, W).
     Returns per level a dict of P (box, anchor, cell) triples: image, anchor, gj, gi [P] (the prediction that learns:
     image, anchor, row, column), box [P, 4] (its target: centre relative to the cell's top-left corner, in (-0.5, 1.5),
     and size, in grid units), cls [P] (0..K-1).
@@ -537,7 +538,8 @@ def autoanchor(anchors: Tensor, wh: np.ndarray, image: np.ndarray, image_size: i
     for _ in range(generations):
         mutation = np.ones(k.shape)
         while (mutation == 1).all():  # until something changes
-            mutation = ((rng.random(k.shape) < 0.9) * rng.random() * rng.standard_normal(k.shape) * 0.1 + 1).clip(0.3, 3)
+            mutation = (rng.random(k.shape) < 0.9) * rng.random() * rng.standard_normal(k.shape) * 0.1 + 1
+            mutation = mutation.clip(0.3, 3.0)
         candidate = (k * mutation).clip(min=2.0)
         if (f_candidate := fitness(candidate)) > f:
             f, k = f_candidate, candidate
@@ -616,11 +618,11 @@ def compute_loss(outputs: list, gt: Tensor, anchors: Tensor, cfg: Config) -> dic
 @torch.no_grad()
 def postprocess_detections(outputs: list, anchors: Tensor, cfg: Config) -> list:
     """outputs: L raw [B, A, H_l, W_l, O]; anchors [L, A, 2] pixels -> B tuples (boxes [D, 4] xyxy in letterboxed
-    pixels, scores [D], labels [D] 0..K-1). Detect's decoding then non_max_suppression (val.py with multi_label; detect.py
-    without): candidates with objectness > conf_thresh; score = objectness x class probability > conf_thresh, every
-    class of a box (multi_label) or its best; the 30,000 best into NMS (IoU iou_thresh, classes kept apart by offsetting
-    boxes by class x 7680 px); the max_det best. Unlike v7.0 there is no time limit, after which it silently returns
-    no detections for the rest of the batch."""
+    pixels, scores [D], labels [D] 0..K-1). Detect's decoding then non_max_suppression (val.py with multi_label;
+    detect.py without): candidates with objectness > conf_thresh; score = objectness x class probability >
+    conf_thresh, every class of a box (multi_label) or its best; the 30,000 best into NMS (IoU iou_thresh, classes
+    kept apart by offsetting boxes by class x 7680 px); the max_det best. Unlike v7.0 there is no time limit, after
+    which it silently returns no detections for the rest of the batch."""
     predictions = []
     for output, anchors_l, stride in zip(outputs, anchors, STRIDES):
         B, A, H, W, O = output.shape
@@ -782,7 +784,8 @@ class YoloAugment:
             image, boxes, centre, values = batch[0], t["boxes"], s / 2, {k: target[k] for k in fields}
         # out = scale x (in - centre) + shift: the centre lands within +- translate of the middle
         scale = random.uniform(1 - cfg.scale, 1 + cfg.scale)
-        offset = torch.tensor([random.uniform(0.5 - cfg.translate, 0.5 + cfg.translate) * s for _ in range(2)]) - scale * centre
+        shift = torch.tensor([random.uniform(0.5 - cfg.translate, 0.5 + cfg.translate) * s for _ in range(2)])
+        offset = shift - scale * centre  # [2] (x, y)
         image = warp(image, scale, offset, s)
         new = (boxes * scale + offset.repeat(2)).clamp(0, s)  # [n, 4]
         w, h = new[:, 2] - new[:, 0], new[:, 3] - new[:, 1]
@@ -807,7 +810,8 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
     weights with weight decay x images per optimiser step / 64, batch-norm weights without; YoloSchedule."""
     if cfg.autoanchor and not cfg.resume:
         message = run_autoanchor(model, cfg)  # every rank alike (same seed and data): DDP's copies stay equal
-        print(message) if int(os.environ.get("RANK", 0)) == 0 else None
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(message)
     groups = ([], [], [])  # biases (group 0: warmup_bias_lr), conv weights, batch-norm weights (smart_optimizer)
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):

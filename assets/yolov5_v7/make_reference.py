@@ -54,7 +54,9 @@ def load_yolov5(root):
             __import__(name)
         except ImportError:
             sys.modules[name] = stub(name)
-    version = lambda s: tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in str(s).split("+")[0].split(".")[:3])
+    def version(s):  # pkg_resources.parse_version, enough for check_version's comparisons
+        return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in str(s).split("+")[0].split(".")[:3])
+
     for name, attributes in (("pkg_resources", dict(parse_version=version)), ("yaml", {})):
         try:
             __import__(name)
@@ -111,8 +113,9 @@ def yolo_labels(targets, size):
     rows = []
     for i, t in enumerate(targets):
         b = t["boxes"]
-        rows.append(torch.stack([torch.full((len(b),), float(i)), (t["labels"] - 1).float(), (b[:, 0] + b[:, 2]) / 2 / size,
-                                 (b[:, 1] + b[:, 3]) / 2 / size, (b[:, 2] - b[:, 0]) / size, (b[:, 3] - b[:, 1]) / size], 1))
+        rows.append(torch.stack([torch.full((len(b),), float(i)), (t["labels"] - 1).float(),
+                                 (b[:, 0] + b[:, 2]) / 2 / size, (b[:, 1] + b[:, 3]) / 2 / size,
+                                 (b[:, 2] - b[:, 0]) / size, (b[:, 3] - b[:, 1]) / size], 1))
     return torch.cat(rows)
 
 
