@@ -629,10 +629,10 @@ def postprocess_detections(outputs: list, anchors: Tensor, cfg: Config) -> list:
         ys, xs = torch.meshgrid(torch.arange(H, device=output.device, dtype=anchors.dtype),
                                 torch.arange(W, device=output.device, dtype=anchors.dtype), indexing="ij")
         grid = torch.stack([xs, ys], 2).view(1, 1, H, W, 2) - 0.5  # cell corners, minus the -0.5 of 2 sigmoid - 0.5
-        y = output.sigmoid()
-        xy = (y[..., :2] * 2 + grid) * stride  # [B, A, H_l, W_l, 2] centre in pixels
-        wh = (y[..., 2:4] * 2) ** 2 * anchors_l.view(1, A, 1, 1, 2)  # size in pixels, 0 ... 4 x anchor
-        predictions.append(torch.cat([xy, wh, y[..., 4:]], -1).view(B, -1, O))
+        y = output.sigmoid()  # [B, A, H_l, W_l, O]; box outputs decoded in place:
+        y[..., :2] = (y[..., :2] * 2 + grid) * stride  # centre in pixels
+        y[..., 2:4] = (y[..., 2:4] * 2) ** 2 * anchors_l.view(1, A, 1, 1, 2)  # size in pixels, 0 ... 4 x anchor
+        predictions.append(y.view(B, -1, O))
     detections = []
     for x in torch.cat(predictions, 1):  # [H_l x W_l x A summed over levels, O] per image
         x = x[x[:, 4] > cfg.conf_thresh]

@@ -160,7 +160,7 @@ def make_model(yv5, nc, depth, width, images, spread=2.0, seed=0):
         hook = model.model[-1].register_forward_pre_hook(lambda module, args: features.extend(args[0]))
         model(images.float() / 255)
         hook.remove()
-        for conv, feature in zip(model.model[-1].m, features):
+        for conv, feature in zip(model.model[-1].m, features if spread else []):  # spread 0: the head as initialised
             out = conv(feature) - conv.bias[:, None, None]
             conv.weight.mul_(spread / out.std())
             conv.bias.view(3, -1)[:, 4] += 4.0  # objectness up to ~0.9: scores spread over (0, 0.3)
