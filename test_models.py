@@ -1694,13 +1694,16 @@ def test_yolo_scales_are_v7_models():
 
 def test_yolo_v7_state_dict_as_weights(tmp_path):
     """--weights FILE with a v7.0 state dict: converted, its scale and K read off (class names are numbers unless
-    K = 80), loaded strictly, --predict runs. A released .pt (pickled) gets the recipe to convert it."""
+    K = 80), loaded strictly, --predict runs; --backbone-weights FILE takes its backbone. A released .pt (pickled) gets
+    the recipe to convert it."""
     reference = torch.load(os.path.join(YOLOV5_ASSETS, "reference.pt"), weights_only=True)
     torch.save(reference["state_dict"], tmp_path / "v7.pt")
     state_dict, class_names, config = yolo.load_weights(str(tmp_path / "v7.pt"))
     assert class_names == ("__background__", "1", "2", "3", "4", "5")
     assert config["depth_multiple"] == pytest.approx(1 / 3) and config["width_multiple"] == 0.0625
     assert torch.equal(state_dict["head.anchors"][0], torch.tensor([[10.0, 13], [16, 30], [33, 23]]))
+    backbone = yolo.YOLO(yolo.make_config({**config, "backbone_weights": str(tmp_path / "v7.pt")})).backbone
+    assert all(torch.equal(v, state_dict[f"backbone.{k}"]) for k, v in backbone.state_dict().items())
     torchvision.io.write_png(reference["images"][0], str(tmp_path / "img.png"))
     output = run_main("yolo", "--predict", tmp_path / "img.png", "--weights", tmp_path / "v7.pt", "--out",
                       tmp_path / "pred", "--image-size", "96", "--letterbox-pad", "0", "--draw-thresh", "0.05")
