@@ -6,6 +6,9 @@
     python bench.py fcos --device cuda --image-size 320 320 --min-size 320 --max-size 320 --train-batch 16
         the synthetic default's step: 320x320 images, 16 per step, bf16
     python bench.py ssd --device cuda --train-batch 32 --infer-batch 32   # SSD: always 300x300, no size flags
+    python bench.py yolo [--device cpu|cuda] [--yolov5 DIR] [--scale yolov5s] [--yolo-size 640]
+        yolo.py alone (images/s), or against ultralytics/yolov5 v7.0 when DIR is a work tree of its tag v7.0: the
+        same weights and inputs, train step, inference (+ NMS) at batch 1 and 32
 
 Each benchmark is a function bench_NAME(args) registered in main()'s table.
 """
@@ -14,6 +17,7 @@ import contextlib
 import copy
 import io
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -133,8 +137,9 @@ def bench_model(args):
     targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in samples]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     cuda = device.type == "cuda"
-    print(f"{args.name} on {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}"
-          f", {'bf16 autocast' if cuda else 'fp32'}), {args.image_size[0]}x{args.image_size[1]} synthetic images, median of {args.steps} steps")
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"{args.name} on {device} ({where}, {'bf16 autocast' if cuda else 'fp32'}), "
+          f"{args.image_size[0]}x{args.image_size[1]} synthetic images, median of {args.steps} steps")
 
     def gib(memory):
         return f"{memory:.2f}" if cuda else "-"  # peak memory is measured on CUDA only
@@ -215,11 +220,109 @@ def bench_model(args):
         print(f"{'backbone fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>8} {gib(m_bt):>9}   (batch "
               f"{args.train_batch}, padded {tuple(batch_tensor.shape[-2:])})")
         print(f"{'backbone forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>8} {gib(m_bi):>9}")
-        del tv, ours, backbone
+        del tv, ours, backbone_train, backbone_infer
+
+
+def bench_yolo(args):
+    """yolo.py against ultralytics/yolov5 v7.0 (when --yolov5 names a work tree of tag v7.0; else yolo.py alone): the
+    same weights (v7.0's initialisation, batch-norm statistics of the images, converted), the same square synthetic
+    images at --yolo-size (letterbox: nothing to do), CPU fp32 or CUDA bf16 autocast. An untrained head scores every
+    box below conf 0.001, so inference times the network and the decoding, not NMS (whose results the tests compare;
+    with spread random scores 30,000 candidates per image make NMS take seconds in both). Train step: forward, loss,
+    backward, SGD step at batch --train-batch; inference: the eval model and NMS as val.py (conf 0.001, IoU 0.6, multi-label, 300 per image) at
+    batch 1 and 32. Ours and v7.0's steps alternate, so that a busy machine slows both alike; medians of --steps. On a
+    CPU also the process time (CPU seconds of all threads), which other jobs on the machine inflate far less."""
+    import importlib.util
+    import os
+    import data
+    import yolo
+    spec = importlib.util.spec_from_file_location("make_reference", os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "assets", "yolov5_v7", "make_reference.py"))
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    device, size, nc = torch.device(args.device), args.yolo_size, 80
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    depth, width = yolo.SCALES[args.scale]
+    dataset = data.SyntheticShapes(32, size, seed=0)
+    samples = [dataset[i] for i in range(32)]
+    images = torch.stack([image for image, _ in samples]).to(device)  # [32, 3, size, size]
+    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in samples]
+    v5 = None
+    if args.yolov5:
+        yv5 = reference.load_yolov5(args.yolov5)
+        with contextlib.redirect_stdout(io.StringIO()):
+            v5 = reference.make_model(yv5, nc, depth, width, images[:8].cpu().mul(255).round().to(torch.uint8), 0.0)
+        state_dict = v5.state_dict()
+        v5.to(device)
+        compute_loss = yv5.ComputeLoss(v5)
+        labels = reference.yolo_labels([{k: v.cpu() for k, v in t.items()} for t in targets], size).to(device)
+    ours = yolo.YOLO(yolo.Config(num_classes=nc + 1, backbone=args.scale, image_size=size, letterbox_pad=0.0))
+    if v5 is not None:
+        ours.load_state_dict(yolo.convert_yolov5(state_dict))
+    ours.to(device)
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"yolo ({args.scale}, {size} px, K = {nc}) on {device} ({where}, {'bf16 autocast' if cuda else 'fp32'}), "
+          f"median of {args.steps} steps"
+          + ("" if v5 is not None else "; --yolov5 DIR (a v7.0 work tree) to compare with ultralytics/yolov5"))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def train_step(model, batch):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+
+        def step():
+            model.train()
+            with amp:
+                if model is ours:
+                    loss = sum(ours(list(images[:batch]), targets[:batch]).values())
+                else:
+                    loss = compute_loss(v5(images[:batch]), labels[labels[:, 0] < batch])[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    def infer_step(model, batch):
+        def step():
+            model.eval()
+            with torch.no_grad(), amp:
+                if model is ours:
+                    ours(list(images[:batch]))
+                else:
+                    with mock.patch("utils.general.time.time", return_value=0.0):  # no time limit
+                        yv5.non_max_suppression(v5(images[:batch])[0].float(), 0.001, 0.6, multi_label=True,
+                                                max_det=300)
+        return step
+
+    rows = [(f"train step, batch {args.train_batch}", train_step, args.train_batch),
+            ("inference, batch 1", infer_step, 1), ("inference, batch 32", infer_step, 32)]
+    print(f"{'':<22} {'ours ms':>9} {'ours img/s':>11}" + (f" {'v7.0 ms':>9} {'speed-up':>8}" if v5 else "")
+          + ("" if cuda else f" {'ours cpu-ms':>11}" + (f" {'v7.0 cpu-ms':>11} {'cpu speed-up':>12}" if v5 else "")))
+    for label, make, batch in rows:
+        steps = [make(ours, batch)] + ([make(v5, batch)] if v5 is not None else [])
+        for fn in steps:
+            fn()  # warm-up
+        times, cpu_times = [[] for _ in steps], [[] for _ in steps]
+        for _ in range(args.steps):
+            for fn, t, c in zip(steps, times, cpu_times):
+                sync()
+                tic, cpu_tic = time.perf_counter(), time.process_time()
+                fn()
+                sync()
+                t.append(time.perf_counter() - tic)
+                c.append(time.process_time() - cpu_tic)
+        wall, cpu = [float(np.median(t)) for t in times], [float(np.median(c)) for c in cpu_times]
+        print(f"{label:<22} {wall[0] * 1000:9.1f} {batch / wall[0]:11.1f}"
+              + (f" {wall[1] * 1000:9.1f} {wall[1] / wall[0]:8.2f}" if v5 is not None else "")
+              + ("" if cuda else f" {cpu[0] * 1000:11.1f}" + (f" {cpu[1] * 1000:11.1f} {cpu[1] / cpu[0]:12.2f}"
+                                                             if v5 is not None else "")), flush=True)
 
 
 def main():
-    benchmarks = {"coco_eval": bench_coco_eval, **{name: bench_model for name in MODELS}}
+    benchmarks = {"coco_eval": bench_coco_eval, "yolo": bench_yolo, **{name: bench_model for name in MODELS}}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(benchmarks))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -230,6 +333,9 @@ def main():
     parser.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="models: synthetic image size before the models resize it (default: COCO-like 480 640)")
     parser.add_argument("--steps", type=int, default=10, help="models: timed steps per measurement (median)")
+    parser.add_argument("--yolov5", default="", help="yolo: a work tree of ultralytics/yolov5 at tag v7.0")
+    parser.add_argument("--scale", default="yolov5s", help="yolo: yolov5n|s|m|l|x")
+    parser.add_argument("--yolo-size", type=int, default=640, help="yolo: square image side (default 640)")
     args = parser.parse_args()
     benchmarks[args.name](args)
 

@@ -751,6 +751,8 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_st
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         order = order.repeat(math.ceil(steps * global_batch / len(dataset)))[: steps * global_batch]
         batches = order.view(steps, world_size, batch_size)[start_step:, rank].tolist()
+        if hasattr(getattr(dataset, "transforms", None), "set_epoch"):  # transforms that read other images of the set
+            dataset.transforms.set_epoch(dataset, epoch)  # or change with the epoch (yolo.py's mosaic, close_mosaic)
         dataset = SeededItems(dataset, seed, epoch)
     else:
         batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]

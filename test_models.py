@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -39,6 +40,7 @@ import faster_rcnn
 import fcos
 import retinanet
 import ssd
+import yolo
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -929,6 +931,7 @@ class Row:
     parity_sizes: dict = dataclasses.field(default_factory=lambda: SIZES)  # resize settings of the parity models
     old_key_layout: bool = True  # torchvision released weights with other key names too (convert_torchvision maps them)
     empty_images_train_background: bool = True  # an image without boxes still gives a classification loss
+    sgd: tuple = (0.01, 30)  # lr and steps of test_bf16_autocast_learns_as_fp32_does
 
 
 REGISTRY = {
@@ -945,10 +948,17 @@ REGISTRY = {
     "ssd": Row(ssd, dict(backbone="vgg16_bn", width=1 / 32, augment="flip", warmup_iters=1), ("bbox_regression",),
                torchvision.models.detection.ssd300_vgg16, "ssd", parity_sizes={}, old_key_layout=False,
                empty_images_train_background=False),
+    # no torchvision counterpart: its parity with ultralytics/yolov5 v7.0 is tested in the yolo section below
+    # overfit: at 64 px v7.0's objectness gain x (64 / 640)^2 is 100 times weaker than at 640 px, batch-norm statistics
+    # at momentum 0.03 lag 200 Adam steps, and the evaluation's half-stride pad moves P5's cells by half a cell
+    "yolo": Row(yolo, dict(backbone="yolov5n", width_multiple=0.125), ("box", "cls"),
+                overfit=dict(obj_gain=10.0, bn_momentum=0.1, letterbox_pad=0.0),
+                sgd=(0.04, 60)),  # its loss x batch size falls slowly from random weights: v7.0 warms up for 3 epochs
 }
 NAMES = list(REGISTRY)
 TORCHVISION_NAMES = [name for name in NAMES if REGISTRY[name].reference is not None]  # the shared parity tests
 FROZEN_BN_NAMES = [name for name in NAMES if "frozen_bn" in REGISTRY[name].module.Config.__dataclass_fields__]
+STEP_LR_NAMES = [name for name in NAMES if "lr_steps" in REGISTRY[name].module.Config.__dataclass_fields__]
 
 
 def parse_args(module, argv):
@@ -1276,13 +1286,14 @@ def test_bf16_autocast_learns_as_fp32_does(name):
     (1/32), and the run did not learn; the GroupNorm head keeps them O(0.1).)"""
     dataset = data.SyntheticShapes(4, 96, seed=0)
     images, targets = data.collate_fn([dataset[i] for i in range(4)])
+    lr, steps = REGISTRY[name].sgd
     drops = []
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = REGISTRY[name].module.DETECTOR(tiny_config(name)).train()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
         losses = []
-        for _ in range(30):
+        for _ in range(steps):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 loss = sum(model(images, targets).values())
             optimizer.zero_grad()
@@ -1494,9 +1505,11 @@ def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
 def test_command_line_fields(name):
     """Every Config field is a flag; tuples, bools and presets behave; frozen_bn follows the weights unless set."""
     module = REGISTRY[name].module
-    args, given = parse_args(module, ["--train", "--lr-steps", "8", "16", "--no-amp", "--lr", "0.01", "--image-mean"])
-    assert given == {"lr_steps": (8, 16), "amp": False, "lr": 0.01, "image_mean": ()}
-    assert module.make_config(given, preset="coco").data == "coco" and module.make_config(given).lr_steps == (8, 16)
+    first, second = [f.name for f in dataclasses.fields(module.Config) if f.type is tuple][:2]  # two tuple fields
+    args, given = parse_args(module, ["--train", f"--{first.replace('_', '-')}", "8", "16", "--no-amp", "--lr", "0.01",
+                                      f"--{second.replace('_', '-')}"])
+    assert given == {first: (8, 16), "amp": False, "lr": 0.01, second: ()}
+    assert module.make_config(given, preset="coco").data == "coco" and getattr(module.make_config(given), first) == (8, 16)
     for field in dataclasses.fields(module.Config):
         value = [] if field.type in (bool, tuple) else [str(field.default) if field.default != "" else "x"]
         assert parse_args(module, ["--eval", "--" + field.name.replace("_", "-"), *value])[1].keys() == {field.name}
@@ -1583,7 +1596,7 @@ def test_torchvision_state_dict_file(name, tmp_path):
     assert os.path.isfile(tmp_path / "pred" / "img.png") and "detections" in output
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", STEP_LR_NAMES)  # yolo.py has v7.0's schedule, tested in its section
 def test_warmup_longer_than_a_third_of_the_run_is_shortened(name):
     module = REGISTRY[name].module
     model = torch.nn.Linear(2, 2)
@@ -1850,3 +1863,272 @@ def test_ssd_backbone_weights_and_frozen_stages(tmp_path):
         "vgg16", 120, (80, 110), 5e-4, "ssd")
     with pytest.raises(ValueError, match="trainable_backbone_layers 6 must be 0..5"):
         ssd.SSD(ssd_tiny(trainable_backbone_layers=6))
+# ======================================== yolo ========================================
+# yolo.py has no torchvision counterpart: it is compared with ultralytics/yolov5 v7.0, through the numbers v7.0 gave
+# (assets/yolov5_v7/reference.pt, made by make_reference.py beside it) and, when YOLOV5_ROOT names a work tree of tag
+# v7.0, with v7.0 itself.
+
+YOLOV5_ASSETS = os.path.join(ROOT, "assets", "yolov5_v7")
+
+
+def yolo_from_reference(reference, **overrides):
+    """Our YOLO built as the reference's v7.0 model and holding its weights (converted, loaded strictly); images
+    already at image_size, so that the letterbox leaves them as they are (letterbox_pad 0)."""
+    cfg = yolo.Config(num_classes=reference["num_classes"] + 1, depth_multiple=reference["depth_multiple"],
+                      width_multiple=reference["width_multiple"], image_size=reference["image_size"],
+                      letterbox_pad=0.0, **overrides)
+    model = yolo.YOLO(cfg)
+    model.load_state_dict(yolo.convert_yolov5(reference["state_dict"]))
+    return model
+
+
+def assert_equals_yolov5(reference):
+    """The same weights and inputs give v7.0's detections (eval model + non_max_suppression as val.py and as
+    detect.py), its three loss items (ours / batch size), its loss (our total) and its gradients (per-tensor norms)."""
+    model, images = yolo_from_reference(reference), list(reference["images"].float() / 255)
+    model.eval()
+    for name, overrides in (("val", {}), ("detect", dict(conf_thresh=0.05, iou_thresh=0.45, multi_label=False))):
+        model.cfg = dataclasses.replace(model.cfg, **overrides)
+        with torch.no_grad():
+            for ours, theirs in zip(model(images), reference["detections"][name]):
+                assert len(ours["boxes"]) == len(theirs) > 0, name
+                torch.testing.assert_close(ours["boxes"], theirs[:, :4], atol=1e-4, rtol=0)
+                torch.testing.assert_close(ours["scores"], theirs[:, 4], atol=1e-6, rtol=0)
+                assert torch.equal(ours["labels"], theirs[:, 5].long() + 1)
+    model.train()
+    losses = model(images, reference["targets"])
+    items = torch.stack([losses["box"], losses["obj"], losses["cls"]]).detach() / len(images)
+    torch.testing.assert_close(items, torch.tensor(reference["loss_items"]), rtol=1e-5, atol=1e-8)
+    total = sum(losses.values())
+    assert total.item() == pytest.approx(reference["loss"], rel=1e-5)
+    total.backward()
+    parameters = dict(model.named_parameters())
+    for key, norm in reference["grad_norms"].items():
+        ours = parameters[next(iter(yolo.convert_yolov5({key: torch.zeros(1)})))].grad.norm().item()
+        assert ours == pytest.approx(norm, rel=1e-4, abs=1e-10), key
+
+
+def test_yolo_equals_yolov5_v7_stored_numbers():
+    """v7.0's numbers for a 116k-parameter model of yolov5s's layout (depth 0.33, width 0.0625, K = 5), 3 images of
+    96 px: several boxes per image, centres on and between P3's cell borders and in the first cell, a box no anchor
+    fits, two boxes sharing cells, an image without boxes; 300 detections per image (max_det) for val.py's NMS."""
+    reference = torch.load(os.path.join(YOLOV5_ASSETS, "reference.pt"), weights_only=True)
+    assert reference["commit"] == "915bbf294bb74c859f0b41f1c23bc395014ea679"  # tag v7.0
+    assert len(reference["targets"][2]["boxes"]) == 0 and len(reference["targets"][0]["boxes"]) == 8
+    assert_equals_yolov5(reference)
+
+
+@pytest.mark.skipif(not os.environ.get("YOLOV5_ROOT"), reason="YOLOV5_ROOT: a work tree of ultralytics/yolov5 v7.0")
+@pytest.mark.parametrize("case", ["fixture", "yolov5s"])
+def test_yolo_equals_yolov5_v7_live(case, tmp_path):
+    """v7.0 itself (in a subprocess: its stubbed imports stay out of this one): the stored case is reproduced, and
+    the full-width yolov5s at 256 px gives the same losses, gradients and detections as yolo.py."""
+    out = tmp_path / f"{case}.pt"
+    cli(os.environ["YOLOV5_ROOT"], "--case", case, "--out", out,
+        cmd=[sys.executable, os.path.join(YOLOV5_ASSETS, "make_reference.py")])
+    live = torch.load(out, weights_only=True)
+    if case == "fixture":
+        stored = torch.load(os.path.join(YOLOV5_ASSETS, "reference.pt"), weights_only=True)
+        assert live["loss_items"] == pytest.approx(stored["loss_items"], rel=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(live["detections"]["val"],
+                                                                   stored["detections"]["val"]))
+    assert_equals_yolov5(live)
+
+
+def test_yolo_scales_are_v7_models():
+    """n, s, m hold v7.0's parameter counts at 80 classes (its model summaries; l and x too, not built here: 47 and 87
+    M parameters), the stem and the strides of its yaml."""
+    for scale, count in (("yolov5n", 1872157), ("yolov5s", 7235389), ("yolov5m", 21190557)):
+        model = yolo.YOLO(yolo.Config(num_classes=81, backbone=scale))
+        assert sum(p.numel() for p in model.parameters()) == count, scale
+    assert len(model.state_dict()) == 481 and model.backbone.stem.conv.kernel_size == (6, 6)
+    outputs = model.train().head(model.neck(model.backbone(torch.zeros(1, 3, 64, 96))))
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 8, 12, 85), (1, 3, 4, 6, 85), (1, 3, 2, 3, 85)]
+
+
+def test_yolo_v7_state_dict_as_weights(tmp_path):
+    """--weights FILE with a v7.0 state dict: converted, its scale and K read off (class names are numbers unless
+    K = 80), loaded strictly, --predict runs; --backbone-weights FILE takes its backbone. A released .pt (pickled) gets
+    the recipe to convert it."""
+    reference = torch.load(os.path.join(YOLOV5_ASSETS, "reference.pt"), weights_only=True)
+    torch.save(reference["state_dict"], tmp_path / "v7.pt")
+    state_dict, class_names, config = yolo.load_weights(str(tmp_path / "v7.pt"))
+    assert class_names == ("__background__", "1", "2", "3", "4", "5")
+    assert config["depth_multiple"] == pytest.approx(1 / 3) and config["width_multiple"] == 0.0625
+    assert torch.equal(state_dict["head.anchors"][0], torch.tensor([[10.0, 13], [16, 30], [33, 23]]))
+    backbone = yolo.YOLO(yolo.make_config({**config, "backbone_weights": str(tmp_path / "v7.pt")})).backbone
+    assert all(torch.equal(v, state_dict[f"backbone.{k}"]) for k, v in backbone.state_dict().items())
+    torchvision.io.write_png(reference["images"][0], str(tmp_path / "img.png"))
+    output = run_main("yolo", "--predict", tmp_path / "img.png", "--weights", tmp_path / "v7.pt", "--out",
+                      tmp_path / "pred", "--image-size", "96", "--letterbox-pad", "0", "--draw-thresh", "0.05")
+    expected = int((reference["detections"]["val"][0][:, 4] >= 0.05).sum())  # v7.0's, val.py's NMS
+    assert f"img.png: {expected} detections scoring >= 0.05" in output
+    with pytest.raises(SystemExit, match=r"yolov5s.pt is a pickled model: .*torch.save\(torch.load\('yolov5s.pt'"):
+        yolo.load_weights("yolov5s")
+
+
+def test_yolo_build_targets_neighbours_and_ratio_test():
+    """A centre at (2.3, 4.7) cells: its own cell, the left one (x in the left half) and the one below (y in the
+    bottom half); at (0.3, 0.3): no left or upper neighbour (first row and column); a box over 4x an anchor's side
+    matches no anchor of that level; the targets are cell-relative centres in (-0.5, 1.5) and grid-unit sizes."""
+    anchors = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])  # [L = 1, A = 3, 2] grid units
+    gt = torch.tensor([[0, 2, 2.3 / 8, 4.7 / 8, 1.5 / 8, 1.5 / 8], [1, 0, 0.3 / 8, 0.3 / 8, 5 / 8, 5 / 8]])
+    (t,) = yolo.build_targets(gt, anchors, [(8, 8)], anchor_t=4.0)
+    first = t["image"] == 0
+    assert set(zip(t["gi"][first].tolist(), t["gj"][first].tolist(), t["anchor"][first].tolist())) == {
+        (gi, gj, a) for gi, gj in ((2, 4), (1, 4), (2, 5)) for a in (0, 1)}  # 1.5 is within 4x of 1 and 2, not of 9
+    assert set(zip(t["gi"][~first].tolist(), t["gj"][~first].tolist(), t["anchor"][~first].tolist())) == {
+        (0, 0, 1), (0, 0, 2)}  # 5 is over 4x anchor 0's side; left and upper halves of the first cell: no neighbour
+    assert ((t["box"][:, :2] > -0.5) & (t["box"][:, :2] < 1.5)).all() and (t["box"][first, 2:] == 1.5).all()
+    assert (t["cls"][first] == 2).all() and len(yolo.build_targets(gt[:0], anchors, [(8, 8)], 4.0)[0]["image"]) == 0
+
+
+def test_yolo_autoanchor_keeps_fitting_anchors_and_evolves_poor_ones(capsys):
+    """Anchors that fit the boxes are kept; anchors 10x too large (best possible recall < 0.98) are replaced by
+    k-means + evolution with a higher recall, sorted by area; run from make_optimizer before training (not when
+    resuming), on the training set, saying what it found."""
+    cfg = tiny_config("yolo", num_train=16)
+    wh, image = yolo.box_sizes(data.SyntheticShapes(16, 64).coco_gt(), 64)
+    anchors = yolo.YOLO(cfg).head.anchors
+    assert yolo.autoanchor(anchors, wh, image, 64, 4.0, np.random.default_rng(0))[0] is None
+    poor = anchors * 10
+    new, message = yolo.autoanchor(poor, wh, image, 64, 4.0, np.random.default_rng(0), generations=100)
+    assert new.shape == (3, 3, 2) and (new.view(-1, 2).prod(1).diff() >= 0).all() and "using them" in message
+    def best(a):  # best possible recall
+        return float((yolo.anchor_fit(a.view(-1, 2), torch.tensor(wh, dtype=torch.float32))[1] > 0.25).float().mean())
+
+    assert best(new) > 0.98 > best(poor)
+    model = yolo.YOLO(dataclasses.replace(cfg, anchors=tuple(tuple(x) for x in poor.flatten(1).tolist())))
+    train_set = data.build_datasets(cfg)[0]
+    yolo.make_optimizer(model, cfg, 8, 1, train_set)
+    assert not torch.equal(model.head.anchors, poor) and "AutoAnchor:" in capsys.readouterr().out
+    model.head.anchors.copy_(poor)
+    yolo.make_optimizer(model, dataclasses.replace(cfg, resume="last.pt"), 8, 1, train_set)
+    assert torch.equal(model.head.anchors, poor)
+
+
+class ColourTiles(torch.utils.data.Dataset):
+    """n images of one flat colour each (image i: i / 20 in every channel), one box over the whole image, of labels
+    1..n, sizes varying (64 x 48, 48 x 64, 64 x 64 ...)."""
+
+    def __init__(self, n, transforms=None):
+        self.n, self.transforms = n, transforms
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        h, w = ((48, 64), (64, 48), (64, 64))[i % 3]
+        target = {"boxes": torch.tensor([[0.0, 0, w, h]]), "labels": torch.tensor([i + 1]),
+                  "iscrowd": torch.zeros(1, dtype=torch.int64), "image_id": i}
+        image = torch.full((3, h, w), i / 20)
+        return self.transforms(image, target) if self.transforms else (image, target)
+
+
+def test_yolo_mosaic_keeps_boxes_on_their_pixels():
+    """A mosaic of flat-coloured images (through data.make_loader, which hands the transform its dataset): an image_size
+    square holding tiles of several images, each box over pixels of its own image's colour (boxes move with the
+    pixels through mosaic, scale, translation and flip); in the last close_mosaic epochs, single letterboxed images."""
+    cfg = tiny_config("yolo", hsv=(0.0, 0.0, 0.0), epochs=3, close_mosaic=1)
+    dataset = ColourTiles(6, yolo.train_transforms(cfg))
+    colours_seen = []
+    for epoch in (0, 2):
+        for images, targets in data.make_loader(dataset, 3, True, workers=0, epoch=epoch):
+            for image, target in zip(images, targets):
+                assert image.shape == (3, 64, 64) and target["boxes"].shape[1] == 4
+                assert len(target["boxes"]) == len(target["labels"]) == len(target["iscrowd"]) > 0
+                values, counts = image[0].mul(20).round().int().unique(return_counts=True)
+                colours = set(values[counts >= 100].tolist()) - {round(yolo.PAD_VALUE * 20)}  # not blended borders
+                for box, label in zip(target["boxes"].round().int().tolist(), target["labels"].tolist()):
+                    inside = image[0, box[1] + 2: box[3] - 2, box[0] + 2: box[2] - 2]
+                    assert inside.numel() == 0 or (inside - (label - 1) / 20).abs().max() < 0.01, (epoch, box, label)
+                colours_seen.append((epoch, len(colours)))
+    assert max(n for epoch, n in colours_seen if epoch == 0) >= 3  # mosaics of several images
+    assert all(n == 1 for epoch, n in colours_seen if epoch == 2)  # close_mosaic: one image each
+    image, target = yolo.YoloAugment(cfg)(*ColourTiles(1)[0])  # alone, without a dataset: one letterboxed image
+    assert image.shape == (3, 64, 64) and len(target["boxes"]) == 1
+
+
+def test_yolo_augmentation_drops_thin_boxes_and_jitters_hsv():
+    """Without scale and translation the single-image path is the identity; box_candidates drops a box left under 2 px
+    wide; HSV with zero gains is the identity, a hue gain moves hue and keeps value; the transform is a function of the
+    seeded random state."""
+    cfg = tiny_config("yolo", mosaic=0.0, scale=0.0, translate=0.0, hsv=(0.0, 0.0, 0.0), hflip_prob=0.0)
+    image = torch.rand(3, 64, 64)
+    target = {"boxes": torch.tensor([[10.0, 10, 30, 30], [63.5, 0, 64, 64]]), "labels": torch.tensor([1, 2])}
+    out, kept = yolo.YoloAugment(cfg)(image, target)
+    torch.testing.assert_close(out, image, atol=1e-6, rtol=0)  # scale 1, centred: the identity
+    assert kept["labels"].tolist() == [1] and torch.allclose(kept["boxes"], target["boxes"][:1])
+    assert (yolo.augment_hsv(image, (0.0, 0.0, 0.0)) - image).abs().max() < 1e-5
+    random.seed(1)  # hue x 0.57
+    jittered = yolo.augment_hsv(image, (0.5, 0.0, 0.0))
+    assert (jittered - image).abs().max() > 0.05 and torch.allclose(jittered.max(0).values, image.max(0).values)
+    random.seed(3)
+    a = yolo.YoloAugment(tiny_config("yolo"))(image, target)
+    random.seed(3)
+    b = yolo.YoloAugment(tiny_config("yolo"))(image, target)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
+
+
+def train_py_lr(cfg, steps_per_epoch, step):
+    """v7.0 train.py's lr (per group: biases, weights, batch norm) and momentum at a batch, written as it does it."""
+    warmup = max(round(cfg.warmup_epochs * steps_per_epoch), cfg.warmup_iters)
+    epoch = step // steps_per_epoch
+    lf = ((1 - math.cos(epoch * math.pi / cfg.epochs)) / 2 * (cfg.lrf - 1) + 1 if cfg.cos_lr
+          else (1 - epoch / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf)
+    if step <= warmup:
+        lrs = [np.interp(step, [0, warmup], [cfg.warmup_bias_lr if j == 0 else 0.0, cfg.lr * lf]) for j in range(3)]
+        return lrs, np.interp(step, [0, warmup], [cfg.warmup_momentum, cfg.momentum])
+    return [cfg.lr * lf] * 3, cfg.momentum
+
+
+@pytest.mark.parametrize("cos_lr", [False, True])
+def test_yolo_optimizer_and_schedule_are_train_py(cos_lr):
+    """make_optimizer: SGD nesterov, groups biases / conv weights (decay x images per step / 64) / batch-norm weights as
+    smart_optimizer; YoloSchedule gives train.py's lr per group and momentum at every batch, warmup (max(3 epochs, 100
+    steps)) and decay across epochs included, and resumes from its state_dict."""
+    cfg = yolo.Config(epochs=5, batch_size=16, accumulate=2, autoanchor=False, cos_lr=cos_lr)
+    model = yolo.YOLO(dataclasses.replace(cfg, backbone="yolov5n", width_multiple=0.125))
+    optimizer, scheduler = yolo.make_optimizer(model, cfg, 40, 1)
+    biases, weights, norms = (group["params"] for group in optimizer.param_groups)
+    assert len(biases) == len(weights) == len(norms) + 3  # one per conv + batch norm pair, and the head's 3 convs
+    assert all(p.dim() == 1 for p in biases + norms) and all(p.dim() == 4 for p in weights)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 5e-4 * 16 * 2 / 64, 0.0]
+    assert optimizer.defaults["nesterov"] and scheduler.warmup == 120
+    for step in range(200):
+        lrs, momentum = train_py_lr(cfg, 40, step)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(lrs, abs=1e-12), step
+        assert optimizer.param_groups[0]["momentum"] == pytest.approx(momentum)
+        scheduler.step()
+    resumed = yolo.YoloSchedule(optimizer, cfg, 40)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(train_py_lr(cfg, 40, 200)[0][1])
+
+
+def test_yolo_letterbox_is_val_py_rect_batches():
+    """Evaluation: val.py's rectangular batch (640 x 480 at 640 px: 512 x 672 with the half-stride pad), the image
+    centred; training: a square; boxes go onto the batch and detections come back to the image exactly."""
+    cfg = yolo.Config(image_size=640)
+    image = torch.rand(3, 480, 640)
+    target = {"boxes": torch.tensor([[10.0, 20, 300, 400]]), "labels": torch.tensor([1])}
+    batch, (moved,), ((r, left, top),) = yolo.letterbox([image], [target], cfg, training=False)
+    assert batch.shape == (1, 3, 512, 672) and (r, left, top) == (1.0, 16, 16)
+    assert torch.equal(batch[0, :, 16:496, 16:656], image) and (batch[0, :, :16] == yolo.PAD_VALUE).all()
+    assert torch.equal(moved["boxes"], torch.tensor([[26.0, 36, 316, 416]]))
+    batch, (moved,), ((r, left, top),) = yolo.letterbox([torch.rand(3, 240, 320)], [target], cfg, training=True)
+    assert batch.shape == (1, 3, 640, 640) and (r, left, top) == (2.0, 0, 80)
+    assert torch.equal((moved["boxes"] - torch.tensor([left, top, left, top])) / r, target["boxes"])
+    assert yolo.letterbox([torch.rand(3, 480, 640)], None, dataclasses.replace(cfg, letterbox_pad=0.0),
+                          training=False)[0].shape == (1, 3, 480, 640)  # detect.py's minimal rectangle
+
+
+def test_yolo_ema_is_evaluated_and_saved(tmp_path):
+    """With ema_decay the run trains the same raw weights as without; best.pt holds the EMA, which differs from them."""
+    args = [*tiny("yolo"), "--epochs", "1", "--no-autoanchor"]
+    run_main("yolo", "--train", *args, "--out", tmp_path / "ema")
+    run_main("yolo", "--train", *args, "--ema-decay", "0", "--out", tmp_path / "raw")
+    ema, raw = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("ema", "raw"))
+    assert all(torch.equal(v, raw["model"][k]) for k, v in ema["raw_model"].items())
+    assert not all(torch.equal(v, ema["model"][k]) for k, v in ema["raw_model"].items() if v.is_floating_point())
+    best = torch.load(tmp_path / "ema" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, ema["model"][k]) for k, v in best.items())
