@@ -666,6 +666,28 @@ class RandomHorizontalFlip:
         return image, target
 
 
+def per_box_fields(inputs):
+    """labels_getter for torchvision.transforms.v2.SanitizeBoundingBoxes on (image, target): every per-box field of
+    the target, so that a box removed by a crop takes its label, iscrowd and difficult flag with it."""
+    return tuple(inputs[1][k] for k in ("labels", "iscrowd", "difficult") if k in inputs[1])
+
+
+class TransformsV2:
+    """A torchvision.transforms.v2 transform (e.g. v2.Compose([...])) on (image [3, H, W], target): the boxes go in as
+    tv_tensors.BoundingBoxes, so that geometric transforms move them with the pixels, and come out as plain tensors.
+    End a pipeline that crops with v2.SanitizeBoundingBoxes(labels_getter=per_box_fields)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, target):
+        from torchvision import tv_tensors
+        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
+        image, target = self.transform(tv_tensors.Image(image), {**target, "boxes": boxes})
+        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v
+                                                 for k, v in target.items()}
+
+
 # --- Loaders ---
 
 def collate_fn(batch):
@@ -729,6 +751,8 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_st
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         order = order.repeat(math.ceil(steps * global_batch / len(dataset)))[: steps * global_batch]
         batches = order.view(steps, world_size, batch_size)[start_step:, rank].tolist()
+        if hasattr(getattr(dataset, "transforms", None), "set_epoch"):  # transforms that read other images of the set
+            dataset.transforms.set_epoch(dataset, epoch)  # or change with the epoch (yolo.py's mosaic, close_mosaic)
         dataset = SeededItems(dataset, seed, epoch)
     else:
         batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]

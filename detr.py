@@ -50,6 +50,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import time
@@ -274,7 +275,8 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Post-norm transformer decoder layer: self-attention among the queries, cross-attention from the queries to the
     encoder's memory, a feed-forward block. query_pos (the learned query embedding) is added to the queries and keys of
-    the self-attention and to the queries of the cross-attention, whose keys get the feature cells' position encoding."""
+    the self-attention and to the queries of the cross-attention, whose keys get the feature cells' position
+    encoding."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -508,7 +510,8 @@ def hungarian_match(pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, g
     # -GIoU of the boxes as corners
     cost_giou = -elementwise_generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes)[:, :, :, None],
                                                  box_cxcywh_to_xyxy(gt_boxes)[None, :, None])  # [L, B, Q, M]
-    C = cfg.set_cost_bbox * cost_bbox + cfg.set_cost_class * cost_class + cfg.set_cost_giou * cost_giou  # official order
+    # the official order of the terms
+    C = cfg.set_cost_bbox * cost_bbox + cfg.set_cost_class * cost_class + cfg.set_cost_giou * cost_giou
     # one transfer to the CPU for every layer and image; a diverged model's NaN costs become large finite ones, so
     # that the training loop reports its non-finite loss rather than scipy failing here
     C = C.nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8).cpu().numpy()
@@ -528,10 +531,10 @@ def set_loss(pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, gt_label
              matched: list, cfg: Config) -> dict:
     """The official SetCriterion (losses labels and boxes) for L decoder layers, each term times its weight.
     pred_logits [L, B, Q, K + 1], pred_boxes [L, B, Q, 4], gt_boxes [B, M, 4], gt_labels [B, M], num_gt B counts,
-    matched as hungarian_match returns. Per layer: cross-entropy over every query (target: the matched class, else no object
-    weighted by eos_coef), a weighted mean; L1 and 1 - GIoU over the matched pairs, summed and divided by the number of
-    ground-truth boxes in the batch (averaged over processes, at least 1). Keys: loss_ce, loss_bbox, loss_giou for the
-    last layer, with _0 .. _{L-2} for the others."""
+    matched as hungarian_match returns. Per layer: cross-entropy over every query (target: the matched class, else no
+    object weighted by eos_coef), a weighted mean; L1 and 1 - GIoU over the matched pairs, summed and divided by the
+    number of ground-truth boxes in the batch (averaged over processes, at least 1). Keys: loss_ce, loss_bbox, loss_giou
+    for the last layer, with _0 .. _{L-2} for the others."""
     layer_idx, batch_idx, query_idx, gt_idx = matched
     L, B, Q, K1 = pred_logits.shape
     num_boxes = pred_boxes.new_tensor(float(sum(num_gt)))  # ground-truth boxes in the batch, matched or not
@@ -582,7 +585,7 @@ def postprocess(pred_logits: Tensor, pred_boxes: Tensor, original_sizes: list) -
 DETECTOR = DETR  # the class the template builds, trains, evaluates and saves
 
 
-def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int):
+def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
     """The official recipe: AdamW with weight decay on every trained parameter, lr for the transformer, heads and
     input_proj, lr_backbone for the backbone (main.py's two parameter groups); x lr_gamma at each of lr_steps (DETR's
     StepLR, stepped per epoch); optionally a linear warmup (at most a third of the run; the official run has none).
@@ -627,9 +630,10 @@ def draw_targets(model: DETR, image: Tensor, target: dict, class_names, path: st
 def load_weights(weights: str):
     """--weights PATH (a checkpoint of this file, or the reference implementation's weights) or a name (torchvision)
     -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
-    if not os.path.isfile(weights):  # a name: the reference's published weights
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, pickle.UnpicklingError):  # a name, or a pickled model: reference_weights says what to do
         return reference_weights(weights)
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
         return reference_weights(weights, checkpoint)
     if checkpoint["detector"] != DETECTOR.__name__:
@@ -665,7 +669,6 @@ def train(cfg: Config):
     ctx = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.backends.cudnn.benchmark = cfg.data == "synthetic"  # one input size: cuDNN picks its fastest kernels once
-
     train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
     cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
     resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
@@ -679,11 +682,11 @@ def train(cfg: Config):
         load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
     if cfg.channels_last:
         raw_model.to(memory_format=torch.channels_last)
+    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
-    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
-    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size)
     epoch, step, best = 0, 0, {"AP": -1.0}
     if resume:
         if (batch := resume["config"]["batch_size"] * resume["world_size"]) != cfg.batch_size * world_size:
@@ -717,9 +720,9 @@ def train(cfg: Config):
               f"of {steps} steps of {cfg.batch_size} x {world_size} images; writing to {cfg.out}"
               + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one stops at once
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stop.append(signal.signal(signum, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one acts as it did before
+    handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(signal.signal(sig, handlers[sig])))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     start_iter, start_time = epoch * steps + step, time.perf_counter()
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
@@ -785,6 +788,8 @@ def train(cfg: Config):
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
+    for signum, handler in handlers.items():  # train() called from a notebook leaves Ctrl-C as it found it
+        signal.signal(signum, handler)
     if ddp:
         dist.destroy_process_group()
     return raw_model
@@ -811,7 +816,7 @@ def main(argv=None):
     args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
     saved = state_dict = None
     if args.train and given.get("resume"):  # the run's config: its model, schedule and folder (flags still override)
-        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]
+        saved = load_weights(given["resume"])[2]  # (and a checkpoint of another detector is refused)
     elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
@@ -822,19 +827,20 @@ def main(argv=None):
             print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.show_targets:  # the assignment needs no trained weights, but takes them where given (proposals)
-        train_set = data.build_datasets(cfg)[0]
+    if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
+        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
-        for i, (image, target) in zip(range(8), train_set):
+        for i in range(min(8, len(train_set))):
+            data.seed_everything(cfg.seed, 0, i)  # epoch 0's augmentation of image i, as make_loader draws it
+            image, target = train_set[i]
             draw_targets(model.to(device).eval(), image.to(device), data.to_device([target], device)[0],
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
         raise SystemExit("--eval and --predict need --weights PATH|torchvision")
-    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False)
+    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
-    model.to(device).eval()
     if args.eval:
         val_set = data.build_datasets(cfg, train=False)[1]
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
