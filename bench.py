@@ -5,6 +5,13 @@
         ours vs torchvision with the same weights: train step, inference at batch 1 and 8, peak memory; 320 px too
     python bench.py fcos --device cuda --image-size 320 320 --min-size 320 --max-size 320 --train-batch 16
         the synthetic default's step: 320x320 images, 16 per step, bf16
+    python bench.py ssd --device cuda --train-batch 32 --infer-batch 32   # SSD: always 300x300, no size flags
+    python bench.py yolo [--device cpu|cuda] [--yolov5 DIR] [--scale yolov5s] [--yolo-size 640]
+        yolo.py alone (images/s), or against ultralytics/yolov5 v7.0 when DIR is a work tree of its tag v7.0: the
+        same weights and inputs, train step, inference (+ NMS) at batch 1 and 32
+    python bench.py detr --detr-root DETR_ROOT [--device cpu|cuda] [--min-size 800 --max-size 1333]
+        detr.py vs the official DETR-R50 (a checkout of facebookresearch/detr) with the same weights and inputs:
+        train step (matching, loss, backward, clipped AdamW step), inference at batch 1 and 8, the matcher's share
     python bench.py selective_search [--data-root ../shared/data/bccd --split test --mode fast]
         data.selective_search vs OpenCV-contrib's fast mode (when cv2.ximgproc is installed): recall of the ground
         truth at IoU 0.5 and 0.7 with at most 2000 boxes per image, boxes per image, seconds per image on one thread
@@ -14,9 +21,11 @@ Each benchmark is a function bench_NAME(args) registered in main()'s table.
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import os
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -162,7 +171,8 @@ def bench_selective_search(args):
                 total["hit70"] += int((best >= 0.7).sum())
         if (i + 1) % 10 == 0 or i + 1 == num_images:
             print(f"\r{i + 1}/{num_images} images", end="\n" if i + 1 == num_images else "", flush=True)
-    print(f"{dataset.source}: {num_images} images, {num_gt} ground-truth boxes, at most {args.max_boxes} boxes per image")
+    print(f"{dataset.source}: {num_images} images, {num_gt} ground-truth boxes, "
+          f"at most {args.max_boxes} boxes per image")
     print(f"{'method':<32} {'recall@0.5':>10} {'recall@0.7':>10} {'boxes':>7} {'CPU s/img':>10} {'wall s/img':>10}")
     for name, t in totals.items():
         print(f"{name:<32} {t['hit50'] / num_gt:10.4f} {t['hit70'] / num_gt:10.4f} {t['boxes'] / num_images:7.0f} "
@@ -172,27 +182,30 @@ def bench_selective_search(args):
 # --- Models against torchvision ---
 # name -> torchvision builder of the same detector. Each model file has Config, TORCHVISION_CONFIG, DETECTOR and
 # convert_torchvision.
-MODELS = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "retinanet": "retinanet_resnet50_fpn", "fcos": "fcos_resnet50_fpn"}
+MODELS = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "retinanet": "retinanet_resnet50_fpn", "fcos": "fcos_resnet50_fpn",
+          "ssd": "ssd300_vgg16"}
 
 
 def bench_model(args):
     """Our detector and torchvision's with the same (converted) weights, inputs and precision: a training step (forward,
-    backward, SGD step; batch --train-batch), inference at batch 1 and 8, peak CUDA memory, and the speed-ups; plus the
-    ResNet-50-FPN backbone alone (forward, and forward + backward) as the floor no detector can beat. Both models are
-    built without pretrained weights (offline), so both use ordinary batch norm with every layer trained."""
+    backward, SGD step; batch --train-batch), inference at batch 1 and --infer-batch, peak CUDA memory, and the
+    speed-ups; plus the backbone alone (ResNet-50-FPN, SSD's VGG16 and extras: forward, and forward + backward) as the
+    floor no detector can beat. Both models are built without pretrained weights (offline), so both use ordinary batch
+    norm with every layer trained. SSD resizes every image to 300x300: it runs once, without the size settings."""
     import importlib
     import data
     import torchvision
     builder, module = MODELS[args.name], importlib.import_module(args.name)
     device = torch.device(args.device)
-    dataset = data.SyntheticShapes(max(8, args.train_batch), tuple(args.image_size), seed=0)  # the models resize them
+    dataset = data.SyntheticShapes(max(args.infer_batch, args.train_batch), tuple(args.image_size), seed=0)
     samples = [dataset[i] for i in range(len(dataset))]
     images = [image.to(device) for image, _ in samples]
     targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in samples]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     cuda = device.type == "cuda"
-    print(f"{args.name} on {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}"
-          f", {'bf16 autocast' if cuda else 'fp32'}), {args.image_size[0]}x{args.image_size[1]} synthetic images, median of {args.steps} steps")
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"{args.name} on {device} ({where}, {'bf16 autocast' if cuda else 'fp32'}), "
+          f"{args.image_size[0]}x{args.image_size[1]} synthetic images, median of {args.steps} steps")
 
     def gib(memory):
         return f"{memory:.2f}" if cuda else "-"  # peak memory is measured on CUDA only
@@ -212,11 +225,14 @@ def bench_model(args):
             times.append(time.perf_counter() - tic)
         return float(np.median(times)), (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"))
 
-    for min_size, max_size in dict.fromkeys([(args.min_size, args.max_size), (320, 533)]):  # the reference size, 320 px
+    fields = module.Config.__dataclass_fields__
+    for min_size, max_size in dict.fromkeys([(args.min_size, args.max_size), (320, 533)] if "min_size" in fields else
+                                            [(300, 300)]):  # the reference size, 320 px (SSD: 300 x 300 always)
+        sizes = dict(min_size=min_size, max_size=max_size) if "min_size" in fields else {}
         tv = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=91,
-                                                            min_size=min_size, max_size=max_size).to(device)
-        cfg = module.Config(**{**module.TORCHVISION_CONFIG, "frozen_bn": False, "bn_eps": 1e-5, "num_classes": 91,
-                               "min_size": min_size, "max_size": max_size})  # torchvision's model without weights
+                                                            **sizes).to(device)
+        plain_bn = dict(frozen_bn=False, bn_eps=1e-5) if "frozen_bn" in fields else {}
+        cfg = module.Config(**{**module.TORCHVISION_CONFIG, **plain_bn, "num_classes": 91, **sizes})  # no weights
         ours = module.DETECTOR(cfg).to(device)
         ours.load_state_dict(module.convert_torchvision(tv.state_dict()))
 
@@ -240,7 +256,8 @@ def bench_model(args):
             return step
 
         rows = [(f"train step, batch {args.train_batch}", train_step, args.train_batch),
-                ("inference, batch 1", infer_step, 1), ("inference, batch 8", infer_step, 8)]
+                ("inference, batch 1", infer_step, 1), (f"inference, batch {args.infer_batch}", infer_step,
+                                                         args.infer_batch)]
         print(f"\nmin_size {min_size}, max_size {max_size}")
         # speed-up = torchvision's time / ours = our throughput / torchvision's (> 1: ours is faster)
         print(f"{'':<22} {'ours ms':>9} {'torchvision ms':>15} {'speed-up':>8} {'ours GiB':>9} {'tv GiB':>7}")
@@ -252,7 +269,7 @@ def bench_model(args):
             print(f"{label:<22} {t_ours * 1000:9.1f} {t_tv * 1000:15.1f} {t_tv / t_ours:8.2f} {gib(m_ours):>9} "
                   f"{gib(m_tv):>7}")
 
-        # the floor: torchvision's backbone + FPN on the already resized, padded batch
+        # the floor: torchvision's backbone (+ FPN) on the already resized, padded batch
         batch_tensor = tv.transform(images[:args.train_batch], None)[0].tensors
         backbone = tv.backbone.train()
 
@@ -266,14 +283,239 @@ def bench_model(args):
                 backbone(batch_tensor)
         t_bt, m_bt = measure(backbone_train)
         t_bi, m_bi = measure(backbone_infer)
-        print(f"{'backbone+FPN fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>8} {gib(m_bt):>9}   (batch "
+        print(f"{'backbone fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>8} {gib(m_bt):>9}   (batch "
               f"{args.train_batch}, padded {tuple(batch_tensor.shape[-2:])})")
-        print(f"{'backbone+FPN forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>8} {gib(m_bi):>9}")
-        del tv, ours, backbone
+        print(f"{'backbone forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>8} {gib(m_bi):>9}")
+        del tv, ours, backbone_train, backbone_infer
+
+
+def bench_yolo(args):
+    """yolo.py against ultralytics/yolov5 v7.0 (when --yolov5 names a work tree of tag v7.0; else yolo.py alone): the
+    same weights (v7.0's initialisation, batch-norm statistics of the images, converted), the same square synthetic
+    images at --yolo-size (letterbox: nothing to do), CPU fp32 or CUDA bf16 autocast. An untrained head scores every box
+    below conf 0.001, so inference times the network and the decoding, not NMS (whose results the tests compare; with
+    spread random scores 30,000 candidates per image make NMS take seconds in both). Train step: forward, loss,
+    backward, SGD step at batch --train-batch; inference: the eval model and NMS as val.py (conf 0.001, IoU 0.6,
+    multi-label, 300 per image) at batch 1 and 32. Ours and v7.0's steps alternate, so that a busy machine slows both
+    alike; medians of --steps. On a CPU also the process time (CPU seconds of all threads), which other jobs on the
+    machine inflate far less."""
+    import importlib.util
+    import os
+    import data
+    import yolo
+    spec = importlib.util.spec_from_file_location("make_reference", os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "assets", "yolov5_v7", "make_reference.py"))
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    device, size, nc = torch.device(args.device), args.yolo_size, 80
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    depth, width = yolo.SCALES[args.scale]
+    dataset = data.SyntheticShapes(32, size, seed=0)
+    samples = [dataset[i] for i in range(32)]
+    images = torch.stack([image for image, _ in samples]).to(device)  # [32, 3, size, size]
+    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in samples]
+    v5 = None
+    if args.yolov5:
+        yv5 = reference.load_yolov5(args.yolov5)
+        with contextlib.redirect_stdout(io.StringIO()):
+            v5 = reference.make_model(yv5, nc, depth, width, images[:8].cpu().mul(255).round().to(torch.uint8), 0.0)
+        state_dict = v5.state_dict()
+        v5.to(device)
+        compute_loss = yv5.ComputeLoss(v5)
+        labels = reference.yolo_labels([{k: v.cpu() for k, v in t.items()} for t in targets], size).to(device)
+    ours = yolo.YOLO(yolo.Config(num_classes=nc + 1, backbone=args.scale, image_size=size, letterbox_pad=0.0))
+    if v5 is not None:
+        ours.load_state_dict(yolo.convert_yolov5(state_dict))
+    ours.to(device)
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"yolo ({args.scale}, {size} px, K = {nc}) on {device} ({where}, {'bf16 autocast' if cuda else 'fp32'}), "
+          f"median of {args.steps} steps"
+          + ("" if v5 is not None else "; --yolov5 DIR (a v7.0 work tree) to compare with ultralytics/yolov5"))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def train_step(model, batch):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+
+        def step():
+            model.train()
+            with amp:
+                if model is ours:
+                    loss = sum(ours(list(images[:batch]), targets[:batch]).values())
+                else:
+                    loss = compute_loss(v5(images[:batch]), labels[labels[:, 0] < batch])[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    def infer_step(model, batch):
+        def step():
+            model.eval()
+            with torch.no_grad(), amp:
+                if model is ours:
+                    ours(list(images[:batch]))
+                else:
+                    with mock.patch("utils.general.time.time", return_value=0.0):  # no time limit
+                        yv5.non_max_suppression(v5(images[:batch])[0].float(), 0.001, 0.6, multi_label=True,
+                                                max_det=300)
+        return step
+
+    rows = [(f"train step, batch {args.train_batch}", train_step, args.train_batch),
+            ("inference, batch 1", infer_step, 1), ("inference, batch 32", infer_step, 32)]
+    print(f"{'':<22} {'ours ms':>9} {'ours img/s':>11}" + (f" {'v7.0 ms':>9} {'speed-up':>8}" if v5 else "")
+          + ("" if cuda else f" {'ours cpu-ms':>11}" + (f" {'v7.0 cpu-ms':>11} {'cpu speed-up':>12}" if v5 else "")))
+    for label, make, batch in rows:
+        steps = [make(ours, batch)] + ([make(v5, batch)] if v5 is not None else [])
+        for fn in steps:
+            fn()  # warm-up
+        times, cpu_times = [[] for _ in steps], [[] for _ in steps]
+        for _ in range(args.steps):
+            for fn, t, c in zip(steps, times, cpu_times):
+                sync()
+                tic, cpu_tic = time.perf_counter(), time.process_time()
+                fn()
+                sync()
+                t.append(time.perf_counter() - tic)
+                c.append(time.process_time() - cpu_tic)
+        wall, cpu = [float(np.median(t)) for t in times], [float(np.median(c)) for c in cpu_times]
+        print(f"{label:<22} {wall[0] * 1000:9.1f} {batch / wall[0]:11.1f}"
+              + (f" {wall[1] * 1000:9.1f} {wall[1] / wall[0]:8.2f}" if v5 is not None else "")
+              + ("" if cuda else f" {cpu[0] * 1000:11.1f}" + (f" {cpu[1] * 1000:11.1f} {cpu[1] / cpu[0]:12.2f}"
+                                                             if v5 is not None else "")), flush=True)
+
+
+# --- DETR against the official implementation ---
+
+
+def bench_detr(args):
+    """detr.py against facebookresearch/detr's DETR-R50 (DETR_ROOT: a checkout at 29901c51; without one, ours alone),
+    the same weights (the official model's random initialisation, converted) and the same inputs: images already at
+    the model's size (so our resize is the identity and the official model, which leaves resizing to its dataset, sees
+    the same pixels), normalised inside each timed step. A training step is the model, the Hungarian matching of all 6
+    decoder layers, the loss, backward and an AdamW step after clipping the gradient norm at 0.1, with dropout 0.1;
+    inference is the model and the post-processing. Also the share of a training step spent in the matching."""
+    import os
+    import sys
+    import data
+    import detr
+    device, cuda = torch.device(args.device), args.device == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    cfg = detr.Config(**{**detr.OFFICIAL_CONFIG, "num_classes": 91, "min_size": args.min_size,
+                         "max_size": args.max_size})
+    dataset = data.SyntheticShapes(max(8, args.train_batch), tuple(args.image_size), seed=0)
+    images, targets = [], []
+    for image, target in (dataset[i] for i in range(len(dataset))):
+        size = detr.resized_size(*image.shape[-2:], cfg.min_size, cfg.max_size)
+        images.append(torch.nn.functional.interpolate(image[None], size, mode="bilinear", antialias=True)[0].to(device))
+        targets.append({"boxes": common.resize_boxes(target["boxes"], image.shape[-2:], size).to(device),
+                        "labels": target["labels"].to(device)})
+    mean = torch.tensor(cfg.image_mean, device=device)[:, None, None]
+    std = torch.tensor(cfg.image_std, device=device)[:, None, None]
+    ours = detr.DETR(cfg, load_backbone=False).to(device)
+    official = criterion = postprocess = None
+    root = args.detr_root or os.environ.get("DETR_ROOT")
+    if root:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "detr_reference"))
+        from make_reference import load_official, normalised_cxcywh
+        official, criterion, postprocess, _ = load_official(root, "r50")
+        for layer in [*official.transformer.encoder.layers, *official.transformer.decoder.layers]:
+            for m in layer.modules():  # load_official builds with dropout 0 (for parity): the training recipe's 0.1
+                if isinstance(m, (torch.nn.Dropout, torch.nn.MultiheadAttention)):
+                    setattr(m, "p" if isinstance(m, torch.nn.Dropout) else "dropout", 0.1)
+        official.to(device)
+        criterion.to(device)
+        ours.load_state_dict(detr.convert_official(official.state_dict()))
+        official_targets = [{"labels": t["labels"],
+                             "boxes": normalised_cxcywh(t["boxes"].cpu(), im.shape[-2:]).to(device)}
+                            for t, im in zip(targets, images)]
+    else:
+        print("no --detr-root (or DETR_ROOT): detr.py alone")
+    print(f"detr on {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}, "
+          f"{'bf16 autocast' if cuda else 'fp32'}), images {tuple(images[0].shape[-2:])}, DETR-R50 (91 classes), "
+          f"median of {args.steps} steps")
+    matching = []  # seconds spent in matching during the timed training steps
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            if cuda:
+                torch.cuda.synchronize(device)
+            tic = time.perf_counter()
+            out = fn(*a, **k)
+            if cuda:
+                torch.cuda.synchronize(device)
+            matching.append(time.perf_counter() - tic)
+            return out
+        return wrapper
+    detr.hungarian_match = timed(detr.hungarian_match)
+    if criterion is not None:
+        criterion.matcher.forward = timed(criterion.matcher.forward)
+
+    def measure(fns):
+        """Median seconds per call of each of fns and its mean matching seconds; the calls alternate (ours, the
+        official's, ours, ...) so that a machine shared with other jobs slows both alike."""
+        times, matched = [[] for _ in fns], [0.0 for _ in fns]
+        for fn in fns:
+            fn()  # warm-up
+        for _ in range(args.steps):
+            for i, fn in enumerate(fns):
+                matching.clear()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                tic = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                times[i].append(time.perf_counter() - tic)
+                matched[i] += sum(matching) / args.steps
+        return [(float(np.median(t)), m) for t, m in zip(times, matched)]
+
+    def train_step(model, batch):
+        optimizer, _ = detr.make_optimizer(model, dataclasses.replace(cfg, lr_backbone=1e-5, warmup_iters=0), 1, 1)
+
+        def step():
+            model.train()
+            with amp:
+                if model is ours:
+                    loss = sum(model(images[:batch], targets[:batch]).values())
+                else:
+                    losses = criterion(model([(im - mean) / std for im in images[:batch]]), official_targets[:batch])
+                    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            optimizer.step()
+        return step
+
+    def infer_step(model, batch):
+        def step():
+            model.eval()
+            with torch.no_grad(), amp:
+                if model is ours:
+                    model(images[:batch])
+                else:
+                    sizes = torch.tensor([im.shape[-2:] for im in images[:batch]], device=device)
+                    postprocess(model([(im - mean) / std for im in images[:batch]]), sizes)
+        return step
+
+    print(f"{'':<22} {'ours ms':>9} {'official ms':>12} {'speed-up':>8}   "
+          "matching: ours ms (share)  official ms (share)")
+    for label, make, batch in [(f"train step, batch {args.train_batch}", train_step, args.train_batch),
+                               ("inference, batch 1", infer_step, 1), ("inference, batch 8", infer_step, 8)]:
+        torch.manual_seed(0)
+        (t_ours, m_ours), (t_off, m_off) = (measure([make(ours, batch), make(official, batch)]) if official is not None
+                                            else [*measure([make(ours, batch)]), (float("nan"), float("nan"))])
+        share = (f"   {m_ours * 1000:9.1f} ({m_ours / t_ours:.1%})  {m_off * 1000:9.1f} ({m_off / t_off:.1%})"
+                 if make is train_step else "")
+        print(f"{label:<22} {t_ours * 1000:9.1f} {t_off * 1000:12.1f} {t_off / t_ours:8.2f}{share}")
 
 
 def main():
-    benchmarks = {"coco_eval": bench_coco_eval, "selective_search": bench_selective_search,
+    benchmarks = {"coco_eval": bench_coco_eval, "selective_search": bench_selective_search, "yolo": bench_yolo,
+                  "detr": bench_detr,
                   **{name: bench_model for name in MODELS}}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(benchmarks))
@@ -281,9 +523,14 @@ def main():
     parser.add_argument("--min-size", type=int, default=800, help="models: short side (torchvision's default 800)")
     parser.add_argument("--max-size", type=int, default=1333, help="models: long side at most (default 1333)")
     parser.add_argument("--train-batch", type=int, default=2, help="models: images per training step (2 per GPU)")
+    parser.add_argument("--infer-batch", type=int, default=8, help="models: images per inference call, besides 1")
     parser.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="models: synthetic image size before the models resize it (default: COCO-like 480 640)")
     parser.add_argument("--steps", type=int, default=10, help="models: timed steps per measurement (median)")
+    parser.add_argument("--yolov5", default="", help="yolo: a work tree of ultralytics/yolov5 at tag v7.0")
+    parser.add_argument("--scale", default="yolov5s", help="yolo: yolov5n|s|m|l|x")
+    parser.add_argument("--yolo-size", type=int, default=640, help="yolo: square image side (default 640)")
+    parser.add_argument("--detr-root", default="", help="detr: a checkout of facebookresearch/detr (or DETR_ROOT)")
     parser.add_argument("--data-root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
                                                             "data", "bccd"), help="selective_search: a VOC folder")
     parser.add_argument("--split", default="test", help="selective_search: its split (default test)")

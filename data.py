@@ -681,6 +681,26 @@ class RandomHorizontalFlip:
         return image, target
 
 
+def per_box_fields(inputs):
+    """labels_getter for torchvision.transforms.v2.SanitizeBoundingBoxes on (image, target): every per-box field of
+    the target, so that a box removed by a crop takes its label, iscrowd and difficult flag with it."""
+    return tuple(inputs[1][k] for k in ("labels", "iscrowd", "difficult") if k in inputs[1])
+
+
+class TransformsV2:
+    """A torchvision.transforms.v2 transform (e.g. v2.Compose([...])) on (image [3, H, W], target): the boxes go in as
+    tv_tensors.BoundingBoxes, so that geometric transforms move them with the pixels, and come out as plain tensors.
+    End a pipeline that crops with v2.SanitizeBoundingBoxes(labels_getter=per_box_fields)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, target):
+        from torchvision import tv_tensors
+        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
+        image, target = self.transform(tv_tensors.Image(image), {**target, "boxes": boxes})
+        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v
+                                                 for k, v in target.items()}
 # --- Selective search ---
 # Region proposals for R-CNN and Fast R-CNN: Uijlings, van de Sande, Gevers, Smeulders, "Selective Search for Object
 # Recognition", IJCV 2013, as R-CNN ran it (rbgirshick/rcnn selective_search/selective_search_boxes.m calls Uijlings'
@@ -698,14 +718,13 @@ def selective_search(image, mode="fast", side=500, min_box_size=20, seed=0):
     """Selective search proposals of one image: float [3, H, W] RGB in [0, 1] -> float [N, 4] boxes x1, y1, x2, y2 in
     the image's pixels (continuous coordinates, as the datasets' boxes), best first, without duplicates.
 
-    mode: "fast" is R-CNN's (HSV and Lab, k 50 and 100, strategies colour+texture+size+fill and texture+size+fill:
-    4 segmentations, 8 hierarchies); "quality" Uijlings' quality mode (5 colour spaces, 4 k, 4 strategies).
-    side: the image is first resized so that its longer side is this many pixels (0: left as it is), the boxes mapped
-    back: the segmentation's k and min_size are in pixels, and R-CNN ran on VOC's ~500x375 images (its
-    selective_search_boxes.m has the same option, im_width). Boxes narrower or lower than min_box_size pixels are
-    dropped (R-CNN: 20). Ranking as Uijlings': in each hierarchy the n merged regions get priorities n..1 in the order they were made
-    (the whole image 1), the initial regions n + 1; times a uniform random number (seeded by seed); ascending.
-    """
+    mode: "fast" is R-CNN's (HSV and Lab, k 50 and 100, strategies colour+texture+size+fill and texture+size+fill: 4
+    segmentations, 8 hierarchies); "quality" Uijlings' quality mode (5 colour spaces, 4 k, 4 strategies). side: the
+    image is first resized so that its longer side is this many pixels (0: left as it is), the boxes mapped back: the
+    segmentation's k and min_size are in pixels, and R-CNN ran on VOC's ~500x375 images (its selective_search_boxes.m
+    has the same option, im_width). Boxes narrower or lower than min_box_size pixels are dropped (R-CNN: 20). Ranking as
+    Uijlings': in each hierarchy the n merged regions get priorities n..1 in the order they were made (the whole image
+    1), the initial regions n + 1; times a uniform random number (seeded by seed); ascending."""
     colour_spaces, ks, strategies = SELECTIVE_SEARCH_MODES[mode]
     height, width = image.shape[-2:]
     if side and max(height, width) != side:
@@ -746,7 +765,8 @@ def to_colour_space(rgb, space):
         d = np.where(delta > 0, delta, 1.0)
         hue = np.where(high == r, (g - b) / d, np.where(high == g, 2 + (b - r) / d, 4 + (r - g) / d)) / 6 % 1.0
         hue = np.where(delta > 0, hue, 0.0)
-        out = [hue, np.where(high > 0, delta / np.where(high > 0, high, 1.0), 0.0), high] if space == "hsv" else [hue] * 3
+        saturation = np.where(high > 0, delta / np.where(high > 0, high, 1.0), 0.0)
+        out = [hue, saturation, high] if space == "hsv" else [hue] * 3
     elif space == "lab":
         linear = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)  # sRGB -> linear RGB
         xyz = np.tensordot(np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
@@ -941,8 +961,9 @@ def region_features(labels, colour, texture):
     pairs = np.sort(pairs[pairs[:, 0] != pairs[:, 1]], 1)
     pairs = np.unique(pairs[:, 0] * n + pairs[:, 1])
     pairs = np.stack([pairs // n, pairs % n], 1)
-    return {"size": np.bincount(labels.ravel(), minlength=n).astype(np.float64), "boxes": boxes.numpy().astype(np.float64),
-            "colour": histograms(colour, 25), "texture": histograms(texture, 10), "pairs": pairs}
+    return {"size": np.bincount(labels.ravel(), minlength=n).astype(np.float64),
+            "boxes": boxes.numpy().astype(np.float64), "colour": histograms(colour, 25),
+            "texture": histograms(texture, 10), "pairs": pairs}
 
 
 def hierarchical_grouping(regions, strategy, image_area):
@@ -1083,7 +1104,8 @@ def compute_proposals(dataset, workers=0, **kwargs):
         if workers > 1:  # fork: the dataset is inherited, not pickled
             context = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, context, _proposal_worker_init, (dataset, kwargs)) as pool:
-                jobs = pool.map(_proposals_of, range(len(dataset)), chunksize=max(1, min(16, len(dataset) // (8 * workers))))
+                chunk = max(1, min(16, len(dataset) // (8 * workers)))
+                jobs = pool.map(_proposals_of, range(len(dataset)), chunksize=chunk)
                 for boxes in jobs:
                     results.append(boxes)
                     _progress(dataset, results, tic, workers)
@@ -1195,6 +1217,8 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_st
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         order = order.repeat(math.ceil(steps * global_batch / len(dataset)))[: steps * global_batch]
         batches = order.view(steps, world_size, batch_size)[start_step:, rank].tolist()
+        if hasattr(getattr(dataset, "transforms", None), "set_epoch"):  # transforms that read other images of the set
+            dataset.transforms.set_epoch(dataset, epoch)  # or change with the epoch (yolo.py's mosaic, close_mosaic)
         dataset = SeededItems(dataset, seed, epoch)
     else:
         batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]

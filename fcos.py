@@ -47,6 +47,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import time
@@ -140,9 +141,10 @@ class Config:
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
-    # ~15 minutes on 2 CPU cores: ResNet-18 from scratch on 128-px images, a smaller FPN and head
-    "cpu": dict(backbone="resnet18", fpn_channels=64, image_size=128, min_size=128, max_size=128, num_train=4000,
-                num_val=200, batch_size=16, epochs=5, lr_steps=(4,), warmup_iters=100, workers=1),
+    # ~15 minutes on 2 CPU cores: ResNet-18 from scratch on 5,000 128-px images, a smaller FPN, AdamW
+    "cpu": dict(backbone="resnet18", fpn_channels=64, image_size=128, min_size=128, max_size=128, num_train=5000,
+                num_val=200, batch_size=16, epochs=5, optimizer="adamw", lr=1e-3, lr_steps=(4,), warmup_iters=100,
+                workers=1),
     # torchvision's COCO recipe (ImageNet backbone, 800 px, 26 epochs of 2 images x 8 GPUs)
     "coco": dict(data="coco", backbone_weights="imagenet", min_size=800, max_size=1333, epochs=26,
                  batch_size=2, lr=0.01, lr_steps=(16, 22), warmup_iters=1000),
@@ -523,7 +525,7 @@ def postprocess_detections(cls_logits: Tensor, bbox_regression: Tensor, centerne
 DETECTOR = FCOS  # the class the template builds, trains, evaluates and saves
 
 
-def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int):
+def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
     """torchvision's recipe: SGD with momentum (or AdamW) and weight decay, cfg.lr for 16 images scaled linearly to the
     global batch, a linear warmup (at most a third of the run), x lr_gamma at each of lr_steps."""
     params, lr = [p for p in model.parameters() if p.requires_grad], cfg.lr * cfg.batch_size * world_size / 16
@@ -565,9 +567,10 @@ def draw_targets(model: FCOS, image: Tensor, target: dict, class_names, path: st
 def load_weights(weights: str):
     """--weights PATH (a checkpoint of this file, or the reference implementation's weights) or a name (torchvision)
     -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
-    if not os.path.isfile(weights):  # a name: the reference's published weights
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, pickle.UnpicklingError):  # a name, or a pickled model: reference_weights says what to do
         return reference_weights(weights)
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
         return reference_weights(weights, checkpoint)
     if checkpoint["detector"] != DETECTOR.__name__:
@@ -603,7 +606,6 @@ def train(cfg: Config):
     ctx = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.backends.cudnn.benchmark = cfg.data == "synthetic"  # one input size: cuDNN picks its fastest kernels once
-
     train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
     cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
     resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
@@ -617,11 +619,11 @@ def train(cfg: Config):
         load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
     if cfg.channels_last:
         raw_model.to(memory_format=torch.channels_last)
+    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
-    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
-    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size)
     epoch, step, best = 0, 0, {"AP": -1.0}
     if resume:
         if (batch := resume["config"]["batch_size"] * resume["world_size"]) != cfg.batch_size * world_size:
@@ -655,9 +657,9 @@ def train(cfg: Config):
               f"of {steps} steps of {cfg.batch_size} x {world_size} images; writing to {cfg.out}"
               + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one stops at once
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stop.append(signal.signal(signum, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one acts as it did before
+    handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(signal.signal(sig, handlers[sig])))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     start_iter, start_time = epoch * steps + step, time.perf_counter()
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
@@ -723,6 +725,8 @@ def train(cfg: Config):
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
+    for signum, handler in handlers.items():  # train() called from a notebook leaves Ctrl-C as it found it
+        signal.signal(signum, handler)
     if ddp:
         dist.destroy_process_group()
     return raw_model
@@ -749,7 +753,7 @@ def main(argv=None):
     args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
     saved = state_dict = None
     if args.train and given.get("resume"):  # the run's config: its model, schedule and folder (flags still override)
-        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]
+        saved = load_weights(given["resume"])[2]  # (and a checkpoint of another detector is refused)
     elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
@@ -760,19 +764,20 @@ def main(argv=None):
             print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.show_targets:  # the assignment needs no trained weights, but takes them where given (proposals)
-        train_set = data.build_datasets(cfg)[0]
+    if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
+        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
-        for i, (image, target) in zip(range(8), train_set):
+        for i in range(min(8, len(train_set))):
+            data.seed_everything(cfg.seed, 0, i)  # epoch 0's augmentation of image i, as make_loader draws it
+            image, target = train_set[i]
             draw_targets(model.to(device).eval(), image.to(device), data.to_device([target], device)[0],
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
         raise SystemExit("--eval and --predict need --weights PATH|torchvision")
-    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False)
+    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
-    model.to(device).eval()
     if args.eval:
         val_set = data.build_datasets(cfg, train=False)[1]
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")

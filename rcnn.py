@@ -58,6 +58,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import signal
 import time
 import warnings
@@ -161,8 +162,9 @@ class Config:
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
     # ~15 minutes on 2 CPU cores: 300 192-px images, 64-px crops, all three stages
-    "cpu": dict(backbone="resnet18", image_size=192, num_train=300, num_val=100, crop_size=64, crop_padding=4, batch_size=4, epochs=4,
-                lr_steps=(3,), warmup_iters=50, workers=2, feature_batch=128, rois_per_batch=64),
+    "cpu": dict(backbone="resnet18", image_size=192, num_train=300, num_val=100, crop_size=64, crop_padding=4,
+                batch_size=4, epochs=4, lr_steps=(3,), warmup_iters=50, workers=2, feature_batch=128,
+                rois_per_batch=64),
     # the paper's VOC 2007 recipe: ImageNet AlexNet (CaffeNet), 227-px crops with 16 px of context, 20-px proposals
     "voc": dict(data="voc", backbone="alexnet", backbone_weights="imagenet", crop_size=227, crop_padding=16,
                 proposal_min_size=20, train_split="trainval", val_split="test", lr=0.001, epochs=18, lr_steps=(6,),
@@ -394,8 +396,8 @@ def encode_boxes(gt: Tensor, rois: Tensor) -> Tensor:
     eps = torch.finfo(torch.float64).eps
     w, h = rois[:, 2] - rois[:, 0] + eps, rois[:, 3] - rois[:, 1] + eps
     gw, gh = gt[:, 2] - gt[:, 0] + eps, gt[:, 3] - gt[:, 1] + eps
-    return torch.stack([(gt[:, 0] + 0.5 * gw - rois[:, 0] - 0.5 * w) / w, (gt[:, 1] + 0.5 * gh - rois[:, 1] - 0.5 * h) / h,
-                        torch.log(gw / w), torch.log(gh / h)], 1)
+    return torch.stack([(gt[:, 0] + 0.5 * gw - rois[:, 0] - 0.5 * w) / w,
+                        (gt[:, 1] + 0.5 * gh - rois[:, 1] - 0.5 * h) / h, torch.log(gw / w), torch.log(gh / h)], 1)
 
 
 def reference_weights(weights: str, state_dict: dict = None):
@@ -721,7 +723,7 @@ def postprocess_detections(cls_scores: Tensor, boxes: Tensor, num_rois_per_image
 DETECTOR = RCNN  # the class the template builds, trains, evaluates and saves
 
 
-def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int):
+def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
     """Stage 1 (pascal_finetune_solver.prototxt): SGD with momentum (or AdamW), Caffe's parameter groups
     (caffe_param_groups), cfg.lr scaled to the processes, a linear warmup (at most a third of the run), x lr_gamma at
     each of lr_steps. Tells the model how many steps fine-tuning takes: it runs stages 2 and 3 after the last."""
@@ -763,9 +765,10 @@ def draw_targets(model: RCNN, image: Tensor, target: dict, class_names, path: st
 def load_weights(weights: str):
     """--weights PATH (a checkpoint of this file, or the reference implementation's weights) or a name (torchvision)
     -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
-    if not os.path.isfile(weights):  # a name: the reference's published weights
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, pickle.UnpicklingError):  # a name, or a pickled model: reference_weights says what to do
         return reference_weights(weights)
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
         return reference_weights(weights, checkpoint)
     if checkpoint["detector"] != DETECTOR.__name__:
@@ -801,7 +804,6 @@ def train(cfg: Config):
     ctx = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.backends.cudnn.benchmark = cfg.data == "synthetic"  # one input size: cuDNN picks its fastest kernels once
-
     train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
     cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
     resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
@@ -815,11 +817,11 @@ def train(cfg: Config):
         load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
     if cfg.channels_last:
         raw_model.to(memory_format=torch.channels_last)
+    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
+    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
-    steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
-    optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size)
     epoch, step, best = 0, 0, {"AP": -1.0}
     if resume:
         if (batch := resume["config"]["batch_size"] * resume["world_size"]) != cfg.batch_size * world_size:
@@ -853,9 +855,9 @@ def train(cfg: Config):
               f"of {steps} steps of {cfg.batch_size} x {world_size} images; writing to {cfg.out}"
               + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one stops at once
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stop.append(signal.signal(signum, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one acts as it did before
+    handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(signal.signal(sig, handlers[sig])))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     start_iter, start_time = epoch * steps + step, time.perf_counter()
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
@@ -921,6 +923,8 @@ def train(cfg: Config):
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
+    for signum, handler in handlers.items():  # train() called from a notebook leaves Ctrl-C as it found it
+        signal.signal(signum, handler)
     if ddp:
         dist.destroy_process_group()
     return raw_model
@@ -947,7 +951,7 @@ def main(argv=None):
     args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
     saved = state_dict = None
     if args.train and given.get("resume"):  # the run's config: its model, schedule and folder (flags still override)
-        saved = torch.load(given["resume"], map_location="cpu", weights_only=True)["config"]
+        saved = load_weights(given["resume"])[2]  # (and a checkpoint of another detector is refused)
     elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
@@ -958,19 +962,20 @@ def main(argv=None):
             print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.show_targets:  # the assignment needs no trained weights, but takes them where given (proposals)
-        train_set = data.build_datasets(cfg)[0]
+    if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
+        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
-        for i, (image, target) in zip(range(8), train_set):
+        for i in range(min(8, len(train_set))):
+            data.seed_everything(cfg.seed, 0, i)  # epoch 0's augmentation of image i, as make_loader draws it
+            image, target = train_set[i]
             draw_targets(model.to(device).eval(), image.to(device), data.to_device([target], device)[0],
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
         raise SystemExit("--eval and --predict need --weights PATH|torchvision")
-    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False)
+    model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
-    model.to(device).eval()
     if args.eval:
         val_set = data.build_datasets(cfg, train=False)[1]
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
