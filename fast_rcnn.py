@@ -380,7 +380,7 @@ class FastRCNN(nn.Module):
             return features.new_zeros(0, features.shape[1], *size)
         scaled = rois * torch.tensor(factors, device=rois.device, dtype=rois.dtype)[image_idx][:, None]  # [S, 4]
         rois = torch.cat([image_idx[:, None].to(rois.dtype), scaled], 1)  # [S, 5]: image index, x1, y1, x2, y2
-        return roi_pool(features, rois.to(features.dtype), size, 1 / 16)
+        return roi_pool(features.float(), rois.float(), size, 1 / 16)  # (no CPU bf16 kernel; max pooling is exact)
 
     def pyramid_roi_features(self, images: list, rois: Tensor, image_idx: Tensor) -> Tensor:
         """Test-time RoI features (im_detect): the images at every test scale; each RoI pooled from the scale where its
@@ -550,7 +550,7 @@ def fast_rcnn_loss(cls_logits: Tensor, bbox_regression: Tensor, labels: Tensor, 
     num_rois = max(1, len(labels))
     classification_loss = F.cross_entropy(cls_logits, labels, reduction="sum") / num_rois
     pos = torch.where(labels > 0)[0]  # [num_foreground]
-    bbox_regression = bbox_regression.reshape(len(labels), -1, 4)  # [S, K, 4]
+    bbox_regression = bbox_regression.reshape(len(labels), cls_logits.shape[1], 4)  # [S, K, 4]
     box_loss = F.smooth_l1_loss(bbox_regression[pos, labels[pos]], regression_targets[pos], beta=1.0, reduction="sum")
     return {"loss_classifier": classification_loss, "loss_box_reg": box_loss / num_rois}
 

@@ -37,6 +37,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import common
 import data
 import detr
+import fast_rcnn
 import faster_rcnn
 import fcos
 import rcnn
@@ -911,6 +912,9 @@ ALL_SAMPLES = dict(rpn_batch_size_per_image=100000, box_batch_size_per_image=100
 RCNN_TINY = dict(backbone="resnet18", backbone_weights="none", crop_size=32, crop_padding=2, feature_batch=128,
                  rois_per_batch=32, proposal_side=128, proposal_min_size=2, warmup_iters=1,
                  lr=0.001)
+# Fast R-CNN: 64-px images at stride 16 (4 x 4 cells), a 64-wide head, proposals as R-CNN's tiny runs
+FAST_TINY = dict(backbone="resnet18", backbone_weights="none", representation_size=64, scales=(64,), test_scales=(64,),
+                 max_size=64, proposal_side=128, proposal_min_size=2, rois_per_image=32, warmup_iters=1)
 
 
 def flags(values: dict) -> list:
@@ -971,6 +975,10 @@ REGISTRY = {
                            num_queries=10, dropout=0.0), ("loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0")),
     # R-CNN: no torchvision counterpart and no box loss in stage 1 (boxes are stage 3's ridge regression)
     "rcnn": Row(rcnn, RCNN_TINY, (), run_files=("proposals_train.npz", "proposals_val.npz", "stage2.pt")),
+    # Fast R-CNN: no torchvision counterpart (its checks against rbgirshick/fast-rcnn are in its section); as the
+    # reference, background RoIs need IoU >= 0.1 with a box, so an image without boxes gives no RoI and no loss
+    "fast_rcnn": Row(fast_rcnn, FAST_TINY, ("loss_box_reg",), run_files=("proposals_train.npz", "proposals_val.npz"),
+                     empty_images_train_background=False, overfit=dict(scales=(128,), test_scales=(128,), max_size=128)),
 }
 NAMES = list(REGISTRY)
 TORCHVISION_NAMES = [name for name in NAMES if REGISTRY[name].reference is not None]  # the shared parity tests
