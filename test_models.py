@@ -978,7 +978,8 @@ REGISTRY = {
     # Fast R-CNN: no torchvision counterpart (its checks against rbgirshick/fast-rcnn are in its section); as the
     # reference, background RoIs need IoU >= 0.1 with a box, so an image without boxes gives no RoI and no loss
     "fast_rcnn": Row(fast_rcnn, FAST_TINY, ("loss_box_reg",), run_files=("proposals_train.npz", "proposals_val.npz"),
-                     empty_images_train_background=False, overfit=dict(scales=(128,), test_scales=(128,), max_size=128)),
+                     empty_images_train_background=False,
+                     overfit=dict(scales=(128,), test_scales=(128,), max_size=128)),
 }
 NAMES = list(REGISTRY)
 TORCHVISION_NAMES = [name for name in NAMES if REGISTRY[name].reference is not None]  # the shared parity tests
@@ -2829,3 +2830,231 @@ def test_rcnn_run_fits_all_three_stages(one_epoch):
     assert int(model["steps"]) == int(model["finetune_steps"]) == int(model["fitted_at"]) == 4
     assert (model["svm_weight"][1:].abs().sum(1) > 0).all() and model["svm_weight"][0].abs().sum() == 0
     assert model["bbox_beta"].abs().sum() > 0 and (model["feature_scale"] != 1).all()
+
+
+# ======================================== fast_rcnn ========================================
+# Fast R-CNN (fast_rcnn.py) against rbgirshick/fast-rcnn's numpy code (b612190f): box targets and their class-wise
+# normalisation, the RoI sampler's properties, decoding and clipping, NMS; stored by
+# assets/fast_rcnn_reference/make_reference.py (CI has no network), compared live when FAST_RCNN_ROOT names a work tree
+# of the reference. The reference's IoU, NMS and clipping count inclusive pixels (+1); its box targets and decoding
+# do not: its overlaps of (x1, y1, x2, y2) are ours of (x1, y1, x2 + 1, y2 + 1).
+
+FAST_REFERENCE = os.path.join(ROOT, "assets", "fast_rcnn_reference")
+
+
+def fast_reference():
+    with np.load(os.path.join(FAST_REFERENCE, "reference.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+class ReferenceImages:
+    """The reference's three images as a dataset for bbox_target_statistics: ground truth and proposals, no pixels."""
+
+    def __init__(self, ref):
+        self.sizes = [(120, 160), (230, 90), (150, 150)]
+        self.proposals = [ref[f"proposals_{i}"] for i in range(3)]
+        self.boxes = [ref[f"gt_boxes_{i}"] for i in range(3)]
+        self.labels = [ref[f"gt_labels_{i}"] for i in range(3)]
+
+    def coco_gt(self):
+        images = [{"id": 10 + i, "height": h, "width": w, "file_name": f"{i}.png"}
+                  for i, (h, w) in enumerate(self.sizes)]
+        return data._coco_dict(images, self.boxes, self.labels, ("__background__",) + data.SHAPE_NAMES)
+
+
+def test_fast_rcnn_box_targets_and_normalisation_are_the_references():
+    """add_bbox_regression_targets: per class the mean and std of the targets of every candidate (ground truth and
+    proposals) with IoU >= 0.5, and each target normalised by them; with flips, as the reference's flipped roidb. Our
+    statistics come streaming from bbox_target_statistics and reach the model through make_optimizer."""
+    ref = fast_reference()
+    dataset, K = ReferenceImages(ref), 7
+    present = ref["stds"].reshape(K, 4)[:, 0] > 0  # class 3 has no box here: the reference divides by its zero std
+    assert present.sum() == 5
+    for hflip, key in ((0.0, ""), (0.5, "flipped_")):
+        cfg = fast_rcnn.Config(num_classes=K, hflip_prob=hflip, warmup_iters=1)
+        model = fast_rcnn.FastRCNN(dataclasses.replace(cfg, backbone="resnet18", representation_size=16))
+        fast_rcnn.make_optimizer(model, cfg, 10, 1, train_set=dataset)
+        means, stds = model.box_predictor.bbox_means, model.box_predictor.bbox_stds
+        np.testing.assert_allclose(means[present].numpy(), ref[key + "means"].reshape(K, 4)[present], atol=1e-6)
+        np.testing.assert_allclose(stds[present].numpy(), ref[key + "stds"].reshape(K, 4)[present], rtol=1e-5)
+        assert (means[~present] == 0).all() and (stds[~present] == 1).all()
+    # every image's targets, normalised: the same RoIs, classes and values
+    means, stds = fast_rcnn.bbox_target_statistics(dataset, fast_rcnn.Config(num_classes=K, hflip_prob=0.0))
+    for i in range(3):
+        gt = torch.from_numpy(ref[f"gt_boxes_{i}"]).double()
+        candidates = torch.cat([gt, torch.from_numpy(ref[f"proposals_{i}"]).double()])
+        iou, best = common.box_iou(candidates, gt).max(1)
+        label = torch.where(iou >= 0.5, torch.from_numpy(ref[f"gt_labels_{i}"])[best], 0)
+        targets = (fast_rcnn.encode_boxes(gt[best], candidates) - means[label]) / stds[label]
+        assert torch.equal(label, torch.from_numpy(ref[f"targets_{i}"][:, 0]).long())
+        np.testing.assert_allclose(targets[label > 0].numpy(), ref[f"targets_{i}"][label.numpy() > 0, 1:], atol=2e-5)
+
+
+def test_fast_rcnn_overlaps_are_the_references_with_one_pixel_added():
+    """utils/bbox.pyx's IoU of inclusive pixel boxes is ours of the boxes one pixel larger; on the same coordinates it
+    is higher, so that a few RoIs change sides at the 0.5 and 0.1 thresholds."""
+    ref, flips = fast_reference(), 0
+    for i in range(3):
+        gt = torch.from_numpy(ref[f"gt_boxes_{i}"]).double()
+        candidates = torch.cat([gt, torch.from_numpy(ref[f"proposals_{i}"]).double()])
+        one = torch.tensor([0.0, 0, 1, 1], dtype=torch.float64)
+        np.testing.assert_allclose(common.box_iou(candidates + one, gt + one).numpy(), ref[f"iou_plus1_{i}"],
+                                   rtol=1e-12, atol=1e-12)
+        ours, theirs = common.box_iou(candidates, gt).max(1).values.numpy(), ref[f"iou_plus1_{i}"].max(1)
+        assert (theirs >= ours - 1e-12).all()  # +1 never lowers the IoU of overlapping boxes here
+        flips += sum(((ours >= t) != (theirs >= t)).sum() for t in (0.5, 0.1))
+    assert 0 < flips < 40  # of 3 x ~300 candidates
+
+
+def test_fast_rcnn_sampler_has_the_references_properties():
+    """_sample_rois vectorised over the batch: per image as many foreground (16) and background (48) RoIs as the
+    reference drew in 200 runs, foreground at IoU >= 0.5 with its box's class, background in [0.1, 0.5), no RoI twice,
+    every eligible candidate drawn (the same candidates as the reference's) about equally often; and where the
+    proposals miss the objects, the ground-truth boxes themselves are the foreground."""
+    ref = fast_reference()
+    cfg = fast_rcnn.Config(rois_per_image=64)
+    proposals = [torch.from_numpy(ref[f"proposals_{i}"]) for i in range(3)]
+    gts = [{"boxes": torch.from_numpy(ref[f"gt_boxes_{i}"]), "labels": torch.from_numpy(ref[f"gt_labels_{i}"])}
+           for i in range(3)]
+    gt_boxes, gt_labels, gt_valid = common.pad_targets(gts)
+    counts = [np.zeros(len(p) + len(t["boxes"]), np.int64) for p, t in zip(proposals, gts)]
+    for seed in range(200):
+        torch.manual_seed(seed)
+        rois, image_idx, labels, targets = fast_rcnn.sample_rois(proposals, gt_boxes, gt_labels, gt_valid, cfg)
+        for i, t in enumerate(gts):
+            r, lab = rois[image_idx == i], labels[image_idx == i]
+            iou, best = common.box_iou(r, t["boxes"]).max(1)
+            expected = ref[f"sampler_{i}"][seed]
+            assert (lab > 0).sum() == expected[0] == 16 and (lab == 0).sum() == expected[1] == 48
+            assert (iou[lab > 0] >= 0.5).all() and torch.equal(lab[lab > 0], t["labels"][best[lab > 0]])
+            assert (iou[lab == 0] >= 0.1).all() and (iou[lab == 0] < 0.5).all()
+            assert len(torch.unique(r, dim=0)) == len(r)  # without replacement
+            candidates = torch.cat([t["boxes"], proposals[i]])
+            counts[i][(candidates[:, None] == r[None]).all(2).any(1).numpy()] += 1
+            assert (targets[image_idx == i][lab == 0] == 0).all()
+    for i in range(3):
+        theirs = ref[f"sampled_counts_{i}"]
+        assert np.array_equal(counts[i] > 0, theirs > 0)  # the same eligible candidates
+        gt = torch.from_numpy(ref[f"gt_boxes_{i}"]).double()
+        iou = common.box_iou(torch.cat([gt, torch.from_numpy(ref[f"proposals_{i}"]).double()]), gt).max(1).values
+        for group, drawn in ((iou >= 0.5, 16), ((iou >= 0.1) & (iou < 0.5), 48)):
+            p = drawn / int(group.sum())  # uniform without replacement: each count ~ 200 p, variance 200 p (1 - p)
+            for c in (counts[i][group.numpy()], theirs[group.numpy()]):
+                assert c.sum() == 200 * drawn and 0.6 < ((c - 200 * p) ** 2 / (200 * p * (1 - p))).mean() < 1.5
+    # proposals that miss the objects: the ground-truth boxes are the foreground, with targets 0
+    far = torch.tensor([[0.0, 0, 4, 4], [0, 0, 60, 60], [100, 100, 110, 130]])
+    box = {"boxes": torch.tensor([[40.0, 40, 80, 90], [10, 60, 30, 100]]), "labels": torch.tensor([2, 5])}
+    rois, _, labels, targets = fast_rcnn.sample_rois([far], *common.pad_targets([box]), cfg)
+    assert torch.equal(rois[labels > 0].sort(0).values, box["boxes"].sort(0).values)
+    assert sorted(labels[labels > 0].tolist()) == [2, 5] and (targets == 0).all()
+
+
+def test_fast_rcnn_decoding_clipping_and_nms_are_the_references():
+    """test.py _bbox_pred (widths x2 - x1 + EPS, no +1) gives our decoding; its _clip_boxes (to W - 1, H - 1) our
+    clipping to an image one pixel smaller (we clip to W, H: the right edge of the last pixel); utils/nms.py (+1
+    areas, keeps IoU <= t) equals torchvision's NMS of the boxes one pixel larger, which our decoding applies per
+    class."""
+    ref = fast_reference()
+    rois, deltas = torch.from_numpy(ref["decode_rois"]), torch.from_numpy(ref["decode_deltas"])
+    decoded = fast_rcnn.decode_boxes(deltas.view(50, 7, 4), rois[:, None])  # [50, 7, 4]
+    np.testing.assert_allclose(decoded.reshape(50, 28).numpy(), ref["decoded"], rtol=1e-12, atol=1e-9)
+    H, W = ref["decode_image_size"].tolist()
+    clipped = common.clip_boxes_to_image(decoded, (H - 1, W - 1)).reshape(50, 28).numpy()
+    # the reference clips x1, y1 only from below and x2, y2 only from above: a box wholly beside the image comes out
+    # inverted there, empty on the border here (both are dropped by any IoU threshold)
+    inside = np.clip(ref["clipped"], 0, np.tile([W - 1, H - 1], 14))
+    np.testing.assert_allclose(clipped, inside, rtol=1e-12, atol=1e-9)
+    assert (ref["clipped"] != inside).any()
+    dets = torch.from_numpy(ref["nms_dets"])
+    for t in (0.3, 0.5):
+        keep = torchvision.ops.nms(dets[:, :4] + torch.tensor([0.0, 0, 1, 1]), dets[:, 4], t)
+        assert keep.tolist() == ref[f"nms_keep_{t}"].tolist()
+    # our decoding end to end: class-specific boxes from the deltas, clipped at W and H
+    cfg = fast_rcnn.Config(score_thresh=0.0, nms_thresh=0.3)
+    det = fast_rcnn.postprocess_detections(torch.randn(50, 7), deltas.float(), rois.float(), [50], [(H, W)], cfg)[0]
+    assert (det["boxes"][:, 2] <= W).all() and (det["boxes"][:, 3] <= H).all() and (det["boxes"] >= 0).all()
+    assert (det["boxes"][:, 2] == W).any()
+    expected = common.clip_boxes_to_image(decoded[:, 1:], (H, W)).reshape(-1, 4).float()  # [50 x 6, 4]
+    assert (det["boxes"][:, None] - expected[None]).abs().amax(2).min(1).values.max() < 1e-4  # each one of them
+
+
+@pytest.mark.skipif(not os.environ.get("FAST_RCNN_ROOT"), reason="FAST_RCNN_ROOT: a work tree of rbgirshick/fast-rcnn")
+def test_fast_rcnn_reference_numbers_are_the_live_references(tmp_path):
+    """The stored numbers are what the reference's code gives now (in a process of its own: the reference's packages
+    are called fast_rcnn, utils, roi_data_layer)."""
+    cli(os.environ["FAST_RCNN_ROOT"], "--out", tmp_path / "live.npz",
+        cmd=[sys.executable, os.path.join(FAST_REFERENCE, "make_reference.py")])
+    stored = fast_reference()
+    with np.load(tmp_path / "live.npz") as live:
+        assert set(live.files) == set(stored)
+        for key in live.files:
+            np.testing.assert_array_equal(live[key], stored[key], err_msg=key)
+
+
+def fast_tiny_model(**overrides):
+    torch.manual_seed(0)
+    return fast_rcnn.FastRCNN(tiny_config("fast_rcnn", **overrides))
+
+
+def test_fast_rcnn_checkpoint_folds_the_normalisation_into_the_regressor():
+    """state_dict: bbox_pred = the trained regressor with std and mean folded in (train.py's snapshot), so that it
+    decodes without the statistics: a model loading only it (mean 0, std 1) gives the same detections; the trained
+    weights and the statistics load back bit for bit."""
+    model = fast_tiny_model().eval()
+    with torch.no_grad():
+        model.box_predictor.bbox_pred.weight.normal_(0, 0.05)
+        model.box_predictor.bbox_pred.bias.normal_(0, 0.05)
+    model.set_target_statistics(torch.rand(7, 4) * 0.2 - 0.1, torch.rand(7, 4) * 0.2 + 0.05)
+    images = [data.SyntheticShapes(2, 64, seed=3)[i][0] for i in range(2)]
+    proposals = [torch.tensor([[5.0, 5, 40, 40], [10, 20, 60, 50], [0, 0, 64, 64], [30, 30, 50, 62]])] * 2
+    with torch.no_grad():
+        expected = model(images, proposals=proposals)
+        x = model.box_head(model.pyramid_roi_features(images, torch.cat(proposals), torch.tensor([0] * 4 + [1] * 4)))
+    state_dict = model.state_dict()
+    folded = torch.nn.functional.linear(x, state_dict["box_predictor.bbox_pred.weight"],
+                                        state_dict["box_predictor.bbox_pred.bias"])
+    torch.testing.assert_close(folded, model.box_predictor.deltas(model.box_predictor.bbox_pred(x)), rtol=1e-5,
+                               atol=1e-6)
+    assert not torch.allclose(folded, model.box_predictor.bbox_pred(x), atol=1e-2)  # the statistics matter
+    plain = {k: v for k, v in state_dict.items() if "normalised" not in k and "bbox_means" not in k
+             and "bbox_stds" not in k}
+    other = fast_tiny_model().eval()
+    other.load_state_dict(plain)
+    assert (other.box_predictor.bbox_means == 0).all() and (other.box_predictor.bbox_stds == 1).all()
+    with torch.no_grad():
+        for ours, theirs in zip(other(images, proposals=proposals), expected):
+            for key in ("boxes", "scores", "labels"):
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-4)
+    again = fast_tiny_model()
+    again.load_state_dict(state_dict)
+    tensors = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}  # noqa: E731
+    assert all(torch.equal(v, tensors(again)[k]) for k, v in tensors(model).items())
+
+
+def test_fast_rcnn_truncated_svd_of_fc6_and_fc7():
+    """Paper section 3.1: fc6 and fc7 factored into two layers of rank t; at full rank the detections are the same,
+    on layers of (nearly) rank t they stay close, and the factorisation error is the dropped singular values' (the
+    optimum, Eckart-Young)."""
+    model = fast_tiny_model().eval()
+    fc6, fc7 = model.box_head.fc6, model.box_head.fc7
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights of rank 16 plus a little noise, as trained fc layers are close to low rank
+        for fc in (fc6, fc7):
+            low = torch.randn(fc.out_features, 16, generator=g) @ torch.randn(16, fc.in_features, generator=g)
+            fc.weight.copy_(low / low.norm() * fc.weight.norm() + 1e-4 * torch.randn(fc.weight.shape, generator=g))
+    images = [data.SyntheticShapes(1, 64, seed=3)[0][0]]
+    proposals = [torch.tensor([[5.0, 5, 40, 40], [10, 20, 60, 50], [0, 0, 64, 64], [30, 30, 50, 62]])]
+    with torch.no_grad():
+        expected = model(images, proposals=proposals)[0]
+        for rank6, rank7, tol in ((64, 64, 1e-5), (16, 16, 1e-3)):
+            model.cfg = dataclasses.replace(model.cfg, svd_fc6=rank6, svd_fc7=rank7)
+            first, second = model.truncated_fc()[0]
+            assert first.weight.shape == (rank6, fc6.in_features) and second.weight.shape == (64, rank6)
+            det = model(images, proposals=proposals)[0]
+            torch.testing.assert_close(det["scores"], expected["scores"], rtol=tol, atol=tol)
+            torch.testing.assert_close(det["boxes"], expected["boxes"], rtol=tol, atol=tol * 100)
+        model.cfg = dataclasses.replace(model.cfg, svd_fc6=8, svd_fc7=0)
+        first, second = model.truncated_fc()[0]
+        s = torch.linalg.svdvals(fc6.weight.double())
+        error = (second.weight.double() @ first.weight.double() - fc6.weight.double()).norm()
+        assert model.truncated_fc()[1] is None and math.isclose(error, s[8:].norm(), rel_tol=1e-6)
