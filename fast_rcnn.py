@@ -282,6 +282,12 @@ def truncated_svd(layer: nn.Linear, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second).to(layer.weight.device)
 
 
+def scale_factor(size: tuple, target_size: int, max_size: int) -> float:
+    """The resize factor of an image of size (h, w): shorter side to target_size, longer side at most max_size."""
+    factor = target_size / min(size)
+    return max_size / max(size) if round(factor * max(size)) > max_size else factor
+
+
 def preprocess(images: list, scales: list, cfg: Config):
     """Normalise, resize and zero-pad (test.py _get_image_blob): images B x [3, h_i, w_i] in [0, 1], one target size
     per image -> batch [B, 3, H, W] and the scale factor of each image (its boxes x this = boxes on the batch)."""
@@ -290,9 +296,7 @@ def preprocess(images: list, scales: list, cfg: Config):
     resized, factors = [], []
     for image, target_size in zip(images, scales):
         h, w = image.shape[-2:]
-        factor = target_size / min(h, w)
-        if round(factor * max(h, w)) > cfg.max_size:  # the longer side at most max_size
-            factor = cfg.max_size / max(h, w)
+        factor = scale_factor((h, w), target_size, cfg.max_size)
         size = (max(1, round(h * factor)), max(1, round(w * factor)))
         resized.append(F.interpolate(((image - mean) / std)[None], size=size, mode="bilinear",
                                      align_corners=False)[0] if size != (h, w) else (image - mean) / std)
@@ -389,8 +393,8 @@ class FastRCNN(nn.Module):
         out = None
         if len(test_scales) > 1:
             areas = ((rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1]))[:, None]  # [S, 1]
-            factors = torch.tensor([preprocess([im], [s], self.cfg)[1][0] for s in test_scales for im in images],
-                                   device=rois.device).view(len(test_scales), len(images)).T  # [B, number of scales]
+            factors = torch.tensor([[scale_factor(im.shape[-2:], s, self.cfg.max_size) for s in test_scales]
+                                    for im in images], device=rois.device)  # [B, number of scales]
             level = (areas * factors[image_idx] ** 2 - 224 * 224).abs().argmin(1)  # [S]
         else:
             level = torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
@@ -594,8 +598,8 @@ DETECTOR = FastRCNN  # the class the template builds, trains, evaluates and save
 def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
     """solver.prototxt: SGD with momentum (or AdamW), weights at cfg.lr with weight decay, biases at 2 x lr without
     (lr_mult 2, decay_mult 0), cfg.lr scaled to the processes, a linear warmup (at most a third of the run), x lr_gamma
-    at each of lr_steps. Also computes the box targets' statistics on the training set (bbox_target_statistics)."""
-    if isinstance(model, FastRCNN) and train_set is not None and cfg.normalize_targets:
+    at each of lr_steps. Also computes the box targets' statistics on the training set (--resume: they are loaded)."""
+    if isinstance(model, FastRCNN) and train_set is not None and cfg.normalize_targets and not cfg.resume:
         model.set_target_statistics(*bbox_target_statistics(train_set, cfg))
     params, lr = caffe_param_groups(model, cfg.lr * world_size, cfg.weight_decay), cfg.lr * world_size
     optimizer = (torch.optim.SGD(params, lr, cfg.momentum, fused=next(model.parameters()).is_cuda)
@@ -616,14 +620,14 @@ def train_transforms(cfg: Config):
 @torch.no_grad()
 def draw_targets(model: FastRCNN, image: Tensor, target: dict, class_names, path: str):
     """--show-targets: the image's proposals as one training step samples them, under the ground truth (class
-    colours): foreground RoIs blue, background RoIs red, proposals not sampled grey (the first 300)."""
+    colours): foreground RoIs blue, background RoIs red, proposals not sampled grey (the first 100)."""
     proposals = model.proposals_of(image, target)
     valid = (target["boxes"][:, 2] > target["boxes"][:, 0]) & (target["boxes"][:, 3] > target["boxes"][:, 1])
     gt_boxes, gt_labels, gt_valid = pad_targets([{"boxes": target["boxes"][valid].float(),
                                                   "labels": target["labels"][valid]}])
     rois, _, labels, _ = sample_rois([proposals], gt_boxes, gt_labels, gt_valid, model.cfg)
     sampled = (proposals[:, None] == rois[None]).all(2).any(1)  # [R]
-    drawn = draw_boxes(image, proposals[~sampled][:300], color=(160, 160, 160), width=1)
+    drawn = draw_boxes(image, proposals[~sampled][:100], color=(160, 160, 160), width=1)
     for boxes, colour in ((rois[labels == 0], (255, 0, 0)), (rois[labels > 0], (0, 0, 255))):
         drawn = draw_boxes(drawn, boxes, color=colour, width=1)
     draw_boxes(drawn, target["boxes"], target["labels"], None, class_names, path, width=2)

@@ -3058,3 +3058,19 @@ def test_fast_rcnn_truncated_svd_of_fc6_and_fc7():
         s = torch.linalg.svdvals(fc6.weight.double())
         error = (second.weight.double() @ first.weight.double() - fc6.weight.double()).norm()
         assert model.truncated_fc()[1] is None and math.isclose(error, s[8:].norm(), rel_tol=1e-6)
+
+
+def test_fast_rcnn_multi_scale_test_pools_each_roi_at_the_scale_nearest_224_squared():
+    """test.py _project_im_rois: with several test scales, each RoI is pooled from the scale where its area is
+    nearest 224 x 224: on a 64-px image at scales 64 and 320, a 30-px RoI from 320 (150 px), the whole image from 64."""
+    model = fast_tiny_model(test_scales=(64, 320), max_size=320).eval()
+    image = data.SyntheticShapes(1, 64, seed=3)[0][0]
+    rois, image_idx = torch.tensor([[10.0, 10, 40, 40], [0, 0, 64, 64]]), torch.zeros(2, dtype=torch.int64)
+    with torch.no_grad():
+        both = model.pyramid_roi_features([image], rois, image_idx)
+        singles = []
+        for scale in (320, 64):
+            model.cfg = dataclasses.replace(model.cfg, test_scales=(scale,))
+            singles.append(model.pyramid_roi_features([image], rois, image_idx))
+    assert torch.equal(both[0], singles[0][0]) and torch.equal(both[1], singles[1][1])
+    assert not torch.equal(singles[0], singles[1])
