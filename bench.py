@@ -12,6 +12,9 @@
     python bench.py detr --detr-root DETR_ROOT [--device cpu|cuda] [--min-size 800 --max-size 1333]
         detr.py vs the official DETR-R50 (a checkout of facebookresearch/detr) with the same weights and inputs:
         train step (matching, loss, backward, clipped AdamW step), inference at batch 1 and 8, the matcher's share
+    python bench.py fast_rcnn [--device cpu|cuda] [--image-size 256 256] [--steps 3]
+        fast_rcnn.py against rcnn.py with the same backbone, images and proposals: seconds per image of a training
+        step and of inference over all proposals (the paper's 9x / 146x)
     python bench.py selective_search [--data-root ../shared/data/bccd --split test --mode fast]
         data.selective_search vs OpenCV-contrib's fast mode (when cv2.ximgproc is installed): recall of the ground
         truth at IoU 0.5 and 0.7 with at most 2000 boxes per image, boxes per image, seconds per image on one thread
@@ -119,6 +122,70 @@ def bench_coco_eval(args):
               f"{np.abs(stats - rows[0][2]).max():.1e}")
     agree = all(np.abs(stats - rows[0][2]).max() <= 1e-6 for _, _, stats in rows)
     print("all 12 numbers agree to 1e-6:" if agree else "NUMBERS DIFFER (> 1e-6):", agree)
+
+
+# --- Fast R-CNN against R-CNN ---
+
+
+def bench_fast_rcnn(args):
+    """Fast R-CNN's claim (paper Table 4: 9x faster training, 146x faster testing than R-CNN with VGG16) on our data:
+    fast_rcnn.py and rcnn.py with the same backbone (ResNet-18, random weights, each file's default head and input
+    sizes: R-CNN warps 112-px crops, Fast R-CNN sees the image at its own size), the same synthetic images and
+    selective-search proposals. Seconds per image, CPU time of this process and wall time, medians of --steps: a
+    training step of --train-batch images (R-CNN: fine-tuning, 128 regions per step; its SVM and regressor stages
+    then extract the features of every proposal of every training image once more, about a test pass), and inference
+    over all proposals of --train-batch images (R-CNN scored by its softmax: the network's cost without the SVMs)."""
+    import data
+    import fast_rcnn
+    import rcnn
+    torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
+    height, width = args.image_size
+    dataset = data.SyntheticShapes(2 * args.train_batch, (height, width), seed=0)
+    items = [dataset[i] for i in range(len(dataset))]
+    proposals = [data.selective_search(image, "fast", 0, 4).to(args.device) for image, _ in items]
+    images = [image.to(args.device) for image, _ in items]
+    targets = [dict(t, boxes=t["boxes"].to(args.device), labels=t["labels"].to(args.device), proposals=p)
+               for (_, t), p in zip(items, proposals)]
+    print(f"{len(images)} synthetic {height}x{width} images, {[len(p) for p in proposals]} proposals; "
+          f"{args.device}, {torch.get_num_threads()} thread(s)")
+    torch.manual_seed(0)
+    models = {"rcnn.py": rcnn.RCNN(rcnn.Config(backbone="resnet18", num_classes=7, scoring="softmax")),
+              "fast_rcnn.py": fast_rcnn.FastRCNN(fast_rcnn.Config(
+                  backbone="resnet18", num_classes=7, scales=(min(height, width),),
+                  test_scales=(min(height, width),), max_size=max(height, width)))}
+    b, times = args.train_batch, {}
+    for name, model in models.items():
+        model.to(args.device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def train_step():
+            model.train()
+            loss = sum(model(images[:b], targets[:b]).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        def inference():
+            model.eval()
+            with torch.no_grad():
+                model(images[b:], proposals=proposals[b:])
+
+        for kind, fn in (("train", train_step), ("test", inference)):
+            fn()  # warm-up
+            runs = []
+            for _ in range(args.steps):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                cpu, wall = time.process_time(), time.perf_counter()
+                fn()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                runs.append((time.process_time() - cpu, time.perf_counter() - wall))
+            times[name, kind] = [float(np.median([r[i] for r in runs])) / b for i in (0, 1)]
+    for kind in ("train", "test"):
+        (rc, rw), (fc, fw) = times["rcnn.py", kind], times["fast_rcnn.py", kind]
+        print(f"{kind}: rcnn.py {rc:.3f} s/img CPU ({rw:.3f} wall), fast_rcnn.py {fc:.3f} s/img CPU ({fw:.3f} wall): "
+              f"{rc / fc:.1f}x (wall {rw / fw:.1f}x)")
 
 
 # --- Selective search against OpenCV ---
@@ -515,7 +582,7 @@ def bench_detr(args):
 
 def main():
     benchmarks = {"coco_eval": bench_coco_eval, "selective_search": bench_selective_search, "yolo": bench_yolo,
-                  "detr": bench_detr,
+                  "detr": bench_detr, "fast_rcnn": bench_fast_rcnn,
                   **{name: bench_model for name in MODELS}}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(benchmarks))

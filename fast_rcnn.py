@@ -28,8 +28,9 @@ regressor and the statistics are kept beside it, so that --resume continues exac
 Coordinates: continuous, no +1 anywhere (DESIGN.md). The reference computes IoU, NMS and clipping on inclusive pixel
 indices (+1 on widths and intersections; x2 <= W - 1) but box targets and decoding without +1: its IoU of boxes (x1, y1,
 x2, y2) is ours of (x1, y1, x2 + 1, y2 + 1). The same coordinates therefore give a slightly higher IoU there for small
-boxes (a 10-px box shifted by 5 px: 0.375 here, 0.392 there), which moves RoIs across the 0.5 / 0.1 thresholds of
-sampling and NMS's 0.3 at the margin; clipping here stops at W (the last pixel's right edge), there at W - 1.
+boxes (a 10-px square and its copy 5 px to the side: 0.333 here, 0.375 there), which moves a few RoIs across the
+0.5 / 0.1 thresholds of sampling and makes NMS at 0.3 suppress a little more there; clipping here stops at W (the last
+pixel's right edge), there at W - 1, and only from one side (a box wholly beside the image comes out inverted).
 
 Run (--help lists every Config field as a flag, with the values a plain --train uses):
     python fast_rcnn.py --train                                 # synthetic shapes, no download; CPU: preset cpu
