@@ -381,8 +381,8 @@ class FastRCNN(nn.Module):
         scale factors -> [S, C, 7, 7]. roi_pool rounds the scaled corners to cells and counts the end cell in (Caffe's
         RoIPooling layer, spatial_scale 1/16)."""
         size = (self.cfg.roi_size, self.cfg.roi_size)
-        if len(rois) == 0:
-            return features.new_zeros(0, features.shape[1], *size)
+        if len(rois) == 0:  # (still in the graph: DDP expects a gradient for every backbone weight)
+            return features.new_zeros(0, features.shape[1], *size) + 0 * features.sum()
         scaled = rois * torch.tensor(factors, device=rois.device, dtype=rois.dtype)[image_idx][:, None]  # [S, 4]
         rois = torch.cat([image_idx[:, None].to(rois.dtype), scaled], 1)  # [S, 5]: image index, x1, y1, x2, y2
         return roi_pool(features.float(), rois.float(), size, 1 / 16)  # (no CPU bf16 kernel; max pooling is exact)
