@@ -1366,10 +1366,11 @@ def test_train_writes_run_folder_and_says_what_it_does(one_epoch):
     assert [r["step"] for r in steps] == ["1/4", "2/4", "3/4", "4/4"] and [r["iter"] for r in steps] == [1, 2, 3, 4]
     keys = loss_keys(name)
     for r in steps:
-        assert keys | {"lr", "img_s", "eta_min"} <= set(r)
+        assert keys | {"lr", "img_s", "eta_min", "time_s"} <= set(r)
         assert math.isclose(r["loss"], sum(r[k] for k in keys), rel_tol=1e-5)
     evals = [r for r in records if "AP" in r]
     assert len(evals) == 1 and set(COCO_NAMES) <= set(evals[0])
+    assert 0 < steps[0]["time_s"] <= steps[-1]["time_s"] <= evals[0]["time_s"]  # seconds since training began
     # the first lines say what runs, the last what came out
     for words in (f"{REGISTRY[name].module.DETECTOR.__name__}, {given['backbone']}", "M parameters",
                   "data: synthetic shapes 64x64",
