@@ -16,6 +16,15 @@
         data.selective_search vs OpenCV-contrib's fast mode (when cv2.ximgproc is installed): recall of the ground
         truth at IoU 0.5 and 0.7 with at most 2000 boxes per image, boxes per image, seconds per image on one thread
 
+    python bench.py speed --model NAME [--device cpu|cuda] [--json PATH]
+        any model file alone: its default Config, random weights, a training step and inference at batch 1 and N
+    python bench.py compare [--records DIR ...]
+        the README's side-by-side table (between its compare markers) from the records (default records/*: env.txt,
+        bench_NAME.txt or .json, SUB/NAME.metrics.jsonl of default --train runs) and from the code
+    python bench.py gallery [--predictions DIR]
+        assets/gallery/: every file's --show-targets on a synthetic and a BCCD image, predictions from DIR
+
+--json PATH (model benches, yolo, speed) writes the results as JSON too: what `compare` reads.
 Each benchmark is a function bench_NAME(args) registered in main()'s table.
 """
 import argparse
@@ -580,8 +589,8 @@ def bench_speed(args):
         with torch.no_grad(), amp:
             model(images[:batch])
     rows = []
-    for what, fn, batch in (("train", train, args.train_batch), ("infer", infer, 1),
-                            ("infer", infer, args.infer_batch)):
+    for what, fn, batch in dict.fromkeys((("train", train, args.train_batch), ("infer", infer, 1),
+                                          ("infer", infer, args.infer_batch))):  # --infer-batch 1: batch 1 only
         fn(batch)  # warm-up
         if cuda:
             torch.cuda.synchronize(device)
@@ -661,6 +670,12 @@ def summarise_run(path: str, name: str) -> dict:
     if -(-cfg.num_train // cfg.batch_size) != steps:
         raise SystemExit(f"{path}: {steps} steps per epoch, the defaults of {name}.py give another number: not its "
                          f"default run")
+    offset = previous = 0.0
+    for r in records:  # a resumed run's clock starts again at 0: add the time before the resume
+        if "time_s" in r:
+            offset = previous if r["time_s"] + offset < previous else offset
+            r["time_s"] += offset
+            previous = r["time_s"]
     for r in steps_record:
         if "time_s" not in r:
             r["time_s"] = r["eta_min"] * 60 * r["iter"] / (total - r["iter"])
@@ -698,8 +713,7 @@ def read_records(folders: list[str]) -> dict:
         for s in out["sources"]:
             if (s["path"], s["what"]) == (rel, what):
                 return s
-        out["sources"].append({"path": rel, "what": what, "device": device, "date": date, "runs": runs,
-                               "tag": "abcdefghijklmnopqrstuvwxyz"[len(out["sources"])]})
+        out["sources"].append({"path": rel, "what": what, "device": device, "date": date, "runs": runs})
         return out["sources"][-1]
     for folder in folders:
         device, date = read_env(folder)
@@ -725,6 +739,8 @@ def read_records(folders: list[str]) -> dict:
                     progress = re.findall(r"([A-Za-z][A-Za-z ]*?) (\d+/\d+) images", open(log).read())
                     last = f"{progress[-1][0].split(': ')[-1]} ({progress[-1][1]} images)" if progress else "start"
                     out["logs"].setdefault(name, []).append((last, s))
+    for i, s in enumerate(sorted(out["sources"], key=lambda s: (s["device"].startswith("CPU"), s["path"], s["what"]))):
+        s["tag"] = "abcdefghijklmnopqrstuvwxyz"[i]  # accelerators first, then by folder
     return out
 
 
@@ -763,7 +779,7 @@ def parity(name: str, readme: str) -> str:
 LEGENDS = {  # what each --show-targets picture shows (the docstrings of the files' draw_targets)
     "rcnn": "selective-search regions: left fine-tuning's (fg blue, bg red), right the SVMs' (negatives red, ignored "
             "grey)",
-    "fast_rcnn": "",
+    "fast_rcnn": "see draw_targets in fast_rcnn.py",
     "faster_rcnn": "RPN positive anchors white; sampled RoIs: fg blue, bg red",
     "retinanet": "positive anchors white",
     "ssd": "default boxes matched to each box, in its class colour",
@@ -809,7 +825,7 @@ def compare_markdown(folders: list[str], readme: str) -> str:
     def cite(s):
         cited[s["tag"]] = s
         return f"<sup>{s['tag']}</sup>"
-    lines = [f"| file | synthetic mAP@0.5 / AP, best epoch (epochs done of the default's, s) | time to "
+    lines = [f"| file | synthetic mAP@0.5 / AP: the best evaluation (s) | time to "
              f"mAP@0.5 {GOAL} | training img/s | inference img/s | peak memory | parameters | lines: model / "
              "template | reference: largest difference |", "| --- " * 9 + "|"]
     for name in FILES:
@@ -822,33 +838,37 @@ def compare_markdown(folders: list[str], readme: str) -> str:
             run, s = runs[0]
             best = max(run["evals"], key=lambda e: e["AP"], default=None)
             reached = next((e for e in run["evals"] if e["AP50"] >= GOAL), None)
-            result = (f"{best['AP50']:.3f} / {best['AP']:.3f}, epoch {best['epoch']} ({len(run['evals'])} of "
-                      f"{run['epochs']}, {best['bound']}{best['s']:.0f} s){cite(s)}" if best else
+            last = run["evals"][-1]["epoch"] if run["evals"] else 0
+            later = f"; evaluated to epoch {last}" if best and last > best["epoch"] else ""
+            result = (f"{best['AP50']:.3f} / {best['AP']:.3f} after epoch {best['epoch']} of {run['epochs']} "
+                      f"({best['bound']}{best['s']:.0f} s{later}){cite(s)}" if best else
                       f"no evaluation: stopped in epoch 1 after {run['seconds']:.0f} s{cite(s)}")
             goal = (f"{reached['bound']}{reached['s']:.0f} s (epoch {reached['epoch']}){cite(s)}" if reached else
                     f"not reached in {run['seconds']:.0f} s{cite(s)}")
-            train.append(f"{run['img_s']:.0f} (run){cite(s)}")
-            memory.append(f"{run['mem_gb']:.1f} GiB (run, with evaluation){cite(s)}")
+            train.append((s["tag"], f"{run['img_s']:.0f} (run){cite(s)}"))
+            memory.append((s["tag"], f"{run['mem_gb']:.1f} GiB (run, with evaluation){cite(s)}"))
         elif records["logs"].get(name):
             progress, s = records["logs"][name][0]
             result = f"no evaluation: stopped in its {progress}{cite(s)}"
-        for record, s in sorted(records["bench"].get(name, []), key=lambda rs: rs[1]["tag"]):
+        for record, s in records["bench"].get(name, []):
             speeds = []
             for row in record["rows"]:
                 speed = row["batch"] / row["ours_s"]
                 speed = f"{speed:.0f}" if speed >= 10 else f"{speed:.2f}"
                 if row["what"] == "train":
-                    train.insert(len(train) - bool(runs),
-                                 f"{speed} (step, batch {row['batch']}, {row.get('size', record['size'])}){cite(s)}")
+                    train.append((s["tag"], f"{speed} (step, batch {row['batch']}, "
+                                                f"{row.get('size', record['size'])}){cite(s)}"))
                     if row["ours_gib"] is not None:
-                        memory.insert(0, f"{row['ours_gib']:.1f} GiB (train step, batch {row['batch']}){cite(s)}")
+                        memory.append((s["tag"], f"{row['ours_gib']:.1f} GiB (train step, batch {row['batch']})"
+                                                 f"{cite(s)}"))
                 else:
                     speeds.append(f"b{row['batch']} {speed}")
             if speeds:
-                infer.append(f"{', '.join(speeds)} ({record['size']}){cite(s)}")
+                infer.append((s["tag"], f"{', '.join(speeds)} ({record['size']}){cite(s)}"))
         facts = code_facts(name)
-        lines.append(f"| `{name}.py` | {result} | {goal} | {'; '.join(train) or 'not measured'} | "
-                     f"{'; '.join(infer) or 'not measured'} | {'; '.join(memory) or 'not measured'} | "
+        train, infer, memory = ("; ".join(text for _, text in sorted(cell)) or "not measured"
+                                for cell in (train, infer, memory))  # by source: accelerators first
+        lines.append(f"| `{name}.py` | {result} | {goal} | {train} | {infer} | {memory} | "
                      f"{facts['params'] / 1e6:.1f} M | {facts['model_lines']} / {facts['template_lines']} | "
                      f"{parity(name, readme)} |")
     lines.append("")
