@@ -696,7 +696,8 @@ def summarise_run(path: str, name: str) -> dict:
     speeds = [s["img_s"] for s in steps_record if not s["step"].startswith(f"{cfg.log_every}/")]  # not a first window
     return {"evals": evals, "img_s": float(np.median(speeds or [s["img_s"] for s in steps_record])),
             "mem_gb": max(s["mem_gb"] for s in steps_record), "seconds": max(s["time_s"] for s in steps_record),
-            "epochs": cfg.epochs, "iters": max(s["iter"] for s in steps_record), "total": total}
+            "epochs": cfg.epochs, "iters": max(s["iter"] for s in steps_record), "total": total,
+            "projected": steps_record[-1]["time_s"] + steps_record[-1]["eta_min"] * 60}  # the last ETA
 
 
 def read_records(folders: list[str]) -> dict:
@@ -767,7 +768,7 @@ def parity(name: str, readme: str) -> str:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         if len(cells) >= 4 and cells[1] == f"`{name}.py`":
             if cells[2] in ("", "—"):
-                return f"— ({cells[3]})"
+                return f"— (Models table: {cells[3]})"
             absolute = re.findall(r"\\\|Δ\\\| ([0-9.]+(?:e-?\d+)?)( px)?", cells[3])
             relative = re.findall(r"(?:rel|within) ([0-9.]+(?:e-?\d+)?)", cells[3])
             largest = [f"max \\|Δ\\| {''.join(max(absolute, key=lambda a: float(a[0])))}"] if absolute else []
@@ -789,7 +790,7 @@ LEGENDS = {  # what each --show-targets picture shows (the docstrings of the fil
 }
 
 
-def gallery_markdown(records: dict) -> list[str]:
+def gallery_markdown(records: dict, cite) -> list[str]:
     """The gallery's table: per model file, its pictures under assets/gallery (what is there), and for the
     predictions the evaluation of the run they come from (assets/gallery/sources.json says which records folder)."""
     import json
@@ -806,10 +807,10 @@ def gallery_markdown(records: dict) -> list[str]:
         for picture in (f"synthetic_targets_{name}.png", f"bccd_targets_{name}.png", f"synthetic_pred_{name}.png"):
             exists = os.path.exists(os.path.join(GALLERY, picture))
             cells.append(f"![{picture[:-4]}](assets/gallery/{picture})" if exists else "—")
-        run = [r for r, s in records["train"].get(name, []) if s["path"] == sources.get("predictions_run")]
-        if cells[2] != "—" and run and run[0]["evals"]:
-            best = max(run[0]["evals"], key=lambda e: e["AP"])
-            cells[2] += f"<br>best.pt: epoch {best['epoch']}, mAP@0.5 {best['AP50']:.3f}"
+        run = [(r, s) for r, s in records["train"].get(name, []) if s["path"] == sources.get("predictions_run")]
+        if cells[2] != "—" and run and run[0][0]["evals"]:
+            best = max(run[0][0]["evals"], key=lambda e: e["AP"])
+            cells[2] += f"<br>best.pt: epoch {best['epoch']}, mAP@0.5 {best['AP50']:.3f}{cite(run[0][1])}"
         present = os.path.exists(os.path.join(HERE, name + ".py"))
         lines.append(f"| `{name}.py`<br>{LEGENDS[name] if present else 'not in this tree yet'} | " + " | ".join(cells)
                      + " |")
@@ -844,7 +845,8 @@ def compare_markdown(folders: list[str], readme: str) -> str:
                       f"({best['bound']}{best['s']:.0f} s{later}){cite(s)}" if best else
                       f"no evaluation: stopped in epoch 1 after {run['seconds']:.0f} s{cite(s)}")
             goal = (f"{reached['bound']}{reached['s']:.0f} s (epoch {reached['epoch']}){cite(s)}" if reached else
-                    f"not reached in {run['seconds']:.0f} s{cite(s)}")
+                    f"not reached in {run['seconds']:.0f} s; the whole default: ~{run['projected'] / 60:.0f} min "
+                    f"at that speed (its last ETA){cite(s)}")
             train.append((s["tag"], f"{run['img_s']:.0f} (run){cite(s)}"))
             memory.append((s["tag"], f"{run['mem_gb']:.1f} GiB (run, with evaluation){cite(s)}"))
         elif records["logs"].get(name):
@@ -871,6 +873,7 @@ def compare_markdown(folders: list[str], readme: str) -> str:
         lines.append(f"| `{name}.py` | {result} | {goal} | {train} | {infer} | {memory} | "
                      f"{facts['params'] / 1e6:.1f} M | {facts['model_lines']} / {facts['template_lines']} | "
                      f"{parity(name, readme)} |")
+    gallery = gallery_markdown(records, cite)
     lines.append("")
     for tag in sorted(cited):
         s = cited[tag]
@@ -884,7 +887,7 @@ def compare_markdown(folders: list[str], readme: str) -> str:
               "its log lines (the first of each epoch left out). Memory: peak CUDA memory allocated. Parameters:",
               "the default `Config()` (6 classes + background), counted on the meta device; lines: the file to `# --- "
               "Training ---` / from there to the end; reference and largest difference: the [Models](#models) table."]),
-                                    120, break_on_hyphens=False), "", *gallery_markdown(records)]
+                                    120, break_on_hyphens=False), "", *gallery]
     return "\n".join([BEGIN, *lines, END])
 
 
