@@ -853,20 +853,18 @@ def compare_markdown(folders: list[str], readme: str) -> str:
             progress, s = records["logs"][name][0]
             result = f"no evaluation: stopped in its {progress}{cite(s)}"
         for record, s in records["bench"].get(name, []):
-            speeds = []
+            speeds = {}  # size -> inference speeds at that size
             for row in record["rows"]:
-                speed = row["batch"] / row["ours_s"]
+                speed, size = row["batch"] / row["ours_s"], row.get("size", record["size"])
                 speed = f"{speed:.0f}" if speed >= 10 else f"{speed:.2f}"
                 if row["what"] == "train":
-                    train.append((s["tag"], f"{speed} (step, batch {row['batch']}, "
-                                                f"{row.get('size', record['size'])}){cite(s)}"))
+                    train.append((s["tag"], f"{speed} (step, batch {row['batch']}, {size}){cite(s)}"))
                     if row["ours_gib"] is not None:
-                        memory.append((s["tag"], f"{row['ours_gib']:.1f} GiB (train step, batch {row['batch']})"
-                                                 f"{cite(s)}"))
+                        memory.append((s["tag"], f"{row['ours_gib']:.1f} GiB (train step, batch {row['batch']}, "
+                                                 f"{size}){cite(s)}"))
                 else:
-                    speeds.append(f"b{row['batch']} {speed}")
-            if speeds:
-                infer.append((s["tag"], f"{', '.join(speeds)} ({record['size']}){cite(s)}"))
+                    speeds.setdefault(size, []).append(f"b{row['batch']} {speed}")
+            infer += [(s["tag"], f"{', '.join(dict.fromkeys(v))} ({size}){cite(s)}") for size, v in speeds.items()]
         facts = code_facts(name)
         train, infer, memory = ("; ".join(text for _, text in sorted(cell)) or "not measured"
                                 for cell in (train, infer, memory))  # by source: accelerators first
