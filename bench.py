@@ -826,7 +826,7 @@ def compare_markdown(folders: list[str], readme: str) -> str:
     def cite(s):
         cited[s["tag"]] = s
         return f"<sup>{s['tag']}</sup>"
-    lines = [f"| file | synthetic mAP@0.5 / AP: the best evaluation (s) | time to "
+    lines = [f"| file | synthetic mAP@0.5 / AP (small objects): the best evaluation (s) | time to "
              f"mAP@0.5 {GOAL} | training img/s | inference img/s | peak memory | parameters | lines: model / "
              "template | reference: largest difference |", "| --- " * 9 + "|"]
     for name in FILES:
@@ -841,8 +841,8 @@ def compare_markdown(folders: list[str], readme: str) -> str:
             reached = next((e for e in run["evals"] if e["AP50"] >= GOAL), None)
             last = run["evals"][-1]["epoch"] if run["evals"] else 0
             later = f"; evaluated to epoch {last}" if best and last > best["epoch"] else ""
-            result = (f"{best['AP50']:.3f} / {best['AP']:.3f} after epoch {best['epoch']} of {run['epochs']} "
-                      f"({best['bound']}{best['s']:.0f} s{later}){cite(s)}" if best else
+            result = (f"{best['AP50']:.3f} / {best['AP']:.3f} (APs {best['APs']:.3f}) after epoch {best['epoch']} of "
+                      f"{run['epochs']} ({best['bound']}{best['s']:.0f} s{later}){cite(s)}" if best else
                       f"no evaluation: stopped in epoch 1 after {run['seconds']:.0f} s{cite(s)}")
             goal = (f"{reached['bound']}{reached['s']:.0f} s (epoch {reached['epoch']}){cite(s)}" if reached else
                     f"not reached in {run['seconds']:.0f} s; the whole default: ~{run['projected'] / 60:.0f} min "
