@@ -19,6 +19,15 @@
         data.selective_search vs OpenCV-contrib's fast mode (when cv2.ximgproc is installed): recall of the ground
         truth at IoU 0.5 and 0.7 with at most 2000 boxes per image, boxes per image, seconds per image on one thread
 
+    python bench.py speed --model NAME [--device cpu|cuda] [--json PATH]
+        any model file alone: its default Config, random weights, a training step and inference at batch 1 and N
+    python bench.py compare [--records DIR ...]
+        the README's side-by-side table (between its compare markers) from the records (default records/*: env.txt,
+        bench_NAME.txt or .json, SUB/NAME.metrics.jsonl of default --train runs) and from the code
+    python bench.py gallery [--predictions DIR]
+        assets/gallery/: every file's --show-targets on a synthetic and a BCCD image, predictions from DIR
+
+--json PATH (model benches, yolo, speed) writes the results as JSON too: what `compare` reads.
 Each benchmark is a function bench_NAME(args) registered in main()'s table.
 """
 import argparse
@@ -27,6 +36,7 @@ import copy
 import dataclasses
 import io
 import os
+import textwrap
 import time
 from unittest import mock
 
@@ -293,6 +303,7 @@ def bench_model(args):
         return float(np.median(times)), (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"))
 
     fields = module.Config.__dataclass_fields__
+    results = []  # --json: every row of every size
     for min_size, max_size in dict.fromkeys([(args.min_size, args.max_size), (320, 533)] if "min_size" in fields else
                                             [(300, 300)]):  # the reference size, 320 px (SSD: 300 x 300 always)
         sizes = dict(min_size=min_size, max_size=max_size) if "min_size" in fields else {}
@@ -333,6 +344,8 @@ def bench_model(args):
             t_ours, m_ours = measure(make(ours, batch))
             torch.manual_seed(0)
             t_tv, m_tv = measure(make(tv, batch))
+            results.append({"what": "train" if make is train_step else "infer", "batch": batch, "ours_s": t_ours,
+                            "reference_s": t_tv, "ours_gib": m_ours if cuda else None, "size": f"{min_size} px"})
             print(f"{label:<22} {t_ours * 1000:9.1f} {t_tv * 1000:15.1f} {t_tv / t_ours:8.2f} {gib(m_ours):>9} "
                   f"{gib(m_tv):>7}")
 
@@ -354,6 +367,7 @@ def bench_model(args):
               f"{args.train_batch}, padded {tuple(batch_tensor.shape[-2:])})")
         print(f"{'backbone forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>8} {gib(m_bi):>9}")
         del tv, ours, backbone_train, backbone_infer
+    write_json(args, args.name, device, results[-1]["size"], results, f"ours vs torchvision {builder}")
 
 
 def bench_yolo(args):
@@ -435,6 +449,7 @@ def bench_yolo(args):
             ("inference, batch 1", infer_step, 1), ("inference, batch 32", infer_step, 32)]
     print(f"{'':<22} {'ours ms':>9} {'ours img/s':>11}" + (f" {'v7.0 ms':>9} {'speed-up':>8}" if v5 else "")
           + ("" if cuda else f" {'ours cpu-ms':>11}" + (f" {'v7.0 cpu-ms':>11} {'cpu speed-up':>12}" if v5 else "")))
+    results = []  # --json
     for label, make, batch in rows:
         steps = [make(ours, batch)] + ([make(v5, batch)] if v5 is not None else [])
         for fn in steps:
@@ -449,10 +464,13 @@ def bench_yolo(args):
                 t.append(time.perf_counter() - tic)
                 c.append(time.process_time() - cpu_tic)
         wall, cpu = [float(np.median(t)) for t in times], [float(np.median(c)) for c in cpu_times]
+        results.append({"what": "train" if make is train_step else "infer", "batch": batch, "ours_s": wall[0],
+                        "reference_s": wall[1] if v5 is not None else None, "ours_gib": None})
         print(f"{label:<22} {wall[0] * 1000:9.1f} {batch / wall[0]:11.1f}"
               + (f" {wall[1] * 1000:9.1f} {wall[1] / wall[0]:8.2f}" if v5 is not None else "")
               + ("" if cuda else f" {cpu[0] * 1000:11.1f}" + (f" {cpu[1] * 1000:11.1f} {cpu[1] / cpu[0]:12.2f}"
                                                              if v5 is not None else "")), flush=True)
+    write_json(args, "yolo", device, f"{size} px", results, f"{args.scale}, K = {nc}" + (", vs v7.0" if v5 else ""))
 
 
 # --- DETR against the official implementation ---
@@ -580,9 +598,455 @@ def bench_detr(args):
         print(f"{label:<22} {t_ours * 1000:9.1f} {t_off * 1000:12.1f} {t_off / t_ours:8.2f}{share}")
 
 
+def write_json(args, name: str, device: torch.device, size: str, rows: list, note: str = ""):
+    """--json PATH: a bench's results as one JSON object, what `compare` reads: {"name", "device", "date", "size",
+    "note", "torch", "command", "rows": [{"what": "train"|"infer", "batch", "ours_s", "ours_gib", ...}]}."""
+    import datetime
+    import json
+    import platform
+    import sys
+    if not getattr(args, "json", ""):
+        return
+    cuda = device.type == "cuda"
+    record = {"name": name, "device": torch.cuda.get_device_name(device) if cuda else
+              f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+              "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "size": size, "note": note,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "command": " ".join(["python", *[os.path.basename(sys.argv[0])], *sys.argv[1:]]), "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+def bench_speed(args):
+    """Any model file alone (--model NAME): its default Config (the synthetic --train default; random weights) on
+    synthetic images of the default's size, a training step (forward, loss, backward, SGD step) at --train-batch and
+    inference at batch 1 and --infer-batch, as the template calls the model; CUDA bf16 autocast or CPU fp32. Medians of
+    --steps after one warm-up; wall time and, on a CPU, the process's CPU time (which other jobs inflate least)."""
+    import importlib
+    import data
+    module = importlib.import_module(args.model)
+    device, cuda = torch.device(args.device), args.device == "cuda"
+    cfg = dataclasses.replace(module.Config(), device=args.device)
+    torch.manual_seed(0)
+    model = module.DETECTOR(cfg, load_backbone=False).to(device)
+    size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+    batch_max = max(args.train_batch, args.infer_batch)
+    dataset = data.SyntheticShapes(batch_max, cfg.image_size, seed=0)
+    images, targets = data.collate_fn([dataset[i] for i in range(batch_max)])
+    images, targets = [im.to(device) for im in images], data.to_device(list(targets), device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"{args.model} alone on {device} ({where}, {'bf16 autocast' if cuda else 'fp32'}), default Config, "
+          f"{size}-px synthetic images, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, median "
+          f"of {args.steps}")
+
+    def train(batch):
+        model.train()
+        with amp:
+            loss = sum(model(images[:batch], targets[:batch]).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer(batch):
+        model.eval()
+        with torch.no_grad(), amp:
+            model(images[:batch])
+    rows = []
+    for what, fn, batch in dict.fromkeys((("train", train, args.train_batch), ("infer", infer, 1),
+                                          ("infer", infer, args.infer_batch))):  # --infer-batch 1: batch 1 only
+        fn(batch)  # warm-up
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        wall, cpu = [], []
+        for _ in range(args.steps):
+            tic, cpu_tic = time.perf_counter(), time.process_time()
+            fn(batch)
+            if cuda:
+                torch.cuda.synchronize(device)
+            wall.append(time.perf_counter() - tic)
+            cpu.append(time.process_time() - cpu_tic)
+        rows.append({"what": what, "batch": batch, "ours_s": float(np.median(wall)), "cpu_s": float(np.median(cpu)),
+                     "ours_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None})
+        row = rows[-1]
+        print(f"{'train step' if what == 'train' else 'inference'}, batch {batch:<3} {row['ours_s'] * 1000:9.1f} ms "
+              f"{batch / row['ours_s']:8.2f} img/s" + ("" if cuda else f"  CPU time {row['cpu_s'] * 1000:.1f} ms"),
+              flush=True)
+    write_json(args, args.model, device, f"{size} px", rows, args.note)
+
+
+# --- Side by side: records and code -> the README table ---
+# the model files in the README's order (R-CNN ... DETR); compare and gallery give a row to each, present or not
+FILES = ["rcnn", "fast_rcnn", "faster_rcnn", "retinanet", "ssd", "yolo", "fcos", "detr"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECORDS = os.path.join(HERE, "records")
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+GOAL = 0.9  # the synthetic goal: mAP@0.5 (COCO AP50) of the default --train
+
+
+def read_env(folder: str) -> tuple[str, str]:
+    """(device, date) of a records folder from its env.txt (nvidia-smi's csv, `date -u`), else ('', '')."""
+    import datetime
+    device = date = ""
+    path = os.path.join(folder, "env.txt")
+    for line in open(path).read().splitlines() if os.path.exists(path) else []:
+        if line.startswith("NVIDIA") or line.startswith("CPU"):
+            device = line.split(",")[0]
+        with contextlib.suppress(ValueError):
+            date = datetime.datetime.strptime(line.strip(), "%a %b %d %I:%M:%S %p %Z %Y").date().isoformat()
+    return device, date
+
+
+def read_bench(path: str) -> dict:
+    """A bench record: bench.py --json's file as it is, or bench.py's printed output (bench_NAME.txt) parsed into the
+    same form: {"name", "device", "size", "rows": [{"what": "train"|"infer", "batch", "ours_s", "ours_gib"}]}."""
+    import json
+    import re
+    if path.endswith(".json"):
+        return json.load(open(path))
+    text = open(path).read()
+    first = text.splitlines()[0]
+    size = re.search(r"min_size (\d+)", text) or re.search(r"(\d+) px", first)
+    record = {"name": first.split()[0], "size": f"{size.group(1)} px",
+              "device": re.search(r" on \w+ \(([^,]+),", first).group(1), "rows": []}
+    for what, batch, ms, rest in re.findall(r"^(train step|inference), batch (\d+)\s+([\d.]+)(.*)$", text, re.M):
+        gib = rest.split()[-2] if len(rest.split()) == 4 else None  # torchvision ms, speed-up, ours GiB, tv GiB
+        record["rows"].append({"what": "train" if what == "train step" else "infer", "batch": int(batch),
+                               "ours_s": float(ms) / 1000, "ours_gib": float(gib) if gib else None})
+    return record
+
+
+def summarise_run(path: str, name: str) -> dict:
+    """One default --train's metrics.jsonl -> evaluations with their time, training images/s, peak memory.
+
+    Time (s since the training loop began; start-up not counted): a record's "time_s" where the template wrote one;
+    in older records it is derived exactly from the ETA the template logged (eta_min = elapsed / done * remaining, with
+    the Config defaults' epochs: the steps per epoch in the record must agree with them). An evaluation's time is
+    when the next epoch's training began (it ends the evaluation), else the end of its epoch's training ('>=')."""
+    import importlib
+    import json
+    cfg = importlib.import_module(name).Config()
+    records = [json.loads(line) for line in open(path)]
+    steps_record = [r for r in records if "step" in r]
+    steps = int(steps_record[0]["step"].split("/")[1])
+    total = cfg.epochs * steps
+    if -(-cfg.num_train // cfg.batch_size) != steps:
+        raise SystemExit(f"{path}: {steps} steps per epoch, the defaults of {name}.py give another number: not its "
+                         f"default run")
+    offset = previous = 0.0
+    for r in records:  # a resumed run's clock starts again at 0: add the time before the resume
+        if "time_s" in r:
+            offset = previous if r["time_s"] + offset < previous else offset
+            r["time_s"] += offset
+            previous = r["time_s"]
+    for r in steps_record:
+        if "time_s" not in r:
+            r["time_s"] = r["eta_min"] * 60 * r["iter"] / (total - r["iter"])
+    evals = []
+    for r in records:
+        if "AP" not in r:
+            continue
+        after = [s for s in steps_record if s["epoch"] == r["epoch"] + 1]
+        if "time_s" in r:
+            seconds, bound = r["time_s"], ""
+        elif after:  # the window of the next epoch's first log line began when evaluation (and saving) ended
+            first = after[0]
+            seconds, bound = first["time_s"] - int(first["step"].split("/")[0]) * cfg.batch_size / first["img_s"], ""
+        else:
+            seconds, bound = max(s["time_s"] for s in steps_record if s["epoch"] == r["epoch"]), ">="
+        evals.append({"epoch": r["epoch"] + 1, "AP50": r["AP50"], "AP": r["AP"], "APs": r["APs"], "s": seconds,
+                      "bound": bound})
+    speeds = [s["img_s"] for s in steps_record if not s["step"].startswith(f"{cfg.log_every}/")]  # not a first window
+    return {"evals": evals, "img_s": float(np.median(speeds or [s["img_s"] for s in steps_record])),
+            "mem_gb": max(s["mem_gb"] for s in steps_record), "seconds": max(s["time_s"] for s in steps_record),
+            "epochs": cfg.epochs, "iters": max(s["iter"] for s in steps_record), "total": total,
+            "projected": steps_record[-1]["time_s"] + steps_record[-1]["eta_min"] * 60}  # the last ETA
+
+
+def read_records(folders: list[str]) -> dict:
+    """Every record under folders: {"sources": [source dicts, lettered a, b, ...], "train": {name: [(run, source)]},
+    "bench": {name: [(record, source)]}, "logs": {name: [(progress, source)]}}. A source is where figures come from:
+    its folder, device, date and how the device was shared. A folder's device and date come from its env.txt, else
+    from its bench --json records; the training runs of one sub-folder ran at the same time on that device."""
+    import glob
+    import re
+    out = {"sources": [], "train": {}, "bench": {}, "logs": {}}
+
+    def source(folder, what, device, date, runs=1):
+        rel = os.path.relpath(folder, HERE)
+        for s in out["sources"]:
+            if (s["path"], s["what"]) == (rel, what):
+                return s
+        out["sources"].append({"path": rel, "what": what, "device": device, "date": date, "runs": runs})
+        return out["sources"][-1]
+    for folder in folders:
+        device, date = read_env(folder)
+        for path in sorted(glob.glob(os.path.join(folder, "bench_*.*"))):
+            record = read_bench(path)
+            name = os.path.basename(path)[6:].rsplit(".", 1)[0]
+            s = source(folder, record.get("note") or "bench.py, alone on the device", device or record["device"],
+                       date or record.get("date", ""))
+            out["bench"].setdefault(name, []).append((record, s))
+        for sub in sorted(d for d in glob.glob(os.path.join(folder, "*")) if os.path.isdir(d)):
+            runs = sorted({os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(sub, "*.metrics.jsonl"))
+                           + glob.glob(os.path.join(sub, "*.log"))})
+            if not runs:
+                continue
+            what = (f"the default --train of {len(runs)} files at once, sharing the device" if len(runs) > 1 else
+                    "the default --train, alone on the device")
+            s = source(sub, what, device, date, len(runs))
+            for name in runs:
+                metrics, log = (os.path.join(sub, f"{name}.{ext}") for ext in ("metrics.jsonl", "log"))
+                if os.path.exists(metrics):
+                    out["train"].setdefault(name, []).append((summarise_run(metrics, name), s))
+                else:  # a run that wrote no metrics: how far its log got ("... 850/2000 images")
+                    progress = re.findall(r"([A-Za-z][A-Za-z ]*?) (\d+/\d+) images", open(log).read())
+                    last = f"{progress[-1][0].split(': ')[-1]} ({progress[-1][1]} images)" if progress else "start"
+                    out["logs"].setdefault(name, []).append((last, s))
+    for i, s in enumerate(sorted(out["sources"], key=lambda s: (s["device"].startswith("CPU"), s["path"], s["what"]))):
+        s["tag"] = "abcdefghijklmnopqrstuvwxyz"[i]  # accelerators first, then by folder
+    return out
+
+
+def code_facts(name: str) -> dict:
+    """From the code: parameters of the default model (Config(), built on the meta device: nothing allocated) and the
+    lines of the model part (start to '# --- Training ---') and of the template part (from there to the end)."""
+    import importlib
+    module = importlib.import_module(name)
+    with torch.device("meta"):
+        model = module.DETECTOR(module.Config(), load_backbone=False)
+    text = open(os.path.join(HERE, name + ".py")).read()
+    model_part = text[:text.index("# --- Training ---")]
+    return {"params": sum(p.numel() for p in model.parameters()), "num_classes": module.Config().num_classes,
+            "model_lines": model_part.count("\n"), "template_lines": text.count("\n") - model_part.count("\n")}
+
+
+def parity(name: str, readme: str) -> str:
+    """The reference of name.py and its largest difference, from the README's Models table (its reference and parity
+    columns): the largest absolute difference written '|Δ| X' (with its unit) and the largest relative one ('rel X',
+    'within X')."""
+    import re
+    models = readme[readme.index("## Models"):]
+    for line in models.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) >= 4 and cells[1] == f"`{name}.py`":
+            if cells[2] in ("", "—"):
+                return f"— (Models table: {cells[3]})"
+            absolute = re.findall(r"\\\|Δ\\\| ([0-9.]+(?:e-?\d+)?)( px)?", cells[3])
+            relative = re.findall(r"(?:rel|within) ([0-9.]+(?:e-?\d+)?)", cells[3])
+            largest = [f"max \\|Δ\\| {''.join(max(absolute, key=lambda a: float(a[0])))}"] if absolute else []
+            largest += [f"relative ≤ {max(relative, key=float)}"] if relative else []
+            return f"{cells[2]}: {', '.join(largest) or cells[3]}"
+    return "not in the Models table"
+
+
+LEGENDS = {  # what each --show-targets picture shows (the docstrings of the files' draw_targets)
+    "rcnn": "selective-search regions: left fine-tuning's (fg blue, bg red), right the SVMs' (negatives red, ignored "
+            "grey)",
+    "fast_rcnn": "see draw_targets in fast_rcnn.py",
+    "faster_rcnn": "RPN positive anchors white; sampled RoIs: fg blue, bg red",
+    "retinanet": "positive anchors white",
+    "ssd": "default boxes matched to each box, in its class colour",
+    "yolo": "per (box, anchor, cell): the cell and its anchor, P3 white, P4 yellow, P5 red",
+    "fcos": "positive points, brightness = centerness target",
+    "detr": "the query matched to each box (white, its index); random weights: arbitrary boxes",
+}
+
+
+def gallery_markdown(records: dict, cite) -> list[str]:
+    """The gallery's table: per model file, its pictures under assets/gallery (what is there), and for the
+    predictions the evaluation of the run they come from (assets/gallery/sources.json says which records folder)."""
+    import json
+    sources_path = os.path.join(GALLERY, "sources.json")
+    if not os.path.exists(sources_path):
+        return ["No gallery yet: `python bench.py gallery` makes it."]
+    sources = json.load(open(sources_path))
+    lines = [*textwrap.wrap(f"Pictures: `python bench.py gallery`. Targets: {sources['targets']}. Predictions: "
+                            f"{sources['predictions']}.", 120, break_on_hyphens=False), "",
+             "| detector | synthetic image: targets | BCCD image: targets | synthetic image: predictions |",
+             "| --- | --- | --- | --- |"]
+    for name in FILES:
+        cells = []
+        for picture in (f"synthetic_targets_{name}.png", f"bccd_targets_{name}.png", f"synthetic_pred_{name}.png"):
+            exists = os.path.exists(os.path.join(GALLERY, picture))
+            cells.append(f"![{picture[:-4]}](assets/gallery/{picture})" if exists else "—")
+        run = [(r, s) for r, s in records["train"].get(name, []) if s["path"] == sources.get("predictions_run")]
+        if cells[2] != "—" and run and run[0][0]["evals"]:
+            best = max(run[0][0]["evals"], key=lambda e: e["AP"])
+            cells[2] += f"<br>best.pt: epoch {best['epoch']}, mAP@0.5 {best['AP50']:.3f}{cite(run[0][1])}"
+        present = os.path.exists(os.path.join(HERE, name + ".py"))
+        lines.append(f"| `{name}.py`<br>{LEGENDS[name] if present else 'not in this tree yet'} | " + " | ".join(cells)
+                     + " |")
+    return lines
+
+
+def compare_markdown(folders: list[str], readme: str) -> str:
+    """The README's side-by-side block (between BEGIN and END): the table, where each figure comes from, the gallery.
+    Of several training runs of a file, the one that shared its device with the fewest others is shown."""
+    records = read_records(folders)
+    cited = {}
+
+    def cite(s):
+        cited[s["tag"]] = s
+        return f"<sup>{s['tag']}</sup>"
+    lines = [f"| file | synthetic mAP@0.5 / AP (small objects): the best evaluation (s) | time to "
+             f"mAP@0.5 {GOAL} | training img/s | inference img/s | peak memory | parameters | lines: model / "
+             "template | reference: largest difference |", "| --- " * 9 + "|"]
+    for name in FILES:
+        if not os.path.exists(os.path.join(HERE, name + ".py")):
+            lines.append(f"| `{name}.py` | not in this tree yet |" + " |" * 7)
+            continue
+        runs = sorted(records["train"].get(name, []), key=lambda rs: (rs[1]["runs"], -rs[0]["seconds"]))
+        result, goal, train, infer, memory = "not measured", "not measured", [], [], []
+        if runs:
+            run, s = runs[0]
+            best = max(run["evals"], key=lambda e: e["AP"], default=None)
+            reached = next((e for e in run["evals"] if e["AP50"] >= GOAL), None)
+            last = run["evals"][-1]["epoch"] if run["evals"] else 0
+            later = f"; evaluated to epoch {last}" if best and last > best["epoch"] else ""
+            result = (f"{best['AP50']:.3f} / {best['AP']:.3f} (APs {best['APs']:.3f}) after epoch {best['epoch']} of "
+                      f"{run['epochs']} ({best['bound']}{best['s']:.0f} s{later}){cite(s)}" if best else
+                      f"no evaluation: stopped in epoch 1 after {run['seconds']:.0f} s{cite(s)}")
+            goal = (f"{reached['bound']}{reached['s']:.0f} s (epoch {reached['epoch']}){cite(s)}" if reached else
+                    f"not reached in {run['seconds']:.0f} s; the whole default: ~{run['projected'] / 60:.0f} min "
+                    f"at that speed (its last ETA){cite(s)}")
+            train.append((s["tag"], f"{run['img_s']:.0f} (run){cite(s)}"))
+            memory.append((s["tag"], f"{run['mem_gb']:.1f} GiB (run, with evaluation){cite(s)}"))
+        elif records["logs"].get(name):
+            progress, s = records["logs"][name][0]
+            result = f"no evaluation: stopped in its {progress}{cite(s)}"
+        for record, s in records["bench"].get(name, []):
+            speeds = {}  # size -> inference speeds at that size
+            for row in record["rows"]:
+                speed, size = row["batch"] / row["ours_s"], row.get("size", record["size"])
+                speed = f"{speed:.0f}" if speed >= 10 else f"{speed:.2f}"
+                if row["what"] == "train":
+                    train.append((s["tag"], f"{speed} (step, batch {row['batch']}, {size}){cite(s)}"))
+                    if row["ours_gib"] is not None:
+                        memory.append((s["tag"], f"{row['ours_gib']:.1f} GiB (train step, batch {row['batch']}, "
+                                                 f"{size}){cite(s)}"))
+                else:
+                    speeds.setdefault(size, []).append(f"b{row['batch']} {speed}")
+            infer += [(s["tag"], f"{', '.join(dict.fromkeys(v))} ({size}){cite(s)}") for size, v in speeds.items()]
+        facts = code_facts(name)
+        train, infer, memory = ("; ".join(text for _, text in sorted(cell)) or "not measured"
+                                for cell in (train, infer, memory))  # by source: accelerators first
+        lines.append(f"| `{name}.py` | {result} | {goal} | {train} | {infer} | {memory} | "
+                     f"{facts['params'] / 1e6:.1f} M | {facts['model_lines']} / {facts['template_lines']} | "
+                     f"{parity(name, readme)} |")
+    gallery = gallery_markdown(records, cite)
+    lines.append("")
+    for tag in sorted(cited):
+        s = cited[tag]
+        lines.append(f"<sup>{tag}</sup> {s['device']}, {s['date']}: {s['what']} (`{s['path']}`).  ")
+    lines += ["", *textwrap.wrap(" ".join([
+              "Generated by `python bench.py compare` from the records above and this commit's code;",
+              "`test_compare_table_is_the_records` fails when they disagree. Seconds count from the start of the",
+              "training loop (building data and model not included): a metrics record's `time_s`, or in older records "
+              "the elapsed time the template's `eta_min` implies (with the default's epochs). An evaluation's time",
+              "is when the next epoch began (`>=`: the end of its epoch's training). Images/s of a run: the median of "
+              "its log lines (the first of each epoch left out). Memory: peak CUDA memory allocated. Parameters:",
+              "the default `Config()` (6 classes + background), counted on the meta device; lines: the file to `# --- "
+              "Training ---` / from there to the end; reference and largest difference: the [Models](#models) table."]),
+                                    120, break_on_hyphens=False), "", *gallery]
+    return "\n".join([BEGIN, *lines, END])
+
+
+def records_folders() -> list[str]:
+    """The records compare reads by default: every folder under records/."""
+    import glob
+    return sorted(d for d in glob.glob(os.path.join(RECORDS, "*")) if os.path.isdir(d))
+
+
+def bench_compare(args):
+    """The README's side-by-side table from the records (--records DIR ..., default every folder under records/) and
+    the code: written between the README's compare markers (a section '## Side by side' after '## Models' is made
+    the first time)."""
+    readme_path = os.path.join(HERE, "README.md")
+    readme = open(readme_path).read()
+    block = compare_markdown(args.records or records_folders(), readme)
+    if BEGIN in readme:
+        readme = readme[:readme.index(BEGIN)] + block + readme[readme.index(END) + len(END):]
+    else:
+        models = readme.index("\n## Models")
+        after = readme.index("\n## ", models + 1)
+        readme = readme[:after] + "\n## Side by side\n\n" + block + "\n" + readme[after:]
+    open(readme_path, "w").write(readme)
+    print(block)
+
+
+# --- Side by side: the gallery ---
+GALLERY = os.path.join(HERE, "assets", "gallery")
+# --show-targets on one image each, as the GPU default sees it (--preset none) but on the CPU, from random weights:
+# synthetic validation image 0 (seed 1, 320 px: the image the GPU runs' predictions are drawn on), no augmentation
+GALLERY_DATA = {"synthetic": ["--seed", "1", "--image-size", "320", "--num-train", "1", "--num-val", "1"],
+                "bccd": ["--data", "voc", "--data-root", os.path.join(HERE, "assets", "bccd"), "--train-split", "train",
+                         "--val-split", "val"]}
+NO_AUGMENT = {"hflip_prob": ["--hflip-prob", "0"], "mosaic": ["--mosaic", "0"], "scale": ["--scale", "0"],
+              "translate": ["--translate", "0"], "hsv": ["--hsv", "0", "0", "0"]}
+
+
+def small_png(source: str, path: str, width: int, colours: int = 48):
+    """source downscaled to width pixels (aspect kept) and quantised to a palette of colours: a few kB each."""
+    from PIL import Image
+    image = Image.open(source).convert("RGB")
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
+def write_gallery_sources(args):
+    """assets/gallery/sources.json: what the pictures are, for the README's gallery (compare reads it)."""
+    import json
+    os.makedirs(GALLERY, exist_ok=True)
+    sources = {"targets": "`--show-targets --preset none` on the CPU, random weights, no augmentation; synthetic: "
+                          "validation image 0 at 320 px, BCCD: `assets/bccd` image BloodImage_00164",
+               "predictions": f"`--predict` of the best.pt of the GPU runs in `{args.predictions_run}`, boxes scoring "
+                              ">= 0.5" if args.predictions else "none", "predictions_run": args.predictions_run}
+    with open(os.path.join(GALLERY, "sources.json"), "w") as f:
+        json.dump(sources, f, indent=1)
+
+
+def bench_gallery(args):
+    """assets/gallery/: for every model file present, --show-targets (CPU, random weights, the Config defaults: what
+    the assignment marks) on one synthetic and one BCCD image, and, from --predictions DIR (DIR/pred_NAME/sample.png, as
+    the GPU records' run.sh writes them), the predictions of trained models on the synthetic image. Small palette
+    PNGs (--gallery-width pixels wide)."""
+    import importlib
+    import subprocess
+    import sys
+    import tempfile
+    write_gallery_sources(args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name in FILES:
+        if not os.path.exists(os.path.join(HERE, name + ".py")):
+            print(f"{name}.py: not in this tree, no pictures")
+            continue
+        fields = importlib.import_module(name).Config.__dataclass_fields__
+        off = [flag for field, flag in NO_AUGMENT.items() if field in fields]
+        for data_name, flags in GALLERY_DATA.items():
+            with tempfile.TemporaryDirectory() as out:
+                command = [sys.executable, os.path.join(HERE, name + ".py"), "--show-targets", "--preset", "none",
+                           "--device", "cpu", "--workers", "0", "--out", out, *flags, *sum(off, [])]
+                tic = time.perf_counter()
+                subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+                small_png(os.path.join(out, "targets_0.png"), os.path.join(GALLERY, f"{data_name}_targets_{name}.png"),
+                          args.gallery_width * (2 if name == "rcnn" else 1))  # R-CNN draws two panels side by side
+                print(f"{name} {data_name}: targets in {time.perf_counter() - tic:.0f} s")
+        prediction = os.path.join(args.predictions, f"pred_{name}", "sample.png")
+        if args.predictions and os.path.exists(prediction):
+            small_png(prediction, os.path.join(GALLERY, f"synthetic_pred_{name}.png"), args.gallery_width)
+    total = sum(os.path.getsize(os.path.join(GALLERY, f)) for f in os.listdir(GALLERY))
+    print(f"{GALLERY}: {len(os.listdir(GALLERY))} files, {total / 1e3:.0f} kB")
+
+
 def main():
     benchmarks = {"coco_eval": bench_coco_eval, "selective_search": bench_selective_search, "yolo": bench_yolo,
-                  "detr": bench_detr, "fast_rcnn": bench_fast_rcnn,
+                  "detr": bench_detr, "fast_rcnn": bench_fast_rcnn, "gallery": bench_gallery,
+                  "compare": bench_compare, "speed": bench_speed,
                   **{name: bench_model for name in MODELS}}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(benchmarks))
@@ -604,6 +1068,14 @@ def main():
     parser.add_argument("--mode", default="fast", choices=["fast", "quality"], help="selective_search: our mode")
     parser.add_argument("--max-boxes", type=int, default=2000, help="selective_search: boxes per image counted")
     parser.add_argument("--num-images", type=int, default=0, help="selective_search: the first N images (0: all)")
+    parser.add_argument("--model", default="faster_rcnn", help="speed: the model file (its name without .py)")
+    parser.add_argument("--json", default="", help="models, yolo, speed: also write the results to this JSON file")
+    parser.add_argument("--note", default="", help="speed: a note stored with the --json record (e.g. the sharing)")
+    parser.add_argument("--records", nargs="*", default=[], help="compare: records folders (default: records/*)")
+    parser.add_argument("--predictions", default="", help="gallery: a folder of pred_NAME/sample.png (GPU runs)")
+    parser.add_argument("--predictions-run", default="records/2026-11-27-h200/seven",
+                        help="gallery: the records folder of the runs whose predictions --predictions holds")
+    parser.add_argument("--gallery-width", type=int, default=200, help="gallery: picture width in pixels")
     args = parser.parse_args()
     benchmarks[args.name](args)
 

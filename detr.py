@@ -760,14 +760,14 @@ def train(cfg: Config):
             done, elapsed = epoch * steps + step - start_iter, time.perf_counter() - start_time
             log({"epoch": epoch, "step": f"{step}/{steps}", "iter": epoch * steps + step, "loss": sum(terms.values()),
                  **terms, "lr": optimizer.param_groups[0]["lr"], "img_s": count * cfg.batch_size / (time.perf_counter()
-                 - tic), "eta_min": elapsed / done * ((cfg.epochs - epoch) * steps - step) / 60, "mem_gb":
-                 torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
+                 - tic), "eta_min": elapsed / done * ((cfg.epochs - epoch) * steps - step) / 60, "time_s": elapsed,
+                 "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
             window, window_start, tic = 0.0, step, time.perf_counter()
             if stopping and step % cfg.accumulate == 0 and step < steps:
                 break
         if main_process and step == steps:  # rank 0 evaluates and saves while the others wait
             stats = data.evaluate(ema or raw_model, val_set, cfg.batch_size, cfg.workers, device)
-            log({"epoch": epoch, "iter": (epoch + 1) * steps, **stats})
+            log({"epoch": epoch, "iter": (epoch + 1) * steps, **stats, "time_s": time.perf_counter() - start_time})
             best, improved = ({"epoch": epoch, **stats}, True) if stats["AP"] > best["AP"] else (best, False)
         epoch, step = (epoch + 1, 0) if step == steps else (epoch, step)
         if main_process:  # best.pt: what inference needs; last.pt: also what --resume needs to go on at (epoch, step)

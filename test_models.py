@@ -1375,10 +1375,11 @@ def test_train_writes_run_folder_and_says_what_it_does(one_epoch):
     assert [r["step"] for r in steps] == ["1/4", "2/4", "3/4", "4/4"] and [r["iter"] for r in steps] == [1, 2, 3, 4]
     keys = loss_keys(name)
     for r in steps:
-        assert keys | {"lr", "img_s", "eta_min"} <= set(r)
+        assert keys | {"lr", "img_s", "eta_min", "time_s"} <= set(r)
         assert math.isclose(r["loss"], sum(r[k] for k in keys), rel_tol=1e-5)
     evals = [r for r in records if "AP" in r]
     assert len(evals) == 1 and set(COCO_NAMES) <= set(evals[0])
+    assert 0 < steps[0]["time_s"] <= steps[-1]["time_s"] <= evals[0]["time_s"]  # seconds since training began
     # the first lines say what runs, the last what came out
     for words in (f"{REGISTRY[name].module.DETECTOR.__name__}, {given['backbone']}", "M parameters",
                   "data: synthetic shapes 64x64",
@@ -1684,6 +1685,54 @@ def test_template_is_the_same_in_every_model_file():
         defined = set(re.findall(r"^(?:def |class )?(\w+)[ (:=]", algo, re.MULTILINE)) - {"ALGO"}
         assert defined == TEMPLATE_PER_FILE, (name, defined)
         assert lines <= 280, f"{name}.py: Training + Main are {lines} lines"
+
+
+# --- The side-by-side table ---
+
+
+def test_compare_table_is_the_records():
+    """README's side-by-side block is exactly what `python bench.py compare` makes of records/* and the code: a figure
+    edited by hand, a new record or a changed model file (parameters, lines) without the table regenerated fails here.
+    bench.FILES gives every registered model file a row."""
+    import bench
+    assert set(NAMES) <= set(bench.FILES), set(NAMES) - set(bench.FILES)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert readme.count(bench.BEGIN) == readme.count(bench.END) == 1
+    block = readme[readme.index(bench.BEGIN):readme.index(bench.END) + len(bench.END)]
+    assert block == bench.compare_markdown(bench.records_folders(), readme), (
+        "README.md's side-by-side table is not what the records give: run python bench.py compare")
+
+
+def test_compare_reads_bench_json_and_derives_run_time(tmp_path):
+    """bench.py --json records are read as they are; a run's time comes from its records' time_s, else from the ETA
+    the template logged (eta_min = elapsed / done * remaining), and an evaluation's from the next epoch's first
+    window."""
+    import bench
+    folder = tmp_path / "run"
+    (folder / "alone").mkdir(parents=True)
+    rows = [{"what": "infer", "batch": 1, "ours_s": 0.5, "ours_gib": None},
+            {"what": "infer", "batch": 8, "ours_s": 2.0, "ours_gib": None}]
+    (folder / "bench_ssd.json").write_text(json.dumps({"name": "ssd", "device": "CPU (test)", "date": "2026-01-02",
+                                                      "size": "300 px", "rows": rows}))
+    cfg, steps = ssd.Config(), -(-ssd.Config().num_train // ssd.Config().batch_size)
+    total, rate = cfg.epochs * steps, 100.0  # images/s
+    per_step = cfg.batch_size / rate
+
+    def step(epoch, i, offset):  # a log line of the old template: its time only in eta_min
+        elapsed, it = (epoch * steps + i) * per_step + offset, epoch * steps + i
+        return {"epoch": epoch, "step": f"{i}/{steps}", "iter": it, "loss": 1.0, "lr": 0.1, "img_s": rate,
+                "eta_min": elapsed / it * (total - it) / 60, "mem_gb": 2.0}
+    evaluation = {"epoch": 0, "iter": steps, "AP": 0.5, "AP50": 0.95, "APs": 0.1}
+    lines = [step(0, steps, 0.0), evaluation, step(1, cfg.log_every, 30.0)]  # 30 s of evaluation
+    (folder / "alone" / "ssd.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records = bench.read_records([str(folder)])
+    (run, source), = records["train"]["ssd"]
+    assert source["runs"] == 1 and records["bench"]["ssd"][0][1]["device"] == "CPU (test)"
+    assert run["evals"][0]["s"] == pytest.approx(steps * per_step + 30.0) and run["evals"][0]["bound"] == ""
+    markdown = bench.compare_markdown([str(folder)], open(os.path.join(ROOT, "README.md")).read())
+    row = next(line for line in markdown.splitlines() if line.startswith("| `ssd.py`"))
+    assert f"{steps * per_step + 30:.0f} s (epoch 1)" in row and "b1 2.00, b8 4.00 (300 px)" in row
+    assert "CPU (test), 2026-01-02" in markdown
 
 
 # ======================================== ssd ========================================
