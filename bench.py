@@ -847,7 +847,7 @@ def parity(name: str, readme: str) -> str:
 LEGENDS = {  # what each --show-targets picture shows (the docstrings of the files' draw_targets)
     "rcnn": "selective-search regions: left fine-tuning's (fg blue, bg red), right the SVMs' (negatives red, ignored "
             "grey)",
-    "fast_rcnn": "see draw_targets in fast_rcnn.py",
+    "fast_rcnn": "selective-search proposals of one training step: fg RoIs blue, as many bg RoIs red, unused grey",
     "faster_rcnn": "RPN positive anchors white; sampled RoIs: fg blue, bg red",
     "retinanet": "positive anchors white",
     "ssd": "default boxes matched to each box, in its class colour",

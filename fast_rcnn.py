@@ -621,15 +621,16 @@ def train_transforms(cfg: Config):
 @torch.no_grad()
 def draw_targets(model: FastRCNN, image: Tensor, target: dict, class_names, path: str):
     """--show-targets: the image's proposals as one training step samples them, under the ground truth (class
-    colours): foreground RoIs blue, background RoIs red, proposals not sampled grey (the first 100)."""
+    colours): foreground RoIs blue, background RoIs red (as many as foreground: the 48 sampled would hide the image),
+    and grey the best 30 proposals that were not sampled."""
     proposals = model.proposals_of(image, target)
     valid = (target["boxes"][:, 2] > target["boxes"][:, 0]) & (target["boxes"][:, 3] > target["boxes"][:, 1])
     gt_boxes, gt_labels, gt_valid = pad_targets([{"boxes": target["boxes"][valid].float(),
                                                   "labels": target["labels"][valid]}])
     rois, _, labels, _ = sample_rois([proposals], gt_boxes, gt_labels, gt_valid, model.cfg)
     sampled = (proposals[:, None] == rois[None]).all(2).any(1)  # [R]
-    drawn = draw_boxes(image, proposals[~sampled][:100], color=(160, 160, 160), width=1)
-    for boxes, colour in ((rois[labels == 0], (255, 0, 0)), (rois[labels > 0], (0, 0, 255))):
+    drawn = draw_boxes(image, proposals[~sampled][:30], color=(160, 160, 160), width=1)
+    for boxes, colour in ((rois[labels == 0][:int((labels > 0).sum())], (255, 0, 0)), (rois[labels > 0], (0, 0, 255))):
         drawn = draw_boxes(drawn, boxes, color=colour, width=1)
     draw_boxes(drawn, target["boxes"], target["labels"], None, class_names, path, width=2)
 
