@@ -160,7 +160,7 @@ class Config:
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
-    # ~15 minutes on 2 CPU cores: ResNet-18 from scratch on 600 128-px images, a narrow head, AdamW
+    # ~17 CPU-minutes (25 min on 2 cores shared with other jobs, README): ResNet-18 from scratch, 600 128-px images
     "cpu": dict(backbone="resnet18", representation_size=256, image_size=128, scales=(128,), test_scales=(128,),
                 max_size=128, num_train=600, num_val=100, proposals_per_image=500, batch_size=4, epochs=4,
                 optimizer="adamw", lr=1e-3, lr_steps=(3,), warmup_iters=50, workers=2),
