@@ -48,8 +48,9 @@ import yolo
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Every test (and every fixture) runs with one torch thread: the models are tiny, and on 2 cores two threads per process slow down 2-7x
-    as soon as anything else runs (the command-line subprocesses get OMP_NUM_THREADS=1 for the same reason)."""
+    """Every test (and every fixture) runs with one torch thread: the models are tiny, and on 2 cores two threads per
+    process slow down 2-7x as soon as anything else runs (the command-line subprocesses get OMP_NUM_THREADS=1 for the
+    same reason)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -440,7 +441,8 @@ def test_draw_boxes_captions_are_readable_sized_and_do_not_cover_each_other():
     assert pixels(blue, caption) > 0.5 * caption.shape[0] * caption.shape[1] and (brightness > 600).sum() > 10
     yellow_rows = (drawn == torch.tensor(yellow, dtype=torch.uint8)).all(-1).any(1).nonzero()[:, 0]
     assert (drawn[yellow_rows.min():yellow_rows.max() + 1].int().sum(-1) < 200).sum() > 10  # dark text on yellow
-    large = common.draw_boxes(torch.ones(3, 800, 1200), boxes * 4, torch.tensor([3, 2, 4]), None, names).permute(1, 2, 0)
+    large = common.draw_boxes(torch.ones(3, 800, 1200), boxes * 4, torch.tensor([3, 2, 4]), None, names)
+    large = large.permute(1, 2, 0)
     rows = lambda image: int((image == torch.tensor(blue, dtype=torch.uint8)).all(-1).any(1).sum())
     assert rows(large) > 2 * rows(drawn)  # the caption grows with the image (and so does the line width)
 
@@ -922,8 +924,8 @@ def flags(values: dict) -> list:
     out = []
     for k, v in values.items():
         flag = "--" + k.replace("_", "-")
-        out += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, *map(str, v if isinstance(v, tuple)
-                                                                                           else (v,))]
+        values = v if isinstance(v, tuple) else (v,)
+        out += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, *map(str, values)]
     return out
 
 
@@ -1243,7 +1245,8 @@ def test_convert_torchvision_round_trip_and_old_keys(name):
     assert (old.keys() != state.keys()) == row.old_key_layout
     assert row.module.convert_torchvision(old).keys() == converted.keys()
     state_dict, class_names, config = row.module.reference_weights("x.pt", state)  # a file of torchvision's weights
-    assert state_dict.keys() == converted.keys() and len(class_names) == NUM_CLASSES and config == row.module.TORCHVISION_CONFIG
+    assert state_dict.keys() == converted.keys() and len(class_names) == NUM_CLASSES
+    assert config == row.module.TORCHVISION_CONFIG
     with pytest.raises(SystemExit, match="--weights x.pt: no such file"):
         row.module.reference_weights("x.pt")
 
@@ -1335,8 +1338,9 @@ def test_bf16_autocast_learns_as_fp32_does(name):
 def cli(*args, cmd=None, check=True):
     """Run a model file (or cmd) with args; fail with its output if it fails. Returns stdout + stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 cores: threads would only fight each other
-    result = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert not check or result.returncode == 0, f"{cmd + list(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+    cmd = cmd + [str(a) for a in args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert not check or result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
 
@@ -1538,7 +1542,8 @@ def test_command_line_fields(name):
                                       f"--{second.replace('_', '-')}"])
     assert given == {first: (8, 16), "amp": False, "lr": 0.01, second: ()}
     paper = next(p for p in module.PRESETS if p != "cpu")  # coco, or voc (R-CNN)
-    assert module.make_config(given, preset=paper).data == paper and getattr(module.make_config(given), first) == (8, 16)
+    assert module.make_config(given, preset=paper).data == paper
+    assert getattr(module.make_config(given), first) == (8, 16)
     for field in dataclasses.fields(module.Config):
         value = [] if field.type in (bool, tuple) else [str(field.default) if field.default != "" else "x"]
         assert parse_args(module, ["--eval", "--" + field.name.replace("_", "-"), *value])[1].keys() == {field.name}
@@ -1614,7 +1619,8 @@ def test_torchvision_state_dict_file(name, tmp_path):
     """--weights FILE with a torchvision state dict (here K = 4): converted, loaded strictly, generic class names."""
     module = REGISTRY[name].module
     torch.manual_seed(0)
-    torch.save(REGISTRY[name].reference(weights=None, weights_backbone=None, num_classes=4).state_dict(), tmp_path / "tv.pth")
+    reference = REGISTRY[name].reference(weights=None, weights_backbone=None, num_classes=4)
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
     state_dict, class_names, config = module.load_weights(str(tmp_path / "tv.pth"))
     assert config == module.TORCHVISION_CONFIG and class_names == ("__background__", "1", "2", "3")
     image = data.SyntheticShapes(1, 64, seed=0)[0][0]
@@ -1784,7 +1790,8 @@ def test_ssd_default_boxes_match_torchvision_generator():
         return DefaultBoxGenerator(**kwargs)(ImageList(torch.zeros(1, 3, size, size), [(size, size)]), maps)[0]
     grid300 = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
     settings = ssd.DEFAULT_BOXES[300]
-    for scales, kwargs in [((), dict(scales=list(settings["scales"]))), ((0.2, 0.9), dict(min_ratio=0.2, max_ratio=0.9))]:
+    for scales, kwargs in [((), dict(scales=list(settings["scales"]))),
+                           ((0.2, 0.9), dict(min_ratio=0.2, max_ratio=0.9))]:
         expected = reference(300, grid300, aspect_ratios=[list(r) for r in settings["aspect_ratios"]],
                              steps=list(settings["steps"]), **kwargs)
         assert torch.equal(ssd.make_anchors(grid300, ssd.Config(scales=scales)), expected)
@@ -2294,9 +2301,9 @@ def test_detr_matches_official_reference_numbers():
 @pytest.mark.skipif(not os.environ.get("DETR_ROOT"), reason="DETR_ROOT: a checkout of facebookresearch/detr")
 @pytest.mark.parametrize("model", ["small", "r50"])
 def test_detr_matches_official_live(model, tmp_path):
-    """The official code run now (DETR_ROOT), on the stored small model and on the real DETR-R50 architecture (ResNet-50,
-    d 256, 6 + 6 layers, 100 queries, 92 logits; random weights): the same numbers; the stored ones are still what the
-    official code gives."""
+    """The official code run now (DETR_ROOT), on the stored small model and on the real DETR-R50 architecture
+    (ResNet-50, d 256, 6 + 6 layers, 100 queries, 92 logits; random weights): the same numbers; the stored ones are
+    still what the official code gives."""
     out = tmp_path / "reference.json"
     cli(os.environ["DETR_ROOT"], "--model", model, "--out", out,
         cmd=[sys.executable, os.path.join(DETR_REFERENCE, "make_reference.py")])
@@ -2397,7 +2404,8 @@ def test_detr_preprocess_pads_to_the_largest_image_without_rounding_and_resizes_
     images = [torch.rand(3, 100, 140), torch.rand(3, 150, 100)]
     batch, mask, sizes, _ = detr.preprocess(images, None, cfg, training=False)
     assert batch.shape == (2, 3, 150, 140) and sizes == [(100, 140), (150, 100)]  # 150 x 140, not 160 x 160
-    assert not mask[0, :100, :140].any() and mask[0, 100:].all() and not mask[1, :, :100].any() and mask[1, :, 100:].all()
+    assert not mask[0, :100, :140].any() and mask[0, 100:].all()
+    assert not mask[1, :, :100].any() and mask[1, :, 100:].all()
     assert (batch[0, :, 100:] == 0).all() and (batch[1, :, :, 100:] == 0).all()
     mean, std = torch.tensor(cfg.image_mean)[:, None, None], torch.tensor(cfg.image_std)[:, None, None]
     assert torch.equal(batch[0, :, :100, :140], (images[0] - mean) / std)  # the size is kept: no resampling
@@ -2517,7 +2525,8 @@ def test_detr_official_checkpoint_files(tmp_path):
     image = data.SyntheticShapes(1, 64, seed=0)[0][0]
     torchvision.io.write_png((image * 255).to(torch.uint8), str(tmp_path / "img.png"))
     output = run_main("detr", "--predict", tmp_path / "img.png", "--weights", tmp_path / "checkpoint.pth", "--out",
-                      tmp_path / "pred", "--min-size", "64", "--max-size", "64", "--draw-thresh", "0", "--device", "cpu")
+                      tmp_path / "pred", "--min-size", "64", "--max-size", "64", "--draw-thresh", "0",
+                      "--device", "cpu")
     assert "7 detections scoring >= 0" in output and os.path.isfile(tmp_path / "pred" / "img.png")
     torch.save({"model": official, "args": argparse.Namespace(pre_norm=True)}, tmp_path / "pre_norm.pth")
     with pytest.raises(SystemExit, match="pre-norm"):
