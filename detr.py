@@ -385,7 +385,7 @@ class DETR(nn.Module):
         return self.class_embed(hs).float(), self.bbox_embed(hs).float().sigmoid()
 
 
-# --- Weights of the official implementation ---
+# Weights of the official implementation (still the Model section)
 OFFICIAL_WEIGHTS = {  # --weights NAME: facebookresearch/detr's COCO checkpoints (its README's model zoo, hubconf.py)
     "detr-r50": ("https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth", dict(backbone="resnet50")),
     "detr-r50-dc5": ("https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-f0fb7ef5.pth", dict(dilation=True)),

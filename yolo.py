@@ -654,9 +654,9 @@ def postprocess_detections(outputs: list, anchors: Tensor, cfg: Config) -> list:
     return detections
 
 
-# --- Training recipe ---
-# v7.0's pieces of training that the ALGO LOGIC block below uses: AutoAnchor on the training set, the lr and momentum
-# schedule, and the augmentation (mosaic, random scale and translation, HSV, flip).
+# The training recipe, still before the Training section: v7.0's pieces of training that the ALGO LOGIC block below
+# uses: AutoAnchor on the training set, the lr and momentum schedule, and the augmentation (mosaic, random scale and
+# translation, HSV, flip).
 
 
 def run_autoanchor(model: YOLO, cfg: Config, train_set) -> str:
