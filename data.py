@@ -1228,7 +1228,8 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_st
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, workers, device, class_names=None):
-    """The 12 COCO numbers (common.coco_evaluate) of a detector on a dataset, plus VOC_mAP50 on a VocDetection.
+    """The 12 COCO numbers (common.coco_evaluate) of a detector on a dataset, plus on a VocDetection VOC's mAP@0.5
+    (VOC_mAP50) and each class's AP@0.5 (VOC_AP50_<name>).
 
     model(images) -> detections as in every model file, run in fp32 (exact numbers). class_names: the
     model's, when they are not the dataset's (e.g. torchvision's 91 COCO classes on a COCO json with labels 1..K):
@@ -1256,8 +1257,9 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None):
     gt = dataset.coco_gt()  # its category_id is the dataset's label 1..K
     stats = coco_evaluate(gt, results)  # COCO's rules: VOC's difficult objects count as plain ground truth here ...
     stats.pop("per_class", None)
-    if isinstance(dataset, VocDetection):  # ... and VOC's own metric, mAP at IoU 0.5, ignores them
-        stats["VOC_mAP50"] = voc_evaluate(gt, results)["mAP"]
+    if isinstance(dataset, VocDetection):  # ... and VOC's own metric, mAP at IoU 0.5, ignores them; and per class
+        voc = voc_evaluate(gt, results)
+        stats.update({"VOC_mAP50": voc["mAP"], **{f"VOC_AP50_{k}": v for k, v in voc["per_class"].items()}})
     return stats
 
 

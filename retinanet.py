@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, sigmoid_focal_loss
 
 import data
-from common import (COCO_METRIC_NAMES, BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
+from common import (BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
                     resize_boxes)
 
 # --- Config ---
@@ -741,7 +741,7 @@ def main(argv=None):
         val_set = data.build_datasets(cfg, train=False)[1]
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
         stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names)
-        return print("\n".join(f"{k:>9} {stats[k]:.4f}" for k in (*COCO_METRIC_NAMES, "VOC_mAP50") if k in stats))
+        return print("\n".join(f"{k:>9} {v:.4f}" for k, v in stats.items()))
     for path in data.image_files(args.predict):
         image, out = data.load_image(path), os.path.join(cfg.out, os.path.splitext(os.path.basename(path))[0] + ".png")
         with torch.no_grad():

@@ -1661,11 +1661,15 @@ def test_eval_needs_only_the_val_split_and_maps_classes_by_name(one_epoch, tmp_p
 
 @pytest.mark.filterwarnings("ignore:.*degenerate")
 def test_voc_evaluation_adds_voc_map():
-    """On a VOC dataset the evaluation also gives VOC's mAP@0.5 (difficult objects ignored)."""
+    """On a VOC dataset the evaluation also gives VOC's mAP@0.5 (difficult objects ignored) and each class's AP@0.5,
+    whose mean over the classes with ground truth is that mAP."""
     dataset = data.VocDetection(BCCD, "val")
     model = retinanet.DETECTOR(tiny_config("retinanet", num_classes=dataset.num_classes))
     stats = data.evaluate(model, dataset, 2, 0, "cpu")
     assert "VOC_mAP50" in stats and 0 <= stats["VOC_mAP50"] <= 1 and "AP" in stats
+    per_class = {k[len("VOC_AP50_"):]: v for k, v in stats.items() if k.startswith("VOC_AP50_")}
+    assert sorted(per_class) == sorted(dataset.class_names[1:])
+    assert stats["VOC_mAP50"] == pytest.approx(np.mean([v for v in per_class.values() if v >= 0]))
 
 
 # --- The template ---
