@@ -690,8 +690,7 @@ def train(cfg: Config):
                          f"weights instead: --backbone-weights none") from None
     if cfg.weights and not resume:
         load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
-    if cfg.channels_last:
-        raw_model.to(memory_format=torch.channels_last)
+    cfg.channels_last and raw_model.to(memory_format=torch.channels_last)
     steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
     optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
@@ -839,6 +838,7 @@ def main(argv=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
         train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
+        data.seed_everything(cfg.seed)  # the random weights: the same pictures every time
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
         for i in range(min(8, len(train_set))):

@@ -1421,9 +1421,12 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     drawn = torchvision.io.read_image(str(tmp_path / "pred" / "img1.png"))
     detected = int(re.search(r"img1.png: (\d+) detections", output)[1])
     assert drawn.shape == (3, 64, 64) and torch.equal(drawn, (dataset[1][0] * 255).to(torch.uint8)) == (detected == 0)
-    run_main(name, "--show-targets", *tiny(name), "--num-train", "3", "--out", tmp_path / "t")
+    for out in ("t", "t2"):
+        run_main(name, "--show-targets", *tiny(name), "--num-train", "3", "--out", tmp_path / out)
     assert sorted(set(os.listdir(tmp_path / "t")) - set(REGISTRY[name].run_files)) == [
         "targets_0.png", "targets_1.png", "targets_2.png"]
+    for i in range(3):  # the same random weights and sampling each time: pictures that can be reproduced
+        assert (tmp_path / "t" / f"targets_{i}.png").read_bytes() == (tmp_path / "t2" / f"targets_{i}.png").read_bytes()
 
 
 def test_checkpoint_of_another_detector_is_refused_in_one_line(one_epoch):
