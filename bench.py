@@ -694,10 +694,11 @@ def read_env(folder: str) -> tuple[str, str]:
     device = date = ""
     path = os.path.join(folder, "env.txt")
     for line in open(path).read().splitlines() if os.path.exists(path) else []:
-        if line.startswith("NVIDIA") or line.startswith("CPU"):
-            device = line.split(",")[0]
-        with contextlib.suppress(ValueError):
-            date = datetime.datetime.strptime(line.strip(), "%a %b %d %I:%M:%S %p %Z %Y").date().isoformat()
+        if line.startswith("NVIDIA") or line.startswith("CPU"):  # "NVIDIA H200, 143771 MiB, ..." / "CPU (...), ..."
+            device = line[:line.index(")") + 1] if line.startswith("CPU (") else line.split(",")[0]
+        for form in ("%a %b %d %I:%M:%S %p %Z %Y", "%a %b %d %H:%M:%S %Z %Y"):  # `date -u` of two locales
+            with contextlib.suppress(ValueError):
+                date = datetime.datetime.strptime(line.strip(), form).date().isoformat()
     return device, date
 
 
@@ -767,6 +768,31 @@ def summarise_run(path: str, name: str) -> dict:
             "projected": steps_record[-1]["time_s"] + steps_record[-1]["eta_min"] * 60}  # the last ETA
 
 
+def summarise_data_run(folder: str, name: str) -> dict:
+    """A --train on a dataset (records FOLDER/NAME.metrics.jsonl and NAME.config.json, and NAME.eval.txt: --eval of
+    its best.pt) -> its evaluations, the best one (highest AP, the one best.pt holds), images/s and seconds. Each
+    class's AP@0.5 comes from the evaluation record where the run logged it, else from NAME.eval.txt."""
+    import json
+    records = [json.loads(line) for line in open(os.path.join(folder, f"{name}.metrics.jsonl"))]
+    cfg = json.load(open(os.path.join(folder, f"{name}.config.json")))
+    steps_record = [r for r in records if "step" in r]
+    evals = [r for r in records if "AP" in r]
+    best = max(evals, key=lambda r: r["AP"], default=None)
+    per_class = {k[9:]: v for k, v in (best or {}).items() if k.startswith("VOC_AP50_")}
+    eval_path = os.path.join(folder, f"{name}.eval.txt")
+    if best and not per_class and os.path.exists(eval_path):
+        numbers = dict(line.split() for line in open(eval_path) if len(line.split()) == 2)
+        if abs(float(numbers.get("AP", -1)) - best["AP"]) > 1e-3:  # it must be the evaluation of that best.pt
+            raise SystemExit(f"{eval_path}: AP {numbers.get('AP')}, the run's best evaluation {best['AP']:.4f}")
+        per_class = {k[9:]: float(v) for k, v in numbers.items() if k.startswith("VOC_AP50_")}
+    first = {f"{cfg['log_every']}/", "1/"}  # a window that began with the epoch (loader start, evaluation before it)
+    speeds = [r["img_s"] for r in steps_record if not any(r["step"].startswith(f) for f in first)]
+    return {"config": cfg, "evals": evals, "best": best, "per_class": per_class,
+            "img_s": float(np.median(speeds or [r["img_s"] for r in steps_record])) if steps_record else None,
+            "seconds": max((r["time_s"] for r in records if "time_s" in r), default=0.0),
+            "epochs_done": len(evals), "epochs": cfg["epochs"]}
+
+
 def read_records(folders: list[str]) -> dict:
     """Every record under folders: {"sources": [source dicts, lettered a, b, ...], "train": {name: [(run, source)]},
     "bench": {name: [(record, source)]}, "logs": {name: [(progress, source)]}}. A source is where figures come from:
@@ -774,7 +800,7 @@ def read_records(folders: list[str]) -> dict:
     from its bench --json records; the training runs of one sub-folder ran at the same time on that device."""
     import glob
     import re
-    out = {"sources": [], "train": {}, "bench": {}, "logs": {}}
+    out = {"sources": [], "train": {}, "bench": {}, "logs": {}, "data": {}}
 
     def source(folder, what, device, date, runs=1):
         rel = os.path.relpath(folder, HERE)
@@ -791,6 +817,11 @@ def read_records(folders: list[str]) -> dict:
             s = source(folder, record.get("note") or "bench.py, alone on the device", device or record["device"],
                        date or record.get("date", ""))
             out["bench"].setdefault(name, []).append((record, s))
+        for path in sorted(glob.glob(os.path.join(folder, "*.config.json"))):  # runs on a dataset, one at a time
+            name = os.path.basename(path).split(".")[0]
+            s = source(folder, "each file's --train on the data, one after the other, alone on the device", device,
+                       date)
+            out["data"].setdefault(name, []).append((summarise_data_run(folder, name), s))
         for sub in sorted(d for d in glob.glob(os.path.join(folder, "*")) if os.path.isdir(d)):
             runs = sorted({os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(sub, "*.metrics.jsonl"))
                            + glob.glob(os.path.join(sub, "*.log"))})
@@ -836,11 +867,15 @@ def parity(name: str, readme: str) -> str:
         if len(cells) >= 4 and cells[1] == f"`{name}.py`":
             if cells[2] in ("", "—"):
                 return f"— (Models table: {cells[3]})"
-            absolute = re.findall(r"\\\|Δ\\\| ([0-9.]+(?:e-?\d+)?)( px)?", cells[3])
-            relative = re.findall(r"(?:rel|within) ([0-9.]+(?:e-?\d+)?)", cells[3])
+            absolute = re.findall(r"\\\|Δ\\\| (?:≤ )?([0-9.]+(?:e-?\d+)?)( px)?", cells[3])
+            relative = re.findall(r"rel ([0-9.]+(?:e-?\d+)?)", cells[3])
+            within = re.findall(r"within ([0-9.]+(?:e-?\d+)?)", cells[3])  # a tolerance that the text qualifies
             largest = [f"max \\|Δ\\| {''.join(max(absolute, key=lambda a: float(a[0])))}"] if absolute else []
             largest += [f"relative ≤ {max(relative, key=float)}"] if relative else []
-            return f"{cells[2]}: {', '.join(largest) or cells[3]}"
+            largest += [f"within {max(within, key=float)}"] if within and not relative else []
+            what = "no runnable reference, each stage against an independent solution: " * cells[3].startswith(
+                "no runnable reference")
+            return f"{cells[2]}: {what}{', '.join(largest) or cells[3]}"
     return "not in the Models table"
 
 
@@ -866,22 +901,74 @@ def gallery_markdown(records: dict, cite) -> list[str]:
         return ["No gallery yet: `python bench.py gallery` makes it."]
     sources = json.load(open(sources_path))
     lines = [*textwrap.wrap(f"Pictures: `python bench.py gallery`. Targets: {sources['targets']}. Predictions: "
-                            f"{sources['predictions']}.", 120, break_on_hyphens=False), "",
-             "| detector | synthetic image: targets | BCCD image: targets | synthetic image: predictions |",
-             "| --- | --- | --- | --- |"]
+                            f"{sources['predictions']}; BCCD: {sources.get('bccd_predictions', 'none')}.", 120,
+                            break_on_hyphens=False), "",
+             "| detector | synthetic image: targets | BCCD image: targets | synthetic image: predictions | BCCD test "
+             "image: predictions |", "| --- | --- | --- | --- | --- |"]
     for name in FILES:
         cells = []
-        for picture in (f"synthetic_targets_{name}.png", f"bccd_targets_{name}.png", f"synthetic_pred_{name}.png"):
+        for picture in (f"synthetic_targets_{name}.png", f"bccd_targets_{name}.png", f"synthetic_pred_{name}.png",
+                        f"bccd_pred_{name}.png"):
             exists = os.path.exists(os.path.join(GALLERY, picture))
             cells.append(f"![{picture[:-4]}](assets/gallery/{picture})" if exists else "—")
         run = [(r, s) for r, s in records["train"].get(name, []) if s["path"] == sources.get("predictions_run")]
         if cells[2] != "—" and run and run[0][0]["evals"]:
             best = max(run[0][0]["evals"], key=lambda e: e["AP"])
             cells[2] += f"<br>best.pt: epoch {best['epoch']}, mAP@0.5 {best['AP50']:.3f}{cite(run[0][1])}"
+        run = [(r, s) for r, s in records["data"].get(name, []) if s["path"] == sources.get("bccd_predictions_run")]
+        if cells[3] != "—" and run and run[0][0]["best"]:
+            best = run[0][0]["best"]
+            cells[3] += (f"<br>best.pt: epoch {best['epoch'] + 1}, VOC mAP@0.5 {best['VOC_mAP50']:.3f}"
+                         f"{cite(run[0][1])}")
         present = os.path.exists(os.path.join(HERE, name + ".py"))
         lines.append(f"| `{name}.py`<br>{LEGENDS[name] if present else 'not in this tree yet'} | " + " | ".join(cells)
                      + " |")
     return lines
+
+
+def input_size(name: str, cfg: dict) -> str:
+    """What a run's images were resized to, from its config.json (each file resizes its own way)."""
+    if name == "rcnn":
+        return f"{cfg['crop_size']}-px crops of regions found at {cfg['proposal_side'] or 'full'} px"
+    if "scales" in cfg:
+        return f"{cfg['scales'][0]} / ≤ {cfg['max_size']} px, regions found at {cfg['proposal_side'] or 'full'} px"
+    if "min_size" in cfg:
+        return f"{cfg['min_size']} / ≤ {cfg['max_size']} px"
+    return f"{cfg['image_size']} × {cfg['image_size']} px" + (", letterboxed" if name == "yolo" else ", squashed")
+
+
+def data_markdown(records: dict, cite) -> list[str]:
+    """The table of the runs on a dataset (BCCD): per file, its best evaluation (VOC and COCO numbers, each class's
+    AP@0.5), when, how long the run was and what it trained; then which file did best on the small objects."""
+    runs = {name: records["data"][name][0] for name in FILES if records["data"].get(name)}
+    if not runs:
+        return []
+    classes = sorted({k for run, _ in runs.values() for k in run["per_class"]})
+    lines = [f"| file | VOC mAP@0.5 | AP@0.5: {' / '.join(classes) or 'per class'} | COCO AP / AP50 / AP75 | "
+             "APs / APm / APl | the best evaluation: epoch (s) | run: epochs, minutes | training img/s | backbone, "
+             "input |", "| --- " * 9 + "|"]
+    for name, (run, s) in runs.items():
+        best, cfg = run["best"], run["config"]
+        if best is None:
+            lines.append(f"| `{name}.py` | no evaluation in {run['seconds'] / 60:.0f} min{cite(s)} |" + " |" * 7)
+            continue
+        per_class = " / ".join(f"{run['per_class'][c]:.3f}" if c in run["per_class"] else "—" for c in classes)
+        stopped = "" if run["epochs_done"] >= run["epochs"] else " (stopped by its time limit)"
+        lines.append(f"| `{name}.py` | {best['VOC_mAP50']:.3f}{cite(s)} | {per_class or '—'} | {best['AP']:.3f} / "
+                     f"{best['AP50']:.3f} / {best['AP75']:.3f} | {best['APs']:.3f} / {best['APm']:.3f} / "
+                     f"{best['APl']:.3f} | {best['epoch'] + 1} ({best['time_s']:.0f} s) | {run['epochs_done']} of "
+                     f"{run['epochs']}{stopped}, {run['seconds'] / 60:.1f} | {run['img_s']:.1f} | "
+                     f"{cfg['backbone']}, {input_size(name, cfg)} |")
+    evaluated = {name: run for name, (run, _) in runs.items() if run["best"]}
+    winners = []
+    for what, value in (("APs (COCO small: area < 32², a tenth of the platelets)", lambda r: r["best"]["APs"]),
+                        ("platelets' AP@0.5 (the small objects)", lambda r: r["per_class"].get("Platelets", -1)),
+                        ("VOC mAP@0.5", lambda r: r["best"]["VOC_mAP50"])):
+        ranked = sorted(evaluated, key=lambda n: -value(evaluated[n]))
+        if ranked and value(evaluated[ranked[0]]) >= 0:
+            winners.append(f"{what}: " + ", ".join(f"`{n}.py` {value(evaluated[n]):.3f}" for n in ranked[:3]))
+    return ["", *textwrap.wrap("**BCCD**, the best three: " + "; ".join(winners) + ".", 120,
+                               break_on_hyphens=False), "", *lines]
 
 
 def compare_markdown(folders: list[str], readme: str) -> str:
@@ -938,6 +1025,7 @@ def compare_markdown(folders: list[str], readme: str) -> str:
         lines.append(f"| `{name}.py` | {result} | {goal} | {train} | {infer} | {memory} | "
                      f"{facts['params'] / 1e6:.1f} M | {facts['model_lines']} / {facts['template_lines']} | "
                      f"{parity(name, readme)} |")
+    lines += data_markdown(records, cite)
     gallery = gallery_markdown(records, cite)
     lines.append("")
     for tag in sorted(cited):
@@ -986,6 +1074,7 @@ GALLERY = os.path.join(HERE, "assets", "gallery")
 GALLERY_DATA = {"synthetic": ["--seed", "1", "--image-size", "320", "--num-train", "1", "--num-val", "1"],
                 "bccd": ["--data", "voc", "--data-root", os.path.join(HERE, "assets", "bccd"), "--train-split", "train",
                          "--val-split", "val"]}
+BCCD_IMAGE = "BloodImage_00068"  # the BCCD test image of the predictions (4 platelets, 1 WBC, 9 RBC)
 NO_AUGMENT = {"hflip_prob": ["--hflip-prob", "0"], "mosaic": ["--mosaic", "0"], "scale": ["--scale", "0"],
               "translate": ["--translate", "0"], "hsv": ["--hsv", "0", "0", "0"]}
 
@@ -1002,10 +1091,17 @@ def write_gallery_sources(args):
     """assets/gallery/sources.json: what the pictures are, for the README's gallery (compare reads it)."""
     import json
     os.makedirs(GALLERY, exist_ok=True)
-    sources = {"targets": "`--show-targets --preset none` on the CPU, random weights, no augmentation; synthetic: "
-                          "validation image 0 at 320 px, BCCD: `assets/bccd` image BloodImage_00164",
-               "predictions": f"`--predict` of the best.pt of the GPU runs in `{args.predictions_run}`, boxes scoring "
-                              ">= 0.5" if args.predictions else "none", "predictions_run": args.predictions_run}
+    path = os.path.join(GALLERY, "sources.json")
+    sources = json.load(open(path)) if os.path.exists(path) else {"predictions": "none"}  # pictures not redrawn stay
+    sources["targets"] = ("`--show-targets --preset none` on the CPU, random weights (seed 0), no augmentation; "
+                          "synthetic: validation image 0 at 320 px, BCCD: `assets/bccd` image BloodImage_00164")
+    if args.predictions:
+        sources.update(predictions=f"`--predict` of the best.pt of the GPU runs in `{args.predictions_run}`, boxes "
+                                   "scoring >= 0.5", predictions_run=args.predictions_run)
+    if args.bccd_predictions:
+        sources.update(bccd_predictions=f"`--predict` of the best.pt of the CPU runs in `{args.bccd_predictions_run}`"
+                                        f" on the BCCD test image {BCCD_IMAGE} (each file's default threshold)",
+                       bccd_predictions_run=args.bccd_predictions_run)
     with open(os.path.join(GALLERY, "sources.json"), "w") as f:
         json.dump(sources, f, indent=1)
 
@@ -1036,9 +1132,11 @@ def bench_gallery(args):
                 small_png(os.path.join(out, "targets_0.png"), os.path.join(GALLERY, f"{data_name}_targets_{name}.png"),
                           args.gallery_width * (2 if name == "rcnn" else 1))  # R-CNN draws two panels side by side
                 print(f"{name} {data_name}: targets in {time.perf_counter() - tic:.0f} s")
-        prediction = os.path.join(args.predictions, f"pred_{name}", "sample.png")
-        if args.predictions and os.path.exists(prediction):
-            small_png(prediction, os.path.join(GALLERY, f"synthetic_pred_{name}.png"), args.gallery_width)
+        for folder, picture, data_name in ((args.predictions, "sample", "synthetic"),
+                                           (args.bccd_predictions, BCCD_IMAGE, "bccd")):
+            prediction = os.path.join(folder, f"pred_{name}", picture + ".png")
+            if folder and os.path.exists(prediction):
+                small_png(prediction, os.path.join(GALLERY, f"{data_name}_pred_{name}.png"), args.gallery_width)
     total = sum(os.path.getsize(os.path.join(GALLERY, f)) for f in os.listdir(GALLERY))
     print(f"{GALLERY}: {len(os.listdir(GALLERY))} files, {total / 1e3:.0f} kB")
 
@@ -1073,6 +1171,10 @@ def main():
     parser.add_argument("--note", default="", help="speed: a note stored with the --json record (e.g. the sharing)")
     parser.add_argument("--records", nargs="*", default=[], help="compare: records folders (default: records/*)")
     parser.add_argument("--predictions", default="", help="gallery: a folder of pred_NAME/sample.png (GPU runs)")
+    parser.add_argument("--bccd-predictions", default="",
+                        help=f"gallery: a folder of pred_NAME/{BCCD_IMAGE}.png (the BCCD runs' --predict)")
+    parser.add_argument("--bccd-predictions-run", default="records/2026-11-27-cpu-bccd",
+                        help="gallery: the records folder of the runs whose predictions --bccd-predictions holds")
     parser.add_argument("--predictions-run", default="records/2026-11-27-h200/seven",
                         help="gallery: the records folder of the runs whose predictions --predictions holds")
     parser.add_argument("--gallery-width", type=int, default=200, help="gallery: picture width in pixels")

@@ -1748,6 +1748,44 @@ def test_compare_reads_bench_json_and_derives_run_time(tmp_path):
     assert "CPU (test), 2026-01-02" in markdown
 
 
+def test_compare_reads_runs_on_a_dataset(tmp_path):
+    """Runs on a dataset (records NAME.metrics.jsonl + NAME.config.json beside env.txt) give the BCCD table: the best
+    evaluation (highest AP, what best.pt holds) with its VOC and COCO numbers, each class's AP@0.5 from the record or
+    from --eval of best.pt (NAME.eval.txt, which must be that evaluation), and the best files on the small objects."""
+    import bench
+    (tmp_path / "env.txt").write_text("CPU (x86_64, 2 cores), a test\nFri Nov 27 10:43:06 UTC 2026\n")
+    classes = {"Platelets": 0.2, "RBC": 0.7, "WBC": 0.9}
+
+    def evaluation(epoch, ap, per_class=None):
+        return {"epoch": epoch, "iter": 10 * (epoch + 1), "AP": ap, "AP50": 2 * ap, "AP75": ap, "APs": ap / 4,
+                "APm": ap, "APl": ap, "VOC_mAP50": 2 * ap + 0.01, "time_s": 100.0 * (epoch + 1),
+                **{f"VOC_AP50_{k}": v * ap for k, v in (per_class or {}).items()}}
+    for name, per_class in (("faster_rcnn", classes), ("fcos", None)):
+        steps = [{"epoch": e, "step": f"{i}/10", "iter": 10 * e + i, "loss": 1.0, "img_s": 4.0 + i, "time_s": 1.0}
+                 for e in range(3) for i in (5, 10)]
+        evals = [evaluation(e, ap, per_class) for e, ap in enumerate((0.1, 0.3, 0.2))]  # the best: epoch 2 of 3
+        (tmp_path / f"{name}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps + evals))
+        (tmp_path / f"{name}.config.json").write_text(json.dumps(
+            {"epochs": 4, "log_every": 5, "backbone": "resnet18", "min_size": 256, "max_size": 352}))
+    eval_txt = "evaluating ...\n" + "".join(f"{k} {v:.4f}\n" for k, v in {
+        "AP": 0.3, **{f"VOC_AP50_{k}": v / 2 for k, v in classes.items()}}.items())
+    (tmp_path / "fcos.eval.txt").write_text(eval_txt)
+    markdown = bench.compare_markdown([str(tmp_path)], open(os.path.join(ROOT, "README.md")).read())
+    row = {name: next(line for line in markdown.splitlines() if line.startswith(f"| `{name}.py` | 0.61"))
+           for name in ("faster_rcnn", "fcos")}
+    assert ("| 0.060 / 0.210 / 0.270 | 0.300 / 0.600 / 0.300 | 0.075 / 0.300 / 0.300 | 2 (200 s) |"
+            in row["faster_rcnn"])
+    assert "| 0.100 / 0.350 / 0.450 |" in row["fcos"]  # per class from fcos.eval.txt
+    # 5.0 minutes: the last record's time; 14 img/s: the median of the windows that did not begin an epoch
+    assert "3 of 4 (stopped by its time limit), 5.0 | 14.0 | resnet18, 256 / ≤ 352 px |" in row["fcos"]
+    assert "platelets' AP@0.5 (the small objects): `fcos.py` 0.100, `faster_rcnn.py` 0.060" in " ".join(
+        markdown.split())
+    assert "CPU (x86_64, 2 cores), 2026-11-27" in markdown
+    (tmp_path / "fcos.eval.txt").write_text(eval_txt.replace("AP 0.3000", "AP 0.2000"))  # another best.pt's numbers
+    with pytest.raises(SystemExit, match="fcos.eval.txt: AP 0.2000"):
+        bench.compare_markdown([str(tmp_path)], "")
+
+
 # ======================================== ssd ========================================
 # SSD (ssd.py) against torchvision's ssd300_vgg16: default boxes, SSDMatcher, hard negative mining, postprocessing;
 # its augmentation and its options (SSD512, the paper's VOC scales, VGG16-BN, width, frozen stages).
