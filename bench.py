@@ -930,7 +930,7 @@ def input_size(name: str, cfg: dict) -> str:
     """What a run's images were resized to, from its config.json (each file resizes its own way)."""
     if name == "rcnn":
         return f"{cfg['crop_size']}-px crops of regions found at {cfg['proposal_side'] or 'full'} px"
-    if "scales" in cfg:
+    if "test_scales" in cfg:  # Fast R-CNN (SSD has a field "scales" too: its default boxes')
         return f"{cfg['scales'][0]} / ≤ {cfg['max_size']} px, regions found at {cfg['proposal_side'] or 'full'} px"
     if "min_size" in cfg:
         return f"{cfg['min_size']} / ≤ {cfg['max_size']} px"
@@ -958,7 +958,8 @@ def data_markdown(records: dict, cite) -> list[str]:
                      f"{best['AP50']:.3f} / {best['AP75']:.3f} | {best['APs']:.3f} / {best['APm']:.3f} / "
                      f"{best['APl']:.3f} | {best['epoch'] + 1} ({best['time_s']:.0f} s) | {run['epochs_done']} of "
                      f"{run['epochs']}{stopped}, {run['seconds'] / 60:.1f} | {run['img_s']:.1f} | "
-                     f"{cfg['backbone']}, {input_size(name, cfg)} |")
+                     f"{cfg['backbone']}{f' × {w} width' if (w := cfg.get('width', 1)) != 1 else ''}, "
+                     f"{input_size(name, cfg)} |")
     evaluated = {name: run for name, (run, _) in runs.items() if run["best"]}
     winners = []
     for what, value in (("APs (COCO small: area < 32², a tenth of the platelets)", lambda r: r["best"]["APs"]),
