@@ -721,6 +721,13 @@ def read_bench(path: str) -> dict:
     return record
 
 
+def median_img_s(steps_record: list, log_every: int) -> float:
+    """A run's training images/s: the median of its log lines, leaving out each epoch's first window (it holds the
+    loader's start and, before it, the evaluation), unless there is nothing else."""
+    speeds = [r["img_s"] for r in steps_record if not r["step"].startswith(f"{log_every}/")]
+    return float(np.median(speeds or [r["img_s"] for r in steps_record]))
+
+
 def summarise_run(path: str, name: str) -> dict:
     """One default --train's metrics.jsonl -> evaluations with their time, training images/s, peak memory.
 
@@ -761,8 +768,7 @@ def summarise_run(path: str, name: str) -> dict:
             seconds, bound = max(s["time_s"] for s in steps_record if s["epoch"] == r["epoch"]), ">="
         evals.append({"epoch": r["epoch"] + 1, "AP50": r["AP50"], "AP": r["AP"], "APs": r["APs"], "s": seconds,
                       "bound": bound})
-    speeds = [s["img_s"] for s in steps_record if not s["step"].startswith(f"{cfg.log_every}/")]  # not a first window
-    return {"evals": evals, "img_s": float(np.median(speeds or [s["img_s"] for s in steps_record])),
+    return {"evals": evals, "img_s": median_img_s(steps_record, cfg.log_every),
             "mem_gb": max(s["mem_gb"] for s in steps_record), "seconds": max(s["time_s"] for s in steps_record),
             "epochs": cfg.epochs, "iters": max(s["iter"] for s in steps_record), "total": total,
             "projected": steps_record[-1]["time_s"] + steps_record[-1]["eta_min"] * 60}  # the last ETA
@@ -778,17 +784,15 @@ def summarise_data_run(folder: str, name: str) -> dict:
     steps_record = [r for r in records if "step" in r]
     evals = [r for r in records if "AP" in r]
     best = max(evals, key=lambda r: r["AP"], default=None)
-    per_class = {k[9:]: v for k, v in (best or {}).items() if k.startswith("VOC_AP50_")}
+    per_class = {k.removeprefix("VOC_AP50_"): v for k, v in (best or {}).items() if k.startswith("VOC_AP50_")}
     eval_path = os.path.join(folder, f"{name}.eval.txt")
     if best and not per_class and os.path.exists(eval_path):
         numbers = dict(line.split() for line in open(eval_path) if len(line.split()) == 2)
         if abs(float(numbers.get("AP", -1)) - best["AP"]) > 1e-3:  # it must be the evaluation of that best.pt
             raise SystemExit(f"{eval_path}: AP {numbers.get('AP')}, the run's best evaluation {best['AP']:.4f}")
-        per_class = {k[9:]: float(v) for k, v in numbers.items() if k.startswith("VOC_AP50_")}
-    first = {f"{cfg['log_every']}/", "1/"}  # a window that began with the epoch (loader start, evaluation before it)
-    speeds = [r["img_s"] for r in steps_record if not any(r["step"].startswith(f) for f in first)]
+        per_class = {k.removeprefix("VOC_AP50_"): float(v) for k, v in numbers.items() if k.startswith("VOC_AP50_")}
     return {"config": cfg, "evals": evals, "best": best, "per_class": per_class,
-            "img_s": float(np.median(speeds or [r["img_s"] for r in steps_record])) if steps_record else None,
+            "img_s": median_img_s(steps_record, cfg["log_every"]) if steps_record else None,
             "seconds": max((r["time_s"] for r in records if "time_s" in r), default=0.0),
             "epochs_done": len(evals), "epochs": cfg["epochs"]}
 

@@ -67,8 +67,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 import data
-from common import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, draw_boxes,
-                    elementwise_generalized_box_iou, resize_boxes)
+from common import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, draw_boxes, elementwise_generalized_box_iou,
+                    resize_boxes)
 
 # --- Config ---
 

@@ -58,8 +58,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, sigmoid_focal_loss
 
 import data
-from common import (BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
-                    resize_boxes)
+from common import BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets, resize_boxes
 
 # --- Config ---
 

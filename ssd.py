@@ -61,8 +61,8 @@ from torchvision.ops import nms
 from torchvision.transforms import v2
 
 import data
-from common import (PALETTE, BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou,
-                    pad_targets, resize_boxes)
+from common import (PALETTE, BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
+                    resize_boxes)
 
 # --- Config ---
 

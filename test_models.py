@@ -924,8 +924,8 @@ def flags(values: dict) -> list:
     out = []
     for k, v in values.items():
         flag = "--" + k.replace("_", "-")
-        values = v if isinstance(v, tuple) else (v,)
-        out += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, *map(str, values)]
+        items = v if isinstance(v, tuple) else (v,)
+        out += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, *map(str, items)]
     return out
 
 
