@@ -791,7 +791,7 @@ def summarise_data_run(folder: str, name: str) -> dict:
         if abs(float(numbers.get("AP", -1)) - best["AP"]) > 1e-3:  # it must be the evaluation of that best.pt
             raise SystemExit(f"{eval_path}: AP {numbers.get('AP')}, the run's best evaluation {best['AP']:.4f}")
         per_class = {k.removeprefix("VOC_AP50_"): float(v) for k, v in numbers.items() if k.startswith("VOC_AP50_")}
-    return {"config": cfg, "evals": evals, "best": best, "per_class": per_class,
+    return {"folder": folder, "config": cfg, "evals": evals, "best": best, "per_class": per_class,
             "img_s": median_img_s(steps_record, cfg["log_every"]) if steps_record else None,
             "seconds": max((r["time_s"] for r in records if "time_s" in r), default=0.0),
             "epochs_done": len(evals), "epochs": cfg["epochs"]}
@@ -804,7 +804,7 @@ def read_records(folders: list[str]) -> dict:
     from its bench --json records; the training runs of one sub-folder ran at the same time on that device."""
     import glob
     import re
-    out = {"sources": [], "train": {}, "bench": {}, "logs": {}, "data": {}}
+    out = {"sources": [], "train": {}, "bench": {}, "logs": {}, "data": {}, "synthetic": {}}
 
     def source(folder, what, device, date, runs=1):
         rel = os.path.relpath(folder, HERE)
@@ -821,11 +821,14 @@ def read_records(folders: list[str]) -> dict:
             s = source(folder, record.get("note") or "bench.py, alone on the device", device or record["device"],
                        date or record.get("date", ""))
             out["bench"].setdefault(name, []).append((record, s))
-        for path in sorted(glob.glob(os.path.join(folder, "*.config.json"))):  # runs on a dataset, one at a time
+        for path in sorted(glob.glob(os.path.join(folder, "*.config.json"))):  # runs one at a time, alone
             name = os.path.basename(path).split(".")[0]
-            s = source(folder, "each file's --train on the data, one after the other, alone on the device", device,
-                       date)
-            out["data"].setdefault(name, []).append((summarise_data_run(folder, name), s))
+            run = summarise_data_run(folder, name)
+            synthetic = run["config"].get("data") == "synthetic"  # the synthetic data: a CPU recipe's run
+            s = source(folder, "each file's --train on the synthetic data, one after the other, alone on the device"
+                       if synthetic else "each file's --train on the data, one after the other, alone on the device",
+                       device, date)
+            out["synthetic" if synthetic else "data"].setdefault(name, []).append((run, s))
         for sub in sorted(d for d in glob.glob(os.path.join(folder, "*")) if os.path.isdir(d)):
             runs = sorted({os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(sub, "*.metrics.jsonl"))
                            + glob.glob(os.path.join(sub, "*.log"))})
@@ -941,6 +944,45 @@ def input_size(name: str, cfg: dict) -> str:
     return f"{cfg['image_size']} × {cfg['image_size']} px" + (", letterboxed" if name == "yolo" else ", squashed")
 
 
+def wall_minutes(path: str) -> str:
+    """The wall time of a run from its log's /usr/bin/time -v line (start-up and proposals included), else '—'."""
+    import re
+    found = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", open(path).read()
+                       if os.path.exists(path) else "")
+    if not found:
+        return "—"
+    seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(found[-1].split(":"))))
+    return f"{seconds / 60:.1f}"
+
+
+def cpu_markdown(records: dict, cite) -> list[str]:
+    """The table of the runs on the synthetic data in run-by-run records (NAME.config.json, NAME.metrics.jsonl, and
+    NAME.log with /usr/bin/time's output): each file's mAP@0.5 after every epoch, its best evaluation, how long, and
+    what it trained -- checked against this commit's cpu preset (what a plain --train runs without CUDA)."""
+    import dataclasses
+    import importlib
+    import json
+    runs = {name: records["synthetic"][name][0] for name in FILES if records["synthetic"].get(name)}
+    if not runs:
+        return []
+    lines = ["| file | mAP@0.5 after each epoch | the best: mAP@0.5 / AP (APs) | epochs, minutes of the training loop "
+             "| wall minutes (start-up, proposals) | training img/s | what trained |", "| --- " * 7 + "|"]
+    for name, (run, s) in runs.items():
+        cfg, best = run["config"], run["best"]
+        preset = json.loads(json.dumps(dataclasses.asdict(importlib.import_module(name).make_config({}, preset="cpu"))))
+        changed = [f"{k} {cfg.get(k)}" for k, v in preset.items() if k != "out" and cfg.get(k) != v]
+        what = (f"{cfg['backbone']}{f' × {w} width' if (w := cfg.get('width', 1)) != 1 else ''}, {cfg['num_train']} "
+                f"images of {cfg['image_size']} px, batch {cfg['batch_size']}; "
+                + (f"the cpu preset but {', '.join(changed)}" if changed else "this commit's cpu preset"))
+        stopped = "" if run["epochs_done"] >= run["epochs"] else " (stopped by its time limit)"
+        curve = ", ".join(f"{e['AP50']:.3f}" for e in run["evals"]) or "none"
+        lines.append(f"| `{name}.py` | {curve}{cite(s)} | "
+                     + (f"{best['AP50']:.3f} / {best['AP']:.3f} ({best['APs']:.3f}) | " if best else "— | ")
+                     + f"{run['epochs_done']} of {run['epochs']}{stopped}, {run['seconds'] / 60:.1f} | "
+                     f"{wall_minutes(os.path.join(run['folder'], name + '.log'))} | {run['img_s']:.1f} | {what} |")
+    return ["", "**Synthetic data on a CPU** (`python X.py --train` without CUDA: the `cpu` preset):", "", *lines]
+
+
 def data_markdown(records: dict, cite) -> list[str]:
     """The table of the runs on a dataset (BCCD): per file, its best evaluation (VOC and COCO numbers, each class's
     AP@0.5), when, how long the run was and what it trained; then which file did best on the small objects."""
@@ -1030,7 +1072,7 @@ def compare_markdown(folders: list[str], readme: str) -> str:
         lines.append(f"| `{name}.py` | {result} | {goal} | {train} | {infer} | {memory} | "
                      f"{facts['params'] / 1e6:.1f} M | {facts['model_lines']} / {facts['template_lines']} | "
                      f"{parity(name, readme)} |")
-    lines += data_markdown(records, cite)
+    lines += cpu_markdown(records, cite) + data_markdown(records, cite)
     gallery = gallery_markdown(records, cite)
     lines.append("")
     for tag in sorted(cited):

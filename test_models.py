@@ -1786,6 +1786,31 @@ def test_compare_reads_runs_on_a_dataset(tmp_path):
         bench.compare_markdown([str(tmp_path)], "")
 
 
+def test_compare_reads_cpu_runs_on_synthetic_data(tmp_path):
+    """Run-by-run records on the synthetic data (config.json: data synthetic) give the CPU table, not the dataset
+    table: the curve, the best evaluation, the wall time from /usr/bin/time's line in NAME.log, and whether the run
+    was this commit's cpu preset (else the fields that differ)."""
+    import bench
+    (tmp_path / "env.txt").write_text("CPU (x86_64, 2 cores), a test\nFri Nov 27 10:43:06 UTC 2026\n")
+    for name, change in (("fcos", {}), ("ssd", {"num_train": 7})):
+        cfg = {**json.loads(json.dumps(dataclasses.asdict(__import__(name).make_config({}, preset="cpu")))),
+               "out": "elsewhere", **change}
+        (tmp_path / f"{name}.config.json").write_text(json.dumps(cfg))
+        records = [{"epoch": e, "step": f"{i}/10", "iter": 10 * e + i, "img_s": 3.0 + i, "time_s": 60.0 * e + i}
+                   for e in range(2) for i in (5, 10)]
+        records += [{"epoch": e, "AP": ap, "AP50": 2 * ap, "APs": ap / 2, "time_s": 60.0 * e + 30}
+                    for e, ap in ((0, 0.1), (1, 0.25))]
+        (tmp_path / f"{name}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "fcos.log").write_text("...\n\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:30.00\n")
+    markdown = bench.compare_markdown([str(tmp_path)], open(os.path.join(ROOT, "README.md")).read())
+    table = markdown[markdown.index("**Synthetic data on a CPU**"):]
+    assert "| `fcos.py` | 0.200, 0.500<sup>a</sup> | 0.500 / 0.250 (0.125) | 2 of 5 (stopped by its time limit), 1.5 " \
+           "| 62.5 | 10.5 |" in table and "this commit's cpu preset |" in table
+    assert "| `ssd.py` | 0.200, 0.500" in table and "| — | 10.5 |" in table
+    assert "the cpu preset but num_train 7 |" in table
+    assert "**BCCD**" not in markdown  # no run on a dataset: no dataset table
+
+
 # ======================================== ssd ========================================
 # SSD (ssd.py) against torchvision's ssd300_vgg16: default boxes, SSDMatcher, hard negative mining, postprocessing;
 # its augmentation and its options (SSD512, the paper's VOC scales, VGG16-BN, width, frozen stages).
