@@ -135,7 +135,7 @@ class Config:
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
     # ~15 minutes on 2 CPU cores: an eighth-width VGG16-BN from scratch (1/64 of the compute), AdamW, flips only
-    "cpu": dict(width=0.125, image_size=128, num_train=1500, num_val=200, batch_size=16, epochs=4, lr_steps=(3,),
+    "cpu": dict(width=0.125, image_size=128, num_train=2500, num_val=200, batch_size=16, epochs=4, lr_steps=(3,),
                 lr=4e-3, warmup_iters=50, workers=1),
     # torchvision's COCO recipe (ImageNet VGG16, 120 epochs of 4 images x 8 GPUs, SSD augmentation)
     "coco": dict(data="coco", backbone="vgg16", backbone_weights="imagenet", augment="ssd", epochs=120, batch_size=4,

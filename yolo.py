@@ -146,9 +146,9 @@ class Config:
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
-    # ~15 minutes on 2 idle CPU cores: yolov5n on 1,000 128-px images, 16 per optimiser step (no accumulation: 4x the
+    # ~15 minutes on 2 idle CPU cores: yolov5n on 3,000 128-px images, 16 per optimiser step (no accumulation: 4x the
     # steps of a nominal 64), 1 warmup epoch
-    "cpu": dict(backbone="yolov5n", image_size=128, num_train=1000, num_val=200, batch_size=16, accumulate=1,
+    "cpu": dict(backbone="yolov5n", image_size=128, num_train=3000, num_val=200, batch_size=16, accumulate=1,
                 epochs=15, warmup_epochs=1.0, close_mosaic=3, workers=1),
     # v7.0's COCO recipe (README models): 640 px, 300 epochs of 64 images, mosaic throughout
     "coco": dict(data="coco", image_size=640, epochs=300, batch_size=64, close_mosaic=0),
