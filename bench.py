@@ -15,7 +15,7 @@
     python bench.py fast_rcnn [--device cpu|cuda] [--image-size 256 256] [--steps 3]
         fast_rcnn.py against rcnn.py with the same backbone, images and proposals: seconds per image of a training
         step and of inference over all proposals (the paper's 9x / 146x)
-    python bench.py selective_search [--data-root ../shared/data/bccd --split test --mode fast]
+    python bench.py selective_search [--data-root ../shared/data/bccd --split test --mode fast] [--synthetic 128]
         data.selective_search vs OpenCV-contrib's fast mode (when cv2.ximgproc is installed): recall of the ground
         truth at IoU 0.5 and 0.7 with at most 2000 boxes per image, boxes per image, seconds per image on one thread
 
@@ -216,7 +216,8 @@ def bench_selective_search(args):
     except (ImportError, AttributeError):
         cv2 = None
         print("OpenCV with ximgproc not installed: ours only (pip install opencv-contrib-python-headless)")
-    dataset = data.VocDetection(args.data_root, args.split)
+    dataset = (data.SyntheticShapes(args.num_images or 40, args.synthetic, seed=1) if args.synthetic else
+               data.VocDetection(args.data_root, args.split))  # synthetic: validation images (seed 1)
     num_images = min(args.num_images or len(dataset), len(dataset))
 
     def opencv(image):  # BGR uint8, as cv2.imread gives it
@@ -227,7 +228,8 @@ def bench_selective_search(args):
         rects = torch.tensor(search.process(), dtype=torch.float32).reshape(-1, 4)
         return torch.cat([rects[:, :2], rects[:, :2] + rects[:, 2:]], 1)  # x, y, w, h -> x1, y1, x2, y2
 
-    methods = {f"data.selective_search ({args.mode})": lambda image: data.selective_search(image, args.mode)}
+    methods = {f"data.selective_search ({args.mode})": lambda image: data.selective_search(
+        image, args.mode, args.side, args.min_box_size)}
     if cv2 is not None:
         methods["OpenCV fast"] = opencv
     totals = {name: {"cpu": 0.0, "wall": 0.0, "boxes": 0, "hit50": 0, "hit70": 0} for name in methods}
@@ -825,9 +827,8 @@ def read_records(folders: list[str]) -> dict:
             name = os.path.basename(path).split(".")[0]
             run = summarise_data_run(folder, name)
             synthetic = run["config"].get("data") == "synthetic"  # the synthetic data: a CPU recipe's run
-            s = source(folder, "each file's --train on the synthetic data, one after the other, alone on the device"
-                       if synthetic else "each file's --train on the data, one after the other, alone on the device",
-                       device, date)
+            s = source(folder, f"each file's --train on the {'synthetic ' * synthetic}data, one after the other, alone "
+                       "on the device", device, date)
             out["synthetic" if synthetic else "data"].setdefault(name, []).append((run, s))
         for sub in sorted(d for d in glob.glob(os.path.join(folder, "*")) if os.path.isdir(d)):
             runs = sorted({os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(sub, "*.metrics.jsonl"))
@@ -944,6 +945,11 @@ def input_size(name: str, cfg: dict) -> str:
     return f"{cfg['image_size']} × {cfg['image_size']} px" + (", letterboxed" if name == "yolo" else ", squashed")
 
 
+def network(cfg: dict) -> str:
+    """A run's backbone from its config.json, with its width where the file scales it (SSD)."""
+    return cfg["backbone"] + (f" × {cfg['width']} width" if cfg.get("width", 1) != 1 else "")
+
+
 def wall_minutes(path: str) -> str:
     """The wall time of a run from its log's /usr/bin/time -v line (start-up and proposals included), else '—'."""
     import re
@@ -971,8 +977,7 @@ def cpu_markdown(records: dict, cite) -> list[str]:
         cfg, best = run["config"], run["best"]
         preset = json.loads(json.dumps(dataclasses.asdict(importlib.import_module(name).make_config({}, preset="cpu"))))
         changed = [f"{k} {cfg.get(k)}" for k, v in preset.items() if k != "out" and cfg.get(k) != v]
-        what = (f"{cfg['backbone']}{f' × {w} width' if (w := cfg.get('width', 1)) != 1 else ''}, {cfg['num_train']} "
-                f"images of {cfg['image_size']} px, batch {cfg['batch_size']}; "
+        what = (f"{network(cfg)}, {cfg['num_train']} images of {cfg['image_size']} px, batch {cfg['batch_size']}; "
                 + (f"the cpu preset but {', '.join(changed)}" if changed else "this commit's cpu preset"))
         stopped = "" if run["epochs_done"] >= run["epochs"] else " (stopped by its time limit)"
         curve = ", ".join(f"{e['AP50']:.3f}" for e in run["evals"]) or "none"
@@ -1004,8 +1009,7 @@ def data_markdown(records: dict, cite) -> list[str]:
                      f"{best['AP50']:.3f} / {best['AP75']:.3f} | {best['APs']:.3f} / {best['APm']:.3f} / "
                      f"{best['APl']:.3f} | {best['epoch'] + 1} ({best['time_s']:.0f} s) | {run['epochs_done']} of "
                      f"{run['epochs']}{stopped}, {run['seconds'] / 60:.1f} | {run['img_s']:.1f} | "
-                     f"{cfg['backbone']}{f' × {w} width' if (w := cfg.get('width', 1)) != 1 else ''}, "
-                     f"{input_size(name, cfg)} |")
+                     f"{network(cfg)}, {input_size(name, cfg)} |")
     evaluated = {name: run for name, (run, _) in runs.items() if run["best"]}
     winners = []
     for what, value in (("APs (COCO small: area < 32², a tenth of the platelets)", lambda r: r["best"]["APs"]),
@@ -1213,6 +1217,10 @@ def main():
     parser.add_argument("--mode", default="fast", choices=["fast", "quality"], help="selective_search: our mode")
     parser.add_argument("--max-boxes", type=int, default=2000, help="selective_search: boxes per image counted")
     parser.add_argument("--num-images", type=int, default=0, help="selective_search: the first N images (0: all)")
+    parser.add_argument("--synthetic", type=int, default=0, help="selective_search: synthetic images of this side "
+                        "instead (--num-images of them, default 40)")
+    parser.add_argument("--side", type=int, default=500, help="selective_search: our longer side (0: as it is)")
+    parser.add_argument("--min-box-size", type=int, default=20, help="selective_search: our smallest box side")
     parser.add_argument("--model", default="faster_rcnn", help="speed: the model file (its name without .py)")
     parser.add_argument("--json", default="", help="models, yolo, speed: also write the results to this JSON file")
     parser.add_argument("--note", default="", help="speed: a note stored with the --json record (e.g. the sharing)")
