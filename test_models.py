@@ -2728,6 +2728,31 @@ def test_selective_search_recall_on_a_bccd_image():
 
 
 @pytest.mark.filterwarnings("ignore:.*degenerate")
+def test_bench_selective_search_options(monkeypatch, capsys):
+    """`bench.py selective_search --synthetic SIZE --num-images N --side S --min-box-size M --max-boxes B` measures
+    data.selective_search with those settings on the synthetic validation images (seed 1): its row gives the recall
+    and boxes per image computed here; other settings give other figures. OpenCV's row is left out (cv2 hidden)."""
+    import bench
+    monkeypatch.setitem(sys.modules, "cv2", None)  # ours only, whether OpenCV-contrib is installed or not
+    dataset, rows = data.SyntheticShapes(3, 64, seed=1), []
+    for side, min_box_size, max_boxes in ((0, 0, 5), (96, 8, 2000)):
+        monkeypatch.setattr(sys, "argv", ["bench.py", "selective_search", "--synthetic", "64", "--num-images", "3",
+                                          "--side", str(side), "--min-box-size", str(min_box_size),
+                                          "--max-boxes", str(max_boxes), "--device", "cpu"])
+        bench.main()
+        row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data.selective_search")]
+        assert len(row) == 1, row
+        rows.append(row[0].split()[2:5])  # recall@0.5, recall@0.7, boxes per image
+        boxes = [data.selective_search(image, "fast", side, min_box_size) for image, _ in dataset]
+        best = torch.cat([common.box_iou(target["boxes"], b[:max_boxes]).max(1).values
+                          for b, (_, target) in zip(boxes, dataset)])
+        want = [f"{(best >= 0.5).float().mean():.4f}", f"{(best >= 0.7).float().mean():.4f}",
+                f"{sum(map(len, boxes)) / 3:.0f}"]
+        assert rows[-1] == want, (side, min_box_size, max_boxes)
+    assert rows[0] != rows[1]
+
+
+@pytest.mark.filterwarnings("ignore:.*degenerate")
 def test_proposals_files_and_cache(tmp_path, monkeypatch):
     """Proposals files (.npz and .json, named by image) load per image in dataset order, and name what is missing;
     computed proposals are cached in one file, reused while the images and settings are the same, made anew
