@@ -2259,6 +2259,23 @@ def test_yolo_optimizer_and_schedule_are_train_py(cos_lr):
     assert optimizer.param_groups[1]["lr"] == pytest.approx(train_py_lr(cfg, 40, 200)[0][1])
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_yolo_adam_optimizers_are_smart_optimizer(name):
+    """--optimizer adam / adamw: smart_optimizer's Adam(W) with betas (momentum, 0.999) and the same three groups (decay
+    on the conv weights only); YoloSchedule moves every group's lr as with SGD and leaves beta1 alone (train.py warms up
+    the momentum only of groups that have one)."""
+    cfg = yolo.Config(epochs=5, batch_size=16, autoanchor=False, optimizer=name, lr=1e-3)
+    model = yolo.YOLO(dataclasses.replace(cfg, backbone="yolov5n", width_multiple=0.125))
+    optimizer, scheduler = yolo.make_optimizer(model, cfg, 40, 1)
+    assert type(optimizer) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 5e-4 * 16 / 64, 0.0]
+    assert all(g["betas"] == (0.937, 0.999) and "momentum" not in g for g in optimizer.param_groups)
+    for step in range(150):
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(train_py_lr(cfg, 40, step)[0], abs=1e-12)
+        scheduler.step()
+    assert all(g["betas"] == (0.937, 0.999) and "momentum" not in g for g in optimizer.param_groups)
+
+
 def test_yolo_letterbox_is_val_py_rect_batches():
     """Evaluation: val.py's rectangular batch (640 x 480 at 640 px: 512 x 672 with the half-stride pad), the image
     centred; training: a square; boxes go onto the batch and detections come back to the image exactly."""
