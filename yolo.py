@@ -677,12 +677,12 @@ def smart_optimizer(model: nn.Module, cfg: Config, world_size: int) -> torch.opt
     """v7.0's smart_optimizer: SGD nesterov (or Adam / AdamW with betas (momentum, 0.999)) with three parameter groups:
     biases (group 0: warmup_bias_lr), conv weights with weight decay x images per optimiser step / 64, batch-norm
     weights without."""
-    groups = ([], [], [])
+    params = ([], [], [])  # biases, conv weights, batch-norm weights
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
-            groups[0 if name == "bias" else 2 if isinstance(module, nn.BatchNorm2d) else 1].append(parameter)
+            params[0 if name == "bias" else 2 if isinstance(module, nn.BatchNorm2d) else 1].append(parameter)
     decay = cfg.weight_decay * cfg.batch_size * world_size * cfg.accumulate / 64
-    groups = [{"params": groups[0]}, {"params": groups[1], "weight_decay": decay}, {"params": groups[2]}]
+    groups = [{"params": params[0]}, {"params": params[1], "weight_decay": decay}, {"params": params[2]}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     # Adam's decay is L2 in the gradient, AdamW's decoupled; either only on the conv weights
