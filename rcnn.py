@@ -161,7 +161,7 @@ class Config:
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
-    # 300 192-px images, 64-px crops, all three stages: ~14.5 minutes on 2 idle CPU cores (README), mAP@0.5 0.57
+    # 300 192-px images, 64-px crops, all three stages: 14.6 minutes on 2 idle CPU cores (README), mAP@0.5 0.57
     # AdamW: SGD at lr 0.01 from scratch diverged here (fine-tuning loss 2.0 -> 5.4 in 60 steps); SVM C 0.01: the
     # paper's 0.001 left these from-scratch features' SVMs under the softmax (0.49 against 0.60, README)
     "cpu": dict(backbone="resnet18", image_size=192, num_train=300, num_val=100, crop_size=64, crop_padding=4,
