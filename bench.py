@@ -712,8 +712,9 @@ def read_bench(path: str) -> dict:
     if path.endswith(".json"):
         return json.load(open(path))
     text = open(path).read()
-    first = text.splitlines()[0]
-    size = re.search(r"min_size (\d+)", text) or re.search(r"(\d+) px", first)
+    first = next(line for line in text.splitlines() if re.search(r" on \w+ \(", line))  # (after any warnings)
+    size = (re.search(r"min_size (\d+)", text) or re.search(r"(\d+) px", first)
+            or re.search(r"images \((\d+), \d+\)", first))  # detr: the images' size, short side first
     record = {"name": first.split()[0], "size": f"{size.group(1)} px",
               "device": re.search(r" on \w+ \(([^,]+),", first).group(1), "rows": []}
     for what, batch, ms, rest in re.findall(r"^(train step|inference), batch (\d+)\s+([\d.]+)(.*)$", text, re.M):
@@ -835,9 +836,13 @@ def read_records(folders: list[str]) -> dict:
                            + glob.glob(os.path.join(sub, "*.log"))})
             if not runs:
                 continue
-            what = (f"the default --train of {len(runs)} files at once, sharing the device" if len(runs) > 1 else
-                    "the default --train, alone on the device")
-            s = source(sub, what, device, date, len(runs))
+            at_once = len(runs)  # processes that shared the device: these runs, or processes.txt where others ran too
+            if os.path.exists(os.path.join(sub, "processes.txt")):
+                at_once = int(open(os.path.join(sub, "processes.txt")).read())
+            what = ("the default --train, alone on the device" if at_once == 1 else
+                    f"the default --train of {len(runs)} files at once, sharing the device" if at_once == len(runs) else
+                    f"the default --train of {' and '.join(runs)}, {at_once} trainings at once sharing the device")
+            s = source(sub, what, device, date, at_once)
             for name in runs:
                 metrics, log = (os.path.join(sub, f"{name}.{ext}") for ext in ("metrics.jsonl", "log"))
                 if os.path.exists(metrics):

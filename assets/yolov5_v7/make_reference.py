@@ -32,7 +32,7 @@ COMMIT = "915bbf294bb74c859f0b41f1c23bc395014ea679"  # ultralytics/yolov5 tag v7
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 NUM_CLASSES, IMAGE_SIZE, DEPTH, WIDTH = 5, 96, 0.33, 0.0625
-STUBS = ["cv2", "pandas", "requests", "IPython", "IPython.display", "matplotlib", "matplotlib.pyplot", "seaborn",
+STUBS = ["cv2", "pandas", "requests", "IPython.display", "matplotlib", "matplotlib.pyplot", "seaborn",
          "psutil", "tqdm"]
 
 
@@ -57,7 +57,9 @@ def load_yolov5(root):
     def version(s):  # pkg_resources.parse_version, enough for check_version's comparisons
         return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in str(s).split("+")[0].split(".")[:3])
 
-    for name, attributes in (("pkg_resources", dict(parse_version=version)), ("yaml", {})):
+    # IPython: matplotlib (where installed) looks for it in sys.modules and asks get_ipython() and version_info
+    for name, attributes in (("pkg_resources", dict(parse_version=version)), ("yaml", {}),
+                             ("IPython", dict(get_ipython=lambda: None, version_info=(9, 0)))):
         try:
             __import__(name)
         except ImportError:
