@@ -218,18 +218,22 @@ class RCNN(nn.Module):
         self.register_buffer("fitted_at", torch.full((), -1, dtype=torch.int64))  # steps when fitted; -1: never
         self.proposal_cache = {}  # selective search of images seen without proposals (256 at most)
 
-    def features(self, images: list, boxes: list):
+    def features(self, images: list, boxes: list, pad_to: int = 0):
         """Warped regions through the network, feature_batch at a time: images B x [3, h, w] in [0, 1], boxes B x
-        [R_i, 4] -> pool5 [S, D5], fc7 [S, D7] (S = sum R_i, image by image)."""
+        [R_i, 4] -> pool5 [S, D5], fc7 [S, D7] (S = sum R_i, image by image). Each batch of crops is padded with zero
+        crops to a multiple of pad_to (0: 64 on CUDA under cuDNN's benchmark mode, which tunes every new batch size
+        anew, else 1); in eval mode the padding changes no feature."""
         cfg, pool5, fc7 = self.cfg, [], []
         mean = torch.tensor(cfg.image_mean, device=images[0].device)[:, None, None]
         std = torch.tensor(cfg.image_std, device=images[0].device)[:, None, None]
+        pad_to = pad_to or (64 if images[0].is_cuda and torch.backends.cudnn.benchmark else 1)
         for image, b in zip(images, boxes):
             image = (image - mean) / std  # the mean is 0 now: the zero canvas of warp_regions is the mean
             for chunk in b.split(cfg.feature_batch):
-                p5, f7 = self.forward_regions(warp_regions(image, chunk, cfg.crop_size, cfg.crop_padding))
-                pool5.append(p5.float())
-                fc7.append(f7.float())
+                crops = warp_regions(image, chunk, cfg.crop_size, cfg.crop_padding)  # [n, 3, crop, crop]
+                p5, f7 = self.forward_regions(F.pad(crops, (0, 0, 0, 0, 0, 0, 0, -len(crops) % pad_to)))
+                pool5.append(p5[:len(crops)].float())
+                fc7.append(f7[:len(crops)].float())
         dim5, dim7 = self.bbox_beta.shape[1] - 1, self.svm_weight.shape[1]
         return (torch.cat(pool5) if pool5 else images[0].new_zeros(0, dim5),
                 torch.cat(fc7) if fc7 else images[0].new_zeros(0, dim7))

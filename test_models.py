@@ -2990,6 +2990,24 @@ def test_stage_2_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert len(calls) == 8 + 4
 
 
+def test_rcnn_features_padded_to_fixed_batch_sizes_are_the_same(tmp_path):
+    """Feature extraction pads each batch of crops to a multiple of pad_to (on a GPU under cuDNN's benchmark mode,
+    which would tune every new batch size: the first evaluation of a GPU run took 235 s, the second 12 s): the network
+    sees only multiples of pad_to, and the features are those of the crops alone (eval mode)."""
+    cfg, model, dataset = stage2_setup(tmp_path, n=2)
+    model.cfg.feature_batch = 40
+    images = [dataset[i][0] for i in range(2)]
+    boxes = [torch.as_tensor(p[:n]) for p, n in zip(dataset.proposals, (57, 23))]
+    sizes, forward = [], model.forward_regions
+    model.forward_regions = lambda crops: sizes.append(len(crops)) or forward(crops)
+    with torch.no_grad():
+        plain, padded = model.features(images, boxes, pad_to=1), model.features(images, boxes, pad_to=16)
+    assert sizes == [40, 17, 23, 48, 32, 32]  # unpadded, then each batch rounded up to a multiple of 16
+    for a, b in zip(plain, padded):
+        assert a.shape == b.shape == (80, a.shape[1])
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("one_epoch", ["rcnn"], indirect=True)
 def test_rcnn_run_fits_all_three_stages(one_epoch):
     """The one-epoch run: after fine-tuning, its evaluation ran stages 2 and 3 (the log says so), and the checkpoints
