@@ -122,7 +122,7 @@ class Config:
     # training (the official recipe: AdamW, lr 1e-4 and 1e-5 for the backbone, batch 2 x 8 GPUs, 300 or 500 epochs)
     epochs: int = 30  # passes over the training set [300 or 500]
     batch_size: int = 16  # images per step and per process [2 per GPU x 8 GPUs]
-    lr: float = 1e-4  # AdamW learning rate of the transformer, heads and input_proj (2e-4 collapsed queries: README)
+    lr: float = 1e-4  # AdamW lr of the transformer, heads and input_proj (at 2e-4 the cpu preset's queries collapsed)
     lr_backbone: float = 2e-4  # ... of the backbone (from scratch it learns with the rest) [1e-5]
     weight_decay: float = 1e-4  # AdamW weight decay, every trained parameter
     lr_steps: tuple = (25,)  # epochs at which the lr is multiplied by lr_gamma [200 (of 300), 400 (of 500)]

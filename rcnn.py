@@ -231,7 +231,8 @@ class RCNN(nn.Module):
             image = (image - mean) / std  # the mean is 0 now: the zero canvas of warp_regions is the mean
             for chunk in b.split(cfg.feature_batch):
                 crops = warp_regions(image, chunk, cfg.crop_size, cfg.crop_padding)  # [n, 3, crop, crop]
-                p5, f7 = self.forward_regions(F.pad(crops, (0, 0, 0, 0, 0, 0, 0, -len(crops) % pad_to)))
+                pad = -len(crops) % pad_to
+                p5, f7 = self.forward_regions(F.pad(crops, (0, 0, 0, 0, 0, 0, 0, pad)) if pad else crops)
                 pool5.append(p5[:len(crops)].float())
                 fc7.append(f7[:len(crops)].float())
         dim5, dim7 = self.bbox_beta.shape[1] - 1, self.svm_weight.shape[1]

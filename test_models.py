@@ -2994,7 +2994,7 @@ def test_rcnn_features_padded_to_fixed_batch_sizes_are_the_same(tmp_path):
     """Feature extraction pads each batch of crops to a multiple of pad_to (on a GPU under cuDNN's benchmark mode,
     which would tune every new batch size: the first evaluation of a GPU run took 235 s, the second 12 s): the network
     sees only multiples of pad_to, and the features are those of the crops alone (eval mode)."""
-    cfg, model, dataset = stage2_setup(tmp_path, n=2)
+    _, model, dataset = stage2_setup(tmp_path, n=2)
     model.cfg.feature_batch = 40
     images = [dataset[i][0] for i in range(2)]
     boxes = [torch.as_tensor(p[:n]) for p, n in zip(dataset.proposals, (57, 23))]
