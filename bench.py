@@ -378,10 +378,10 @@ def bench_yolo(args):
     images at --yolo-size (letterbox: nothing to do), CPU fp32 or CUDA bf16 autocast. An untrained head scores every box
     below conf 0.001, so inference times the network and the decoding, not NMS (whose results the tests compare; with
     spread random scores 30,000 candidates per image make NMS take seconds in both). Train step: forward, loss,
-    backward, SGD step at batch --train-batch; inference: the eval model and NMS as val.py (conf 0.001, IoU 0.6,
-    multi-label, 300 per image) at batch 1 and 32. Ours and v7.0's steps alternate, so that a busy machine slows both
-    alike; medians of --steps. On a CPU also the process time (CPU seconds of all threads), which other jobs on the
-    machine inflate far less."""
+    backward, SGD step at batch --train-batch; inference: the eval model, NMS as val.py (conf 0.001, IoU 0.6,
+    multi-label, 300 per image) and its scale_boxes to the input image, at batch 1 and 32. Ours and v7.0's steps
+    alternate, so that a busy machine slows both alike; medians of --steps. On a CPU also the process time (CPU
+    seconds of all threads), which other jobs on the machine inflate far less."""
     import importlib.util
     import os
     import data
@@ -443,8 +443,10 @@ def bench_yolo(args):
                     ours(list(images[:batch]))
                 else:
                     with mock.patch("utils.general.time.time", return_value=0.0):  # no time limit
-                        yv5.non_max_suppression(v5(images[:batch])[0].float(), 0.001, 0.6, multi_label=True,
-                                                max_det=300)
+                        out = yv5.non_max_suppression(v5(images[:batch])[0].float(), 0.001, 0.6, multi_label=True,
+                                                      max_det=300)
+                    for d in out:  # val.py maps each image's boxes back (and clips them), as our model does
+                        yv5.scale_boxes((size, size), d[:, :4], (size, size))
         return step
 
     rows = [(f"train step, batch {args.train_batch}", train_step, args.train_batch),

@@ -2293,6 +2293,36 @@ def test_yolo_letterbox_is_val_py_rect_batches():
                           training=False)[0].shape == (1, 3, 480, 640)  # detect.py's minimal rectangle
 
 
+def test_yolo_training_step_waits_for_the_device_as_often_at_any_batch_size():
+    """On a GPU each boolean selection (nonzero), .item() and tensor made from Python numbers waits for the device.
+    A training forward makes as many of them for 2 images as for 6 (per-image selections made 32 more than v7.0 at
+    batch 16), and an image with a box without area still drops only that box."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+    waits = {aten.nonzero.default, aten._local_scalar_dense.default, aten.lift_fresh.default}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            masks = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+            self.n += func in waits or masks
+            return func(*args, **(kwargs or {}))
+
+    model = yolo.YOLO(yolo.Config(num_classes=7, backbone="yolov5n", image_size=64, width_multiple=0.0625)).train()
+    samples = [data.SyntheticShapes(6, 64, seed=3)[i] for i in range(6)]
+    images, targets = [image for image, _ in samples], [target for _, target in samples]
+    targets[1] = {**targets[1], "boxes": torch.cat([targets[1]["boxes"], torch.tensor([[5.0, 5, 5, 9]])]),
+                  "labels": torch.cat([targets[1]["labels"], torch.tensor([2])])}
+    counts = []
+    for batch in (2, 6):
+        with Count() as count:
+            count.n = 0
+            model(images[:batch], targets[:batch])
+        counts.append(count.n)
+    assert counts[0] == counts[1]
+    gt = yolo.yolo_targets(targets[:2], (64, 64))
+    assert len(gt) == sum(len(t["boxes"]) for t in targets[:2]) - 1 and (gt[:, 4:] > 0).all()
+
+
 def test_yolo_ema_is_evaluated_and_saved(tmp_path):
     """With ema_decay the run trains the same raw weights as without; best.pt holds the EMA, which differs from them."""
     args = [*tiny("yolo"), "--epochs", "1", "--no-autoanchor"]

@@ -196,9 +196,11 @@ def letterbox(images: list, targets, cfg: Config, training: bool):
         top, left = round((H - h) / 2 - 0.1), round((W - w) / 2 - 0.1)  # as yolov5: an odd pixel goes right/bottom
         batch[i, :, top: top + h, left: left + w] = image
         frames.append((r, left, top))
-        if targets is not None:
-            offset = torch.tensor([left, top, left, top], dtype=targets[i]["boxes"].dtype, device=batch.device)
-            new_targets.append({**targets[i], "boxes": targets[i]["boxes"] * r + offset})
+        if targets is not None:  # python numbers, not a tensor: a new CUDA tensor would wait for the GPU
+            boxes = targets[i]["boxes"] * r
+            boxes[:, 0::2] += left
+            boxes[:, 1::2] += top
+            new_targets.append({**targets[i], "boxes": boxes})
     return batch, (new_targets if targets is not None else None), frames
 
 
@@ -363,15 +365,13 @@ class YOLO(nn.Module):
         outputs = self.head(self.neck(self.backbone(batch)))  # L x [B, A, H_l, W_l, O]
         if self.training:
             gt = yolo_targets(targets, batch.shape[-2:])  # [N, 6]
-            anchors = self.head.anchors / self.head.anchors.new_tensor(STRIDES)[:, None, None]  # grid units
+            anchors = torch.stack([a / stride for a, stride in zip(self.head.anchors, STRIDES)])  # grid units
             return compute_loss(outputs, gt, anchors, self.cfg)
-        detections = []
-        for (boxes, scores, labels), (r, left, top), image in zip(
-                postprocess_detections(outputs, self.head.anchors, self.cfg), frames, images):
-            boxes = (boxes - boxes.new_tensor([left, top, left, top])) / r  # back to the input image's pixels
-            detections.append({"boxes": clip_boxes_to_image(boxes, image.shape[-2:]), "scores": scores,
-                               "labels": labels + 1})
-        return detections
+        # back to the input images' pixels; one copy for the batch (a blocking copy to a GPU waits for it)
+        offsets = torch.tensor([[left, top, left, top] for _, left, top in frames]).to(batch.device, non_blocking=True)
+        return [{"boxes": clip_boxes_to_image((boxes - offset) / r, image.shape[-2:]), "scores": scores,
+                 "labels": labels + 1} for (boxes, scores, labels), offset, (r, _, _), image in
+                zip(postprocess_detections(outputs, self.head.anchors, self.cfg), offsets, frames, images)]
 
 
 # v7.0's DetectionModel numbers its layers (model.0 ... model.24); ours are named
@@ -426,17 +426,15 @@ def reference_weights(weights: str, state_dict: dict = None):
 def yolo_targets(targets: list, size) -> Tensor:
     """Targets on the letterboxed batch of size (H, W) (boxes xyxy in pixels, labels 1..K) -> gt [N, 6]: image index,
     class 0..K-1, cx, cy, w, h normalised by W and H: yolov5's label format, all images in one tensor. Boxes without
-    area are dropped (the ratio test would keep an inverted one)."""
+    area are dropped (the ratio test would keep an inverted one), all images at once: on a GPU each selection waits
+    for it."""
     H, W = size
-    rows = []
-    for i, target in enumerate(targets):
-        boxes, labels = target["boxes"], target["labels"]
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes, labels = boxes[keep], labels[keep]
-        rows.append(torch.stack([torch.full_like(labels, i).to(boxes.dtype), (labels - 1).to(boxes.dtype),
-                                 (boxes[:, 0] + boxes[:, 2]) / 2 / W, (boxes[:, 1] + boxes[:, 3]) / 2 / H,
-                                 (boxes[:, 2] - boxes[:, 0]) / W, (boxes[:, 3] - boxes[:, 1]) / H], 1))  # [N_i, 6]
-    return torch.cat(rows)
+    boxes = torch.cat([t["boxes"] for t in targets])  # [N, 4]
+    labels = torch.cat([t["labels"] for t in targets]).to(boxes.dtype)
+    image = torch.cat([torch.full_like(t["labels"], i) for i, t in enumerate(targets)]).to(boxes.dtype)
+    gt = torch.stack([image, labels - 1, (boxes[:, 0] + boxes[:, 2]) / 2 / W, (boxes[:, 1] + boxes[:, 3]) / 2 / H,
+                      (boxes[:, 2] - boxes[:, 0]) / W, (boxes[:, 3] - boxes[:, 1]) / H], 1)  # [N, 6]
+    return gt[(gt[:, 4] > 0) & (gt[:, 5] > 0)]
 
 
 # Which cells a box's centre is learnt from: its own cell, then the left, upper, right and lower neighbours. The
@@ -466,10 +464,10 @@ def build_targets(gt: Tensor, anchors: Tensor, grid_sizes: list, anchor_t: float
     A, device = anchors.shape[1], gt.device
     anchor_idx = torch.arange(A, device=device, dtype=gt.dtype).view(A, 1, 1).expand(A, len(gt), 1)
     pairs = torch.cat([gt[None].expand(A, -1, -1), anchor_idx], 2)  # [A, N, 7]: every (anchor, box) pair
-    offsets = NEIGHBOUR_OFFSETS.to(device)
+    offsets = NEIGHBOUR_OFFSETS.to(device, non_blocking=True)  # (a blocking copy to a GPU waits for it)
     targets = []
     for level, (H_l, W_l) in enumerate(grid_sizes):
-        gain = gt.new_tensor([1, 1, W_l, H_l, W_l, H_l, 1])
+        gain = torch.tensor([1, 1, W_l, H_l, W_l, H_l, 1], dtype=gt.dtype).to(device, non_blocking=True)
         t = pairs * gain  # [A, N, 7]: centre and size in grid units of this level
         # 1. shape match: both side ratios within anchor_t
         ratio = t[..., 4:6] / anchors[level][:, None]  # [A, N, 2]
