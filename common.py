@@ -85,7 +85,7 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
     """[N, 4] xyxy in an image of original_size (h, w) -> [N, 4] xyxy in the image resized to new_size (h, w)."""
     ratios = torch.tensor(new_size, dtype=torch.float32) / torch.tensor(original_size, dtype=torch.float32)  # (rh, rw)
-    return boxes * ratios[[1, 0, 1, 0]].to(boxes.device)
+    return boxes * ratios[[1, 0, 1, 0]].to(boxes.device, non_blocking=True)  # (no waiting for a GPU)
 
 
 def pad_targets(targets: list):

@@ -183,8 +183,9 @@ def preprocess(images: list, targets, cfg: Config, training: bool):
     from train_min_sizes (torch's RNG), else min_size. Returns the batch [B, 3, H, W] zero-padded to the largest
     height and width, mask [B, H, W] (True on padding), image_sizes [(h, w)] after resizing, and targets with their
     boxes resized (a copy; None stays None)."""
-    mean = torch.tensor(cfg.image_mean, device=images[0].device)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std, device=images[0].device)[:, None, None]
+    # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
+    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
     sizes = cfg.train_min_sizes if training and cfg.train_min_sizes else (cfg.min_size,)
     resized, new_targets = [], []
     for i, image in enumerate(images):
@@ -483,7 +484,7 @@ def prepare_targets(targets: list, image_sizes: list):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if "iscrowd" in t:
             keep &= t["iscrowd"] == 0
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes.device)
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32).to(boxes.device, non_blocking=True)
         kept.append((box_xyxy_to_cxcywh(boxes[keep]) / scale, t["labels"][keep]))
     num_gt = [len(labels) for _, labels in kept]
     device = targets[0]["boxes"].device

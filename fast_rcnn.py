@@ -296,8 +296,9 @@ def scale_factor(size: tuple, target_size: int, max_size: int) -> float:
 def preprocess(images: list, scales: list, cfg: Config):
     """Normalise, resize and zero-pad (test.py _get_image_blob): images B x [3, h_i, w_i] in [0, 1], one target size
     per image -> batch [B, 3, H, W] and the scale factor of each image (its boxes x this = boxes on the batch)."""
-    mean = torch.tensor(cfg.image_mean, device=images[0].device)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std, device=images[0].device)[:, None, None]
+    # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
+    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
     resized, factors = [], []
     for image, target_size in zip(images, scales):
         h, w = image.shape[-2:]
@@ -387,7 +388,8 @@ class FastRCNN(nn.Module):
         size = (self.cfg.roi_size, self.cfg.roi_size)
         if len(rois) == 0:  # (still in the graph: DDP expects a gradient for every backbone weight)
             return features.new_zeros(0, features.shape[1], *size) + 0 * features.sum()
-        scaled = rois * torch.tensor(factors, device=rois.device, dtype=rois.dtype)[image_idx][:, None]  # [S, 4]
+        factors = torch.tensor(factors, dtype=rois.dtype).to(rois.device, non_blocking=True)  # [B]
+        scaled = rois * factors[image_idx][:, None]  # [S, 4]
         rois = torch.cat([image_idx[:, None].to(rois.dtype), scaled], 1)  # [S, 5]: image index, x1, y1, x2, y2
         return roi_pool(features.float(), rois.float(), size, 1 / 16)  # (no CPU bf16 kernel; max pooling is exact)
 

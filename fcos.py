@@ -160,8 +160,9 @@ def preprocess(images: list, targets, cfg: Config):
     """Normalise, resize and pad a list of [3, h_i, w_i] images in [0, 1] (torchvision's GeneralizedRCNNTransform).
     Returns the batch [B, 3, H, W], image_sizes [(h, w)] after resizing (before padding), and targets with their boxes
     resized (a copy; None stays None)."""
-    mean = torch.tensor(cfg.image_mean, device=images[0].device)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std, device=images[0].device)[:, None, None]
+    # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
+    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
     resized, new_targets = [], []
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
@@ -300,8 +301,8 @@ def make_anchors(image_size, grid_sizes: list, cfg: Config, device=None):
     H // H_l, and anchor centres sit at x * stride (the top-left corner of a cell, not its centre)."""
     anchors, num_anchors_per_level = [], []
     for (H_l, W_l), size in zip(grid_sizes, cfg.anchor_sizes):
-        scales = torch.tensor([float(int(size * s)) for s in cfg.anchor_scales], device=device)  # 32 -> 32, 40, 50
-        h_ratios = torch.sqrt(torch.tensor(cfg.aspect_ratios, device=device))  # sqrt(height / width)
+        scales = torch.tensor([float(int(size * s)) for s in cfg.anchor_scales]).to(device, non_blocking=True)
+        h_ratios = torch.sqrt(torch.tensor(cfg.aspect_ratios).to(device, non_blocking=True))  # sqrt(height / width)
         ws = ((1 / h_ratios)[:, None] * scales[None]).reshape(-1)  # [A_loc] ratio-major, as torchvision
         hs = (h_ratios[:, None] * scales[None]).reshape(-1)  # area scale ** 2 for every ratio
         cell = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [A_loc, 4]

@@ -224,8 +224,9 @@ class RCNN(nn.Module):
         crops to a multiple of pad_to (0: 64 on CUDA under cuDNN's benchmark mode, which tunes every new batch size
         anew, else 1); in eval mode the padding changes no feature."""
         cfg, pool5, fc7 = self.cfg, [], []
-        mean = torch.tensor(cfg.image_mean, device=images[0].device)[:, None, None]
-        std = torch.tensor(cfg.image_std, device=images[0].device)[:, None, None]
+        # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
+        mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+        std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
         pad_to = pad_to or (64 if images[0].is_cuda and torch.backends.cudnn.benchmark else 1)
         for image, b in zip(images, boxes):
             image = (image - mean) / std  # the mean is 0 now: the zero canvas of warp_regions is the mean
@@ -270,8 +271,9 @@ class RCNN(nn.Module):
             self.steps += 1
             proposals = [self.proposals_of(image, target) for image, target in zip(images, targets)]
             rois, image_idx, labels = sample_regions(proposals, targets, cfg)  # [S, 4], [S], [S]
-            mean = torch.tensor(cfg.image_mean, device=images[0].device)[:, None, None]
-            std = torch.tensor(cfg.image_std, device=images[0].device)[:, None, None]
+            # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
+            mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+            std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
             crops = torch.cat([warp_regions((images[i] - mean) / std, rois[image_idx == i], cfg.crop_size,
                                             cfg.crop_padding) for i in range(len(images))])  # [S, 3, crop, crop]
             order = torch.cat([torch.where(image_idx == i)[0] for i in range(len(images))])

@@ -163,8 +163,9 @@ def preprocess(images: list, targets, cfg: Config):
     """Normalise and resize a list of [3, h_i, w_i] images in [0, 1] to the batch [B, 3, S, S] (torchvision's
     GeneralizedRCNNTransform with fixed_size: normalise first, then bilinear resize without antialiasing); targets with
     their boxes resized (a copy; None stays None)."""
-    mean = torch.tensor(cfg.image_mean, device=images[0].device)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std, device=images[0].device)[:, None, None]
+    # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
+    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
     batch = torch.cat([F.interpolate(((image - mean) / std)[None], size=(cfg.size, cfg.size), mode="bilinear",
                                      align_corners=False) for image in images])  # [B, 3, S, S]
     if targets is not None:
@@ -317,7 +318,7 @@ def make_anchors(grid_sizes: list, cfg: Config, device=None) -> Tensor:
         wh = [[s_k, s_k], [s_prime, s_prime]]
         for r in ratios:
             wh += [[s_k * math.sqrt(r), s_k / math.sqrt(r)], [s_k / math.sqrt(r), s_k * math.sqrt(r)]]
-        wh = torch.tensor(wh, device=device).clamp(min=0, max=1)  # [A_loc, 2] (w, h), fractions of the image
+        wh = torch.tensor(wh).to(device, non_blocking=True).clamp(min=0, max=1)  # [A_loc, 2] (w, h), image fractions
         cells = cfg.size / step  # cells per side that place the centres (37.5 for 300 / 8)
         cy, cx = torch.meshgrid((torch.arange(H_l, device=device) + 0.5) / cells,
                                 (torch.arange(W_l, device=device) + 0.5) / cells, indexing="ij")
