@@ -196,7 +196,7 @@ def letterbox(images: list, targets, cfg: Config, training: bool):
         top, left = round((H - h) / 2 - 0.1), round((W - w) / 2 - 0.1)  # as yolov5: an odd pixel goes right/bottom
         batch[i, :, top: top + h, left: left + w] = image
         frames.append((r, left, top))
-        if targets is not None:  # python numbers, not a tensor: a new CUDA tensor would wait for the GPU
+        if targets is not None:  # Python numbers: a tensor of them copied to a GPU would wait for its queued work
             boxes = targets[i]["boxes"] * r
             boxes[:, 0::2] += left
             boxes[:, 1::2] += top
@@ -334,6 +334,10 @@ class Detect(nn.Module):
             outputs.append(x.view(B, len(self.anchors[0]), -1, H, W).permute(0, 1, 3, 4, 2).contiguous().float())
         return outputs
 
+    def grid_anchors(self) -> Tensor:
+        """The anchors [L, A, 2] in grid units of their level (pixels / stride); Python strides, no copy to a GPU."""
+        return torch.stack([a / stride for a, stride in zip(self.anchors, STRIDES)])
+
 
 class YOLO(nn.Module):
     """model.train(): model(images, targets) -> {"box", "obj", "cls"}; model.eval(): model(images) -> list of
@@ -365,13 +369,15 @@ class YOLO(nn.Module):
         outputs = self.head(self.neck(self.backbone(batch)))  # L x [B, A, H_l, W_l, O]
         if self.training:
             gt = yolo_targets(targets, batch.shape[-2:])  # [N, 6]
-            anchors = torch.stack([a / stride for a, stride in zip(self.head.anchors, STRIDES)])  # grid units
-            return compute_loss(outputs, gt, anchors, self.cfg)
-        # back to the input images' pixels; one copy for the batch (a blocking copy to a GPU waits for it)
-        offsets = torch.tensor([[left, top, left, top] for _, left, top in frames]).to(batch.device, non_blocking=True)
-        return [{"boxes": clip_boxes_to_image((boxes - offset) / r, image.shape[-2:]), "scores": scores,
-                 "labels": labels + 1} for (boxes, scores, labels), offset, (r, _, _), image in
-                zip(postprocess_detections(outputs, self.head.anchors, self.cfg), offsets, frames, images)]
+            return compute_loss(outputs, gt, self.head.grid_anchors(), self.cfg)
+        detections = []
+        for (boxes, scores, labels), (r, left, top), image in zip(
+                postprocess_detections(outputs, self.head.anchors, self.cfg), frames, images):
+            boxes[:, 0::2] -= left  # back to the input image's pixels (Python numbers, as letterbox)
+            boxes[:, 1::2] -= top
+            detections.append({"boxes": clip_boxes_to_image(boxes / r, image.shape[-2:]), "scores": scores,
+                               "labels": labels + 1})
+        return detections
 
 
 # v7.0's DetectionModel numbers its layers (model.0 ... model.24); ours are named
@@ -846,9 +852,9 @@ def draw_targets(model: YOLO, image: Tensor, target: dict, class_names, path: st
     """--show-targets: the ground truth (class colours, on top) over the predictions that learn it (build_targets):
     per (box, anchor, cell) triple the cell and the anchor centred in it, P3 white, P4 yellow, P5 red."""
     batch, targets, ((r, left, top),) = letterbox([image], [target], model.cfg, training=True)
-    anchors = model.head.anchors / model.head.anchors.new_tensor(STRIDES)[:, None, None]  # grid units
     grid_sizes = [(batch.shape[-2] // stride, batch.shape[-1] // stride) for stride in STRIDES]
-    levels = build_targets(yolo_targets(targets, batch.shape[-2:]), anchors, grid_sizes, model.cfg.anchor_t)
+    levels = build_targets(yolo_targets(targets, batch.shape[-2:]), model.head.grid_anchors(), grid_sizes,
+                           model.cfg.anchor_t)
     drawn, frame = image, image.new_tensor([left, top, left, top])
     for t, stride, anchors_l, colour in zip(levels, STRIDES, model.head.anchors,
                                             ((255, 255, 255), (255, 225, 25), (230, 25, 75))):
