@@ -11,8 +11,9 @@ What this file implements, in the order the data flows:
   - preprocessing inside the model: ImageNet normalisation, the shorter side resized to a scale (600, the longer side
     at most 1000; training picks one of `scales` per image), zero padding to the batch's largest image;
   - backbone: VGG16 up to conv5_3 (stride 16, pool5 removed; conv1_x and conv2_x frozen with ImageNet weights) or a
-    ResNet up to layer3 (stride 16); RoI max pooling 7 x 7 at 1/16 (torchvision.ops.roi_pool: Caffe's RoIPooling);
-    fc6 and fc7 with dropout; a K-way classifier (N(0, 0.01)) and class-specific box regressors (N(0, 0.001));
+    ResNet up to layer3 (stride 16; stride 8, the last stage dilated, as an option); RoI max pooling 7 x 7 at 1/16
+    (torchvision.ops.roi_pool: Caffe's RoIPooling); fc6 and fc7 with dropout; a K-way classifier (N(0, 0.01)) and
+    class-specific box regressors (N(0, 0.001));
   - targets: every image's proposals and ground-truth boxes are candidates; per image 64 RoIs, at most 25 %
     foreground (IoU >= 0.5: the class of the best box), background from IoU in [0.1, 0.5), drawn without replacement
     for the whole batch at once; box targets (dx, dy, dw, dh, no +1) normalised per class by their mean and std over
@@ -94,7 +95,8 @@ class Config:
     frozen_stages: int = 0  # stages that are not trained: VGG conv1_x, conv2_x ..., ResNet stem, layer1 ... [2]
     representation_size: int = 1024  # F: width of fc6 and fc7 [4096, from ImageNet VGG16's classifier]
     dropout: float = 0.5  # after fc6 and fc7
-    roi_size: int = 7  # RoI max pooling output, roi_size x roi_size cells at stride 16
+    roi_size: int = 7  # RoI max pooling output, roi_size x roi_size cells
+    stride: Literal[16, 8] = 16  # of the feature map; 8: the last stage dilated instead (4x the cells, small objects)
     # preprocessing
     scales: tuple = (320,)  # shorter side of training images, one drawn per image [600; multi-scale 480..1200]
     test_scales: tuple = (320,)  # at test: several give an image pyramid, each RoI from the scale nearest 224^2 [600]
@@ -182,8 +184,10 @@ EPS = 1e-14  # the reference's cfg.EPS, added to box widths and heights in box t
 
 
 def make_backbone(cfg: Config, load_backbone: bool = True):
-    """A torchvision VGG16 up to conv5_3 (+ ReLU) or a ResNet up to layer3: [B, 3, H, W] -> [B, C, H/16, W/16].
-    Returns (body, C, VGG16's ImageNet fc6/fc7 or None). The first frozen_stages stages do not train."""
+    """A torchvision VGG16 up to conv5_3 (+ ReLU) or a ResNet up to layer3: [B, 3, H, W] -> [B, C, H/s, W/s], s =
+    cfg.stride: 16, or 8 with the last stage dilated (VGG16 without pool4, its conv5_x at dilation 2; ResNet layer3 at
+    dilation 2), which keeps the receptive fields of the pretrained weights. Returns (body, C, VGG16's ImageNet fc6/fc7
+    or None). The first frozen_stages stages do not train."""
     weights = "DEFAULT" if cfg.backbone_weights == "imagenet" and load_backbone else None
     pretrained = cfg.backbone_weights != "none"
     if cfg.backbone.startswith("vgg"):
@@ -197,6 +201,12 @@ def make_backbone(cfg: Config, load_backbone: bool = True):
             stage += isinstance(layer, nn.MaxPool2d)
         for layer, s in zip(body, stages):
             layer.requires_grad_(s >= cfg.frozen_stages)
+        if cfg.stride == 8:
+            pool4 = [i for i, layer in enumerate(body) if isinstance(layer, nn.MaxPool2d)][-1]
+            for conv in body[pool4:]:
+                if isinstance(conv, nn.Conv2d):
+                    conv.dilation, conv.padding = (2, 2), (2, 2)
+            body[pool4] = nn.Identity()  # (the layers keep their indices: the same state dict keys)
         fc = net.classifier if pretrained else None
         return body, 512, fc
     # ResNet: batch norm frozen when starting pretrained (detection batches are too small for batch statistics)
@@ -208,6 +218,13 @@ def make_backbone(cfg: Config, load_backbone: bool = True):
                          net.layer3)
     for s, stage in enumerate(body):
         stage.requires_grad_(s >= cfg.frozen_stages)
+    if cfg.stride == 8:  # torchvision's replace_stride_with_dilation for layer3, which also fits ResNet-18/34's blocks
+        for i, block in enumerate(net.layer3):
+            for conv in block.modules():
+                if isinstance(conv, nn.Conv2d):
+                    conv.stride = (1, 1)
+                    if i > 0 and conv.kernel_size == (3, 3):
+                        conv.dilation = conv.padding = (2, 2)
     return body, net.layer3[-1].conv1.in_channels, None
 
 
@@ -382,7 +399,7 @@ class FastRCNN(nn.Module):
                                       [image.shape[-2:] for image in images], cfg)
 
     def roi_features(self, features: Tensor, rois: Tensor, image_idx: Tensor, factors: list) -> Tensor:
-        """RoI max pooling: features [B, C, H/16, W/16], rois [S, 4] in input pixels, image_idx [S], the images'
+        """RoI max pooling: features [B, C, H/s, W/s], rois [S, 4] in input pixels, image_idx [S], the images'
         scale factors -> [S, C, 7, 7]. roi_pool rounds the scaled corners to cells and counts the end cell in (Caffe's
         RoIPooling layer, spatial_scale 1/16)."""
         size = (self.cfg.roi_size, self.cfg.roi_size)
@@ -391,7 +408,7 @@ class FastRCNN(nn.Module):
         factors = torch.tensor(factors, dtype=rois.dtype).to(rois.device, non_blocking=True)  # [B]
         scaled = rois * factors[image_idx][:, None]  # [S, 4]
         rois = torch.cat([image_idx[:, None].to(rois.dtype), scaled], 1)  # [S, 5]: image index, x1, y1, x2, y2
-        return roi_pool(features.float(), rois.float(), size, 1 / 16)  # (no CPU bf16 kernel; max pooling is exact)
+        return roi_pool(features.float(), rois.float(), size, 1 / self.cfg.stride)  # (no CPU bf16 kernel; exact)
 
     def pyramid_roi_features(self, images: list, rois: Tensor, image_idx: Tensor) -> Tensor:
         """Test-time RoI features (im_detect): the images at every test scale; each RoI pooled from the scale where its

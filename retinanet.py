@@ -14,7 +14,7 @@ test_models.py proves that this file gives torchvision's detections and losses w
   - anchors: 9 per location and level (sizes 32..512 times 2^0, 2^(1/3), 2^(2/3); ratios 0.5, 1, 2), assigned by IoU
     (>= 0.5 foreground, < 0.4 background, in between ignored, plus low-quality matches);
   - loss: sigmoid focal loss (alpha 0.25, gamma 2) over all non-ignored anchors and L1 on the foreground anchors'
-    deltas, both divided by the image's number of foreground anchors;
+    deltas (or 1 - GIoU of their decoded boxes, torchvision's v2), both divided by the image's foreground anchors;
   - decoding: per level, scores > 0.05 and the best 1000, then NMS 0.5 per class and 300 detections per image.
 Assignment and loss run for the whole batch at once: ground truth is padded to [B, M] with a validity mask.
 
@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d, batched_nms, sigmoid_focal_loss
+from torchvision.ops import FrozenBatchNorm2d, batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
 import data
 from common import BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets, resize_boxes
@@ -92,6 +92,7 @@ class Config:
     prior_probability: float = 0.01  # initial foreground probability of every class logit (paper section 4.1)
     focal_alpha: float = 0.25  # focal loss weight of the positives (negatives get 1 - alpha)
     focal_gamma: float = 2.0  # focal loss focusing exponent: (1 - p_t) ** gamma
+    box_loss: Literal["l1", "giou"] = "l1"  # l1 on the deltas (v1) | giou of the decoded boxes (torchvision's v2)
     # decoding
     score_thresh: float = 0.05  # keep (anchor, class) pairs with a probability above this
     topk_candidates: int = 1000  # ... and at most this many per level
@@ -137,17 +138,17 @@ class Config:
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
-    # ~15 minutes on 2 CPU cores: ResNet-18 from scratch on 5,000 128-px images, a smaller FPN, AdamW
+    # ~15 minutes on 2 CPU cores: ResNet-18 from scratch on 5,000 128-px images, a smaller FPN, AdamW, v2's GIoU loss
     "cpu": dict(backbone="resnet18", fpn_channels=64, image_size=128, min_size=128, max_size=128, num_train=5000,
-                num_val=200, batch_size=16, epochs=5, optimizer="adamw", lr=1e-3, lr_steps=(4,), warmup_iters=100,
-                workers=1),
+                num_val=200, batch_size=16, epochs=5, optimizer="adamw", lr=2e-3, lr_steps=(4,), warmup_iters=100,
+                box_loss="giou", workers=1),
     # torchvision's COCO recipe (ImageNet backbone, 800 px, 26 epochs of 2 images x 8 GPUs)
     "coco": dict(data="coco", backbone_weights="imagenet", min_size=800, max_size=1333,
                  anchor_sizes=(32, 64, 128, 256, 512), epochs=26, batch_size=2, lr_steps=(16, 22), warmup_iters=1000),
 }
 # torchvision's retinanet_resnet50_fpn: its model and preprocessing, for --weights torchvision or its state dicts
-TORCHVISION_CONFIG = dict(backbone="resnet50", fpn_channels=256, head_norm=False, min_size=800, max_size=1333,
-                          anchor_sizes=(32, 64, 128, 256, 512), frozen_bn=True, bn_eps=0.0)
+TORCHVISION_CONFIG = dict(backbone="resnet50", fpn_channels=256, head_norm=False, box_loss="l1", min_size=800,
+                          max_size=1333, anchor_sizes=(32, 64, 128, 256, 512), frozen_bn=True, bn_eps=0.0)
 
 
 # --- Model ---
@@ -427,8 +428,9 @@ def compute_loss(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor, m
                  gt_labels: Tensor, box_coder: BoxCoder, cfg: Config) -> dict:
     """cls_logits [B, A, K], bbox_regression [B, A, 4], anchors [A, 4], matched_idxs [B, A], gt_boxes [B, M, 4],
     gt_labels [B, M]. Focal loss summed over every (anchor, class) pair except ignored anchors; L1 on the foreground
-    anchors' deltas; each image's sums divided by its number of foreground anchors (at least 1), then the mean over
-    images (torchvision; paper section 4.1: "normalized by the number of anchors assigned to a ground-truth box")."""
+    anchors' deltas (or 1 - GIoU of their decoded boxes); each image's sums divided by its number of foreground anchors
+    (at least 1), then the mean over images (torchvision; paper section 4.1: "normalized by the number of anchors
+    assigned to a ground-truth box")."""
     foreground = matched_idxs >= 0  # [B, A]
     num_foreground = foreground.sum(dim=1).clamp(min=1)  # [B]
     image_idx, anchor_idx = torch.where(foreground)  # [F] each
@@ -441,8 +443,12 @@ def compute_loss(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor, m
                                              gamma=cfg.focal_gamma, reduction="none").sum(-1)  # [B, A]
     classification_loss = torch.where(matched_idxs != BETWEEN_THRESHOLDS, classification_loss, 0.0).sum(1)  # [B]
 
-    target_regression = box_coder.encode(gt_boxes[image_idx, matched_gt], anchors[anchor_idx])  # [F, 4]
-    box_loss = F.l1_loss(bbox_regression[image_idx, anchor_idx], target_regression, reduction="none").sum(-1)  # [F]
+    matched_boxes, deltas = gt_boxes[image_idx, matched_gt], bbox_regression[image_idx, anchor_idx]  # [F, 4] each
+    if cfg.box_loss == "giou":  # 1 - GIoU of the decoded box: the same loss for a box of any size (torchvision's v2)
+        box_loss = generalized_box_iou_loss(box_coder.decode(deltas, anchors[anchor_idx]), matched_boxes,
+                                            reduction="none")  # [F]
+    else:  # L1 on the deltas, which are already relative to the anchor's size
+        box_loss = F.l1_loss(deltas, box_coder.encode(matched_boxes, anchors[anchor_idx]), reduction="none").sum(-1)
     box_loss = box_loss.new_zeros(len(num_foreground)).index_add(0, image_idx, box_loss)  # [B] sum per image
     return {"classification": (classification_loss / num_foreground).mean(),
             "bbox_regression": (box_loss / num_foreground).mean()}

@@ -1119,8 +1119,22 @@ def test_detections_match_torchvision(name):
 
 @pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_losses_and_gradients_match_torchvision(name):
-    row = REGISTRY[name]
-    tv, ours = reference_and_ours(name, **row.deterministic)
+    tv, ours = reference_and_ours(name, **REGISTRY[name].deterministic)
+    check_losses_and_gradients(REGISTRY[name], tv, ours)
+
+
+def test_retinanet_giou_box_loss_matches_torchvision_v2():
+    """--box-loss giou is the box loss of torchvision's retinanet_resnet50_fpn_v2 (its regression head's _loss_type):
+    1 - GIoU of the decoded foreground boxes, summed per image over its foreground anchors."""
+    tv, ours_l1 = reference_and_ours("retinanet")
+    tv.head.regression_head._loss_type = "giou"
+    ours = retinanet.DETECTOR(parity_config("retinanet", box_loss="giou"))
+    ours.load_state_dict(ours_l1.state_dict())
+    check_losses_and_gradients(REGISTRY["retinanet"], tv, ours)
+
+
+def check_losses_and_gradients(row, tv, ours):
+    """The same losses on three images (one without boxes), and the same gradients of the FPN and heads."""
     tv.train(), ours.train()
     for model in (tv, ours):  # the gradient check stops at the FPN (SSD: at conv4_3): CPU time
         (model.backbone.body if hasattr(model.backbone, "body") else model.backbone.features).requires_grad_(False)
@@ -3293,3 +3307,25 @@ def test_fast_rcnn_multi_scale_test_pools_each_roi_at_the_scale_nearest_224_squa
             singles.append(model.pyramid_roi_features([image], rois, image_idx))
     assert torch.equal(both[0], singles[0][0]) and torch.equal(both[1], singles[1][1])
     assert not torch.equal(singles[0], singles[1])
+
+
+def test_fast_rcnn_stride_8_dilates_the_last_stage():
+    """--stride 8: the feature map has twice the cells on each side, the last stage dilated as torchvision's
+    replace_stride_with_dilation does it (ResNet-50: the same convolutions; VGG16: pool4 out, conv5_x at dilation 2,
+    the same state dict keys), and the RoIs are pooled at 1/8: a RoI is pooled from the same image region."""
+    bodies = {}
+    for backbone in ("resnet50", "vgg16"):
+        cfg = fast_rcnn.Config(backbone=backbone, stride=8)
+        bodies[backbone] = body8 = fast_rcnn.make_backbone(cfg, False)[0]
+        body16 = fast_rcnn.make_backbone(dataclasses.replace(cfg, stride=16), False)[0]
+        assert body8(torch.rand(1, 3, 64, 96)).shape[-2:] == (8, 12)
+        assert list(body8.state_dict()) == list(body16.state_dict())
+    dilated = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, False]).layer3
+    def convs(layer):
+        return [(m.stride, m.dilation, m.padding) for m in layer.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs(bodies["resnet50"][3]) == convs(dilated)
+    model = fast_tiny_model(stride=8).eval()
+    features = torch.arange(2 * 16 * 16, dtype=torch.float).reshape(1, 2, 16, 16)  # a 128-px image at 1/8
+    pooled = model.roi_features(features, torch.tensor([[16.0, 32, 72, 88]]), torch.zeros(1, dtype=torch.int64), [1.0])
+    assert torch.equal(pooled, torchvision.ops.roi_pool(features[:, :, 4:12, 2:10], torch.tensor([[0.0, 0, 0, 7, 7]]),
+                                                       (7, 7), 1.0))
