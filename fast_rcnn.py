@@ -401,7 +401,7 @@ class FastRCNN(nn.Module):
     def roi_features(self, features: Tensor, rois: Tensor, image_idx: Tensor, factors: list) -> Tensor:
         """RoI max pooling: features [B, C, H/s, W/s], rois [S, 4] in input pixels, image_idx [S], the images'
         scale factors -> [S, C, 7, 7]. roi_pool rounds the scaled corners to cells and counts the end cell in (Caffe's
-        RoIPooling layer, spatial_scale 1/16)."""
+        RoIPooling layer, spatial_scale 1/16; 1/stride here)."""
         size = (self.cfg.roi_size, self.cfg.roi_size)
         if len(rois) == 0:  # (still in the graph: DDP expects a gradient for every backbone weight)
             return features.new_zeros(0, features.shape[1], *size) + 0 * features.sum()

@@ -224,12 +224,8 @@ class RCNN(nn.Module):
         crops to a multiple of pad_to (0: 64 on CUDA under cuDNN's benchmark mode, which tunes every new batch size
         anew, else 1); in eval mode the padding changes no feature."""
         cfg, pool5, fc7 = self.cfg, [], []
-        # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
-        mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
-        std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
         pad_to = pad_to or (64 if images[0].is_cuda and torch.backends.cudnn.benchmark else 1)
-        for image, b in zip(images, boxes):
-            image = (image - mean) / std  # the mean is 0 now: the zero canvas of warp_regions is the mean
+        for image, b in zip(normalise(images, cfg), boxes):
             for chunk in b.split(cfg.feature_batch):
                 crops = warp_regions(image, chunk, cfg.crop_size, cfg.crop_padding)  # [n, 3, crop, crop]
                 pad = -len(crops) % pad_to
@@ -271,11 +267,8 @@ class RCNN(nn.Module):
             self.steps += 1
             proposals = [self.proposals_of(image, target) for image, target in zip(images, targets)]
             rois, image_idx, labels = sample_regions(proposals, targets, cfg)  # [S, 4], [S], [S]
-            # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
-            mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
-            std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
-            crops = torch.cat([warp_regions((images[i] - mean) / std, rois[image_idx == i], cfg.crop_size,
-                                            cfg.crop_padding) for i in range(len(images))])  # [S, 3, crop, crop]
+            crops = torch.cat([warp_regions(image, rois[image_idx == i], cfg.crop_size, cfg.crop_padding)
+                               for i, image in enumerate(normalise(images, cfg))])  # [S, 3, crop, crop]
             order = torch.cat([torch.where(image_idx == i)[0] for i in range(len(images))])
             cls_logits = self.cls_score(self.forward_regions(crops)[1]).float()  # [S, K]
             return finetune_loss(cls_logits, labels[order])
@@ -342,6 +335,15 @@ def caffe_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list
 def proposal_settings(cfg: Config) -> dict:
     """The selective search settings of a run (what its proposals cache was made with)."""
     return dict(mode=cfg.proposals, side=cfg.proposal_side, min_box_size=cfg.proposal_min_size)
+
+
+def normalise(images: list, cfg: Config) -> list:
+    """B x [3, h, w] in [0, 1] -> B x [3, h, w] with ImageNet's mean and std: the mean is 0 then, so the zero canvas of
+    warp_regions is the mean colour."""
+    # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
+    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
+    return [(image - mean) / std for image in images]
 
 
 def warp_regions(image: Tensor, boxes: Tensor, crop_size: int, padding: int) -> Tensor:
