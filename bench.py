@@ -915,8 +915,10 @@ def gallery_markdown(records: dict, cite) -> list[str]:
     if not os.path.exists(sources_path):
         return ["No gallery yet: `python bench.py gallery` makes it."]
     sources = json.load(open(sources_path))
+    cpu = sources.get("cpu_predictions", "")
     lines = [*textwrap.wrap(f"Pictures: `python bench.py gallery`. Targets: {sources['targets']}. Predictions: "
-                            f"{sources['predictions']}; BCCD: {sources.get('bccd_predictions', 'none')}.", 120,
+                            f"{sources['predictions']}{'; ' + cpu if cpu else ''}; BCCD: "
+                            f"{sources.get('bccd_predictions', 'none')}.", 120,
                             break_on_hyphens=False), "",
              "| detector | synthetic image: targets | BCCD image: targets | synthetic image: predictions | BCCD test "
              "image: predictions |", "| --- | --- | --- | --- | --- |"]
@@ -926,7 +928,9 @@ def gallery_markdown(records: dict, cite) -> list[str]:
                         f"bccd_pred_{name}.png"):
             exists = os.path.exists(os.path.join(GALLERY, picture))
             cells.append(f"![{picture[:-4]}](assets/gallery/{picture})" if exists else "—")
-        run = [(r, s) for r, s in records["train"].get(name, []) if s["path"] == sources.get("predictions_run")]
+        kind, source = (("synthetic", sources["cpu_predictions_run"]) if name in sources.get("from_cpu_predictions", [])
+                        else ("train", sources.get("predictions_run")))  # a cpu preset's run, or a GPU run
+        run = [(r, s) for r, s in records[kind].get(name, []) if s["path"] == source]
         if cells[2] != "—" and run and run[0][0]["evals"]:
             best = max(run[0][0]["evals"], key=lambda e: e["AP"])
             cells[2] += f"<br>best.pt: epoch {best['epoch']}, mAP@0.5 {best['AP50']:.3f}{cite(run[0][1])}"
@@ -1156,24 +1160,30 @@ def write_gallery_sources(args):
     if args.predictions:
         sources.update(predictions=f"`--predict` of the best.pt of the GPU runs in `{args.predictions_run}`, boxes "
                                    "scoring >= 0.5", predictions_run=args.predictions_run)
+    if args.cpu_predictions:
+        sources.update(cpu_predictions=f"where those runs left no best.pt, its cpu preset run's in "
+                                       f"`{args.cpu_predictions_run}`, on the same validation image as that preset "
+                                       "renders it (128 px; R-CNN's 192 px), boxes scoring >= 0.5 (R-CNN: SVM "
+                                       "margins >= -0.5, its preset's threshold)",
+                       cpu_predictions_run=args.cpu_predictions_run)
     if args.bccd_predictions:
         sources.update(bccd_predictions=f"`--predict` of the best.pt of the CPU runs in `{args.bccd_predictions_run}`"
                                         f" on the BCCD test image {BCCD_IMAGE} (each file's default threshold)",
                        bccd_predictions_run=args.bccd_predictions_run)
-    with open(os.path.join(GALLERY, "sources.json"), "w") as f:
-        json.dump(sources, f, indent=1)
+    return sources
 
 
 def bench_gallery(args):
     """assets/gallery/: for every model file present, --show-targets (CPU, random weights, the Config defaults: what
     the assignment marks) on one synthetic and one BCCD image, and, from --predictions DIR (DIR/pred_NAME/sample.png, as
-    the GPU records' run.sh writes them), the predictions of trained models on the synthetic image. Small palette
-    PNGs (--gallery-width pixels wide)."""
+    the GPU records' run.sh writes them; else from --cpu-predictions DIR, the cpu presets' runs), the predictions of
+    trained models on the synthetic image. Small palette PNGs (--gallery-width pixels wide)."""
     import importlib
+    import json
     import subprocess
     import sys
     import tempfile
-    write_gallery_sources(args)
+    sources = write_gallery_sources(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for name in FILES:
         if not os.path.exists(os.path.join(HERE, name + ".py")):
@@ -1190,11 +1200,19 @@ def bench_gallery(args):
                 small_png(os.path.join(out, "targets_0.png"), os.path.join(GALLERY, f"{data_name}_targets_{name}.png"),
                           args.gallery_width * (2 if name == "rcnn" else 1))  # R-CNN draws two panels side by side
                 print(f"{name} {data_name}: targets in {time.perf_counter() - tic:.0f} s")
-        for folder, picture, data_name in ((args.predictions, "sample", "synthetic"),
-                                           (args.bccd_predictions, BCCD_IMAGE, "bccd")):
-            prediction = os.path.join(folder, f"pred_{name}", picture + ".png")
-            if folder and os.path.exists(prediction):
-                small_png(prediction, os.path.join(GALLERY, f"{data_name}_pred_{name}.png"), args.gallery_width)
+        for folders, picture, data_name in (((args.predictions, args.cpu_predictions), "sample", "synthetic"),
+                                            ((args.bccd_predictions,), BCCD_IMAGE, "bccd")):
+            for folder in folders:  # the first folder that has the picture
+                prediction = os.path.join(folder, f"pred_{name}", picture + ".png")
+                if folder and os.path.exists(prediction):
+                    small_png(prediction, os.path.join(GALLERY, f"{data_name}_pred_{name}.png"), args.gallery_width)
+                    if data_name == "synthetic":  # which files' pictures are the cpu runs'
+                        from_cpu = set(sources.get("from_cpu_predictions", [])) - {name}
+                        sources["from_cpu_predictions"] = sorted(from_cpu | ({name} if folder != args.predictions
+                                                                             else set()))
+                    break
+    with open(os.path.join(GALLERY, "sources.json"), "w") as f:
+        json.dump(sources, f, indent=1)
     total = sum(os.path.getsize(os.path.join(GALLERY, f)) for f in os.listdir(GALLERY))
     print(f"{GALLERY}: {len(os.listdir(GALLERY))} files, {total / 1e3:.0f} kB")
 
@@ -1239,6 +1257,10 @@ def main():
                         help="gallery: the records folder of the runs whose predictions --bccd-predictions holds")
     parser.add_argument("--predictions-run", default="records/2026-11-27-h200/seven",
                         help="gallery: the records folder of the runs whose predictions --predictions holds")
+    parser.add_argument("--cpu-predictions", default="", help="gallery: pred_NAME/sample.png of the cpu preset runs, "
+                        "for the files that --predictions lacks")
+    parser.add_argument("--cpu-predictions-run", default="records/2026-11-28-cpu-gallery",
+                        help="gallery: the records folder of the runs whose predictions --cpu-predictions holds")
     parser.add_argument("--gallery-width", type=int, default=200, help="gallery: picture width in pixels")
     args = parser.parse_args()
     benchmarks[args.name](args)

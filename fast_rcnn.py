@@ -74,7 +74,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_pool
+from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_align, roi_pool
 
 import data
 from common import clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets
@@ -96,6 +96,7 @@ class Config:
     representation_size: int = 1024  # F: width of fc6 and fc7 [4096, from ImageNet VGG16's classifier]
     dropout: float = 0.5  # after fc6 and fc7
     roi_size: int = 7  # RoI max pooling output, roi_size x roi_size cells
+    roi_op: Literal["pool", "align"] = "pool"  # align: RoIAlign (Mask R-CNN's bilinear sampling, 2 x 2 per cell)
     stride: Literal[16, 8] = 16  # of the feature map; 8: the last stage dilated instead (4x the cells, small objects)
     # preprocessing
     scales: tuple = (320,)  # shorter side of training images, one drawn per image [600; multi-scale 480..1200]
@@ -401,13 +402,16 @@ class FastRCNN(nn.Module):
     def roi_features(self, features: Tensor, rois: Tensor, image_idx: Tensor, factors: list) -> Tensor:
         """RoI max pooling: features [B, C, H/s, W/s], rois [S, 4] in input pixels, image_idx [S], the images'
         scale factors -> [S, C, 7, 7]. roi_pool rounds the scaled corners to cells and counts the end cell in (Caffe's
-        RoIPooling layer, spatial_scale 1/16; 1/stride here)."""
+        RoIPooling layer, spatial_scale 1/16; 1/stride here), so RoIs a fraction of a cell apart pool the same cells;
+        roi_op "align" samples between cells instead."""
         size = (self.cfg.roi_size, self.cfg.roi_size)
         if len(rois) == 0:  # (still in the graph: DDP expects a gradient for every backbone weight)
             return features.new_zeros(0, features.shape[1], *size) + 0 * features.sum()
         factors = torch.tensor(factors, dtype=rois.dtype).to(rois.device, non_blocking=True)  # [B]
         scaled = rois * factors[image_idx][:, None]  # [S, 4]
         rois = torch.cat([image_idx[:, None].to(rois.dtype), scaled], 1)  # [S, 5]: image index, x1, y1, x2, y2
+        if self.cfg.roi_op == "align":  # bilinear samples at the exact scaled corners, averaged (torchvision's)
+            return roi_align(features.float(), rois.float(), size, 1 / self.cfg.stride, sampling_ratio=2)
         return roi_pool(features.float(), rois.float(), size, 1 / self.cfg.stride)  # (no CPU bf16 kernel; exact)
 
     def pyramid_roi_features(self, images: list, rois: Tensor, image_idx: Tensor) -> Tensor:

@@ -3309,6 +3309,22 @@ def test_fast_rcnn_multi_scale_test_pools_each_roi_at_the_scale_nearest_224_squa
     assert not torch.equal(singles[0], singles[1])
 
 
+def test_fast_rcnn_roi_align_samples_between_cells():
+    """--roi-op align: the RoI features are torchvision Faster R-CNN's RoIAlign of the scaled RoIs (its
+    MultiScaleRoIAlign on one map: 2 x 2 bilinear samples per bin), and unlike RoI max pooling they move with a RoI
+    shifted by a fraction of a cell (max pooling rounds both RoIs to the same cells)."""
+    features = torch.randn(2, 8, 16, 16)  # two 128-px images seen at 256 px (factor 2), stride 16
+    rois, image_idx = torch.tensor([[10.0, 12, 50, 40], [2.0, 60, 120, 127]]), torch.tensor([0, 1])
+    align, pool = fast_tiny_model(roi_op="align").eval(), fast_tiny_model().eval()
+    expected = torchvision.ops.MultiScaleRoIAlign(["0"], 7, 2)({"0": features}, [rois[:1] * 2, rois[1:] * 2],
+                                                              [(256, 256)] * 2)
+    assert torch.allclose(align.roi_features(features, rois, image_idx, [2.0, 2.0]), expected, atol=1e-6)
+    shifted = rois + torch.tensor([1.0, 0, 1.0, 0])  # 2 px at 256: an eighth of a cell
+    for model, moves in ((align, True), (pool, False)):
+        before, after = (model.roi_features(features, r, image_idx, [2.0, 2.0]) for r in (rois, shifted))
+        assert torch.equal(before, after) != moves
+
+
 def test_fast_rcnn_stride_8_dilates_the_last_stage():
     """--stride 8: the feature map has twice the cells on each side, the last stage dilated as torchvision's
     replace_stride_with_dilation does it (ResNet-50: the same convolutions; VGG16: pool4 out, conv5_x at dilation 2,
