@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 import torchvision
 from PIL import Image
@@ -947,7 +948,8 @@ class Row:
     parity_sizes: dict = dataclasses.field(default_factory=lambda: SIZES)  # resize settings of the parity models
     old_key_layout: bool = True  # torchvision released weights with other key names too (convert_torchvision maps them)
     empty_images_train_background: bool = True  # an image without boxes still gives a classification loss
-    sgd: tuple = (0.01, 30)  # lr and steps of test_bf16_autocast_learns_as_fp32_does
+    sgd: tuple = (0.01, 20)  # lr and steps of test_bf16_autocast_learns_as_fp32_does
+    bf16: dict = dataclasses.field(default_factory=dict)  # its Config values there (over the tiny run's)
 
 
 REGISTRY = {
@@ -969,14 +971,18 @@ REGISTRY = {
     # at momentum 0.03 lag 200 Adam steps, and the evaluation's half-stride pad moves P5's cells by half a cell
     "yolo": Row(yolo, dict(backbone="yolov5n", width_multiple=0.125), ("box", "cls"),
                 overfit=dict(obj_gain=10.0, bn_momentum=0.1, letterbox_pad=0.0),
-                sgd=(0.04, 60)),  # its loss x batch size falls slowly from random weights: v7.0 warms up for 3 epochs
+                # its loss x batch size falls slowly from random weights (v7.0 warms up for 3 epochs); at lr 0.04 and 60
+                # steps the fp32 drop was 0.24 on one CPU and above 0.3 on another: lr 0.02 x 100 is steadier
+                sgd=(0.02, 100)),
     # no torchvision counterpart: its parity tests with the official code are in the detr section at the end.
     # Dropout 0: with 0.1 this 1 + 2-layer transformer does not memorise the two images of the overfit test in 200
     # steps (AP 0; 75 steps without), and 30 plain SGD steps are too noisy for the bf16 test (loss drop 0.27 vs 0.40)
     "detr": Row(detr, dict(RESNET_FPN, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
-                           num_queries=10, dropout=0.0), ("loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0")),
+                           num_queries=10, dropout=0.0), ("loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_0"),
+                sgd=(0.01, 30)),
     # R-CNN: no torchvision counterpart and no box loss in stage 1 (boxes are stage 3's ridge regression)
-    "rcnn": Row(rcnn, RCNN_TINY, (), run_files=("proposals_train.npz", "proposals_val.npz", "stage2.pt")),
+    "rcnn": Row(rcnn, RCNN_TINY, (), run_files=("proposals_train.npz", "proposals_val.npz", "stage2.pt"),
+                sgd=(0.01, 30), bf16=dict(rois_per_batch=8)),  # 20 steps: fp32's drop 0.32
     # Fast R-CNN: no torchvision counterpart (its checks against rbgirshick/fast-rcnn are in its section); as the
     # reference, background RoIs need IoU >= 0.1 with a box, so an image without boxes gives no RoI and no loss
     "fast_rcnn": Row(fast_rcnn, FAST_TINY, ("loss_box_reg",), run_files=("proposals_train.npz", "proposals_val.npz"),
@@ -1121,6 +1127,23 @@ def test_detections_match_torchvision(name):
 def test_losses_and_gradients_match_torchvision(name):
     tv, ours = reference_and_ours(name, **REGISTRY[name].deterministic)
     check_losses_and_gradients(REGISTRY[name], tv, ours)
+
+
+def test_retinanet_class_logits_survive_bf16_from_random_weights():
+    """Why RetinaNet's default head has GroupNorm (retinanet.Head): from random weights torchvision's v1 head (four
+    convs at std 0.01, no norm, 256 channels) gives class logits that differ by ~1e-2 around the prior bias -4.6, where
+    bf16 resolves steps of 1/32; under bf16 autocast nearly every anchor gets the same logit, and a GPU run with it did
+    not learn. The GroupNorm head's logits keep their spread."""
+    features = [torch.randn(1, 256, 8, 8), torch.randn(1, 256, 4, 4)]
+    distinct = {}
+    for norm in (False, True):
+        torch.manual_seed(0)
+        head = retinanet.Head(256, 9, 6, 0.01, norm)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = head(features)
+        assert logits.dtype == torch.bfloat16
+        distinct[norm] = logits.unique().numel()
+    assert distinct[False] <= 5 and distinct[True] >= 50, distinct  # of 4320 logits each
 
 
 def test_retinanet_giou_box_loss_matches_torchvision_v2():
@@ -1323,17 +1346,21 @@ def test_overfits_one_batch(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_autocast_learns_as_fp32_does(name):
-    """A few dozen SGD steps on one synthetic batch under CPU bf16 autocast lower the loss about as much as in fp32.
-    (RetinaNet's v1 head, four unnormalised convs initialised at std 0.01, shrinks its input ~3x per layer: from
-    random weights its class logits varied by 1e-2..1e-5 around the prior bias -4.6, below bf16's resolution there
-    (1/32), and the run did not learn; the GroupNorm head keeps them O(0.1).)"""
-    dataset = data.SyntheticShapes(4, 96, seed=0)
-    images, targets = data.collate_fn([dataset[i] for i in range(4)])
+    """A few dozen SGD steps on one synthetic batch of two images under CPU bf16 autocast lower the loss about as much
+    as in fp32: nothing in the model, its assignment or its loss loses what it needs to bf16 (the GPU runs train under
+    bf16 autocast). On a CPU without native bf16 (AVX2: CI's) autocast's convolutions take a slow path whose cost grows
+    with the kernel, 10-30x fp32's, so kernels of over a million weights (ResNet's layer4) stay frozen here and R-CNN
+    warps 8 regions a step, not 32; the rest of the backbone, the neck and the heads learn."""
+    dataset = data.SyntheticShapes(2, 96, seed=0)
+    images, targets = data.collate_fn([dataset[0], dataset[1]])
     lr, steps = REGISTRY[name].sgd
     drops = []
+    torch.set_num_threads(2)  # nothing else runs meanwhile, and these convolutions are big enough to share
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        model = REGISTRY[name].module.DETECTOR(tiny_config(name)).train()
+        model = REGISTRY[name].module.DETECTOR(tiny_config(name, **REGISTRY[name].bf16)).train()
+        for p in model.parameters():
+            p.requires_grad_(p.requires_grad and p.numel() <= 2 ** 20)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
         losses = []
         for _ in range(steps):
@@ -1342,8 +1369,9 @@ def test_bf16_autocast_learns_as_fp32_does(name):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         drops.append(1 - np.mean(losses[-5:]) / np.mean(losses[:2]))
+    torch.set_num_threads(1)
     assert drops[0] > 0.3 and drops[1] > 0.7 * drops[0], drops
 
 
@@ -2061,9 +2089,16 @@ def assert_equals_yolov5(reference):
         with torch.no_grad():
             for ours, theirs in zip(model(images), reference["detections"][name]):
                 assert len(ours["boxes"]) == len(theirs) > 0, name
-                torch.testing.assert_close(ours["boxes"], theirs[:, :4], atol=1e-4, rtol=0)
-                torch.testing.assert_close(ours["scores"], theirs[:, 4], atol=1e-6, rtol=0)
-                assert torch.equal(ours["labels"], theirs[:, 5].long() + 1)
+                torch.testing.assert_close(ours["scores"], theirs[:, 4], atol=1e-6, rtol=0)  # in order
+                # the same rows (box 1e-4, score 1e-6, label): two detections whose scores differ by a float's last
+                # bit come out in either order, depending on the CPU's rounding, so the rows are matched, not zipped
+                rows = torch.cat([ours["boxes"], ours["scores"][:, None], ours["labels"][:, None] - 1.0], 1)
+                tolerance = torch.tensor([1e-4] * 4 + [1e-6, 0])
+                unequal = ((rows[:, None] - theirs[None]).abs() > tolerance).any(-1).double().numpy()
+                i, j = scipy.optimize.linear_sum_assignment(unequal + 1e-3 * (1 - np.eye(len(rows))))  # keep order
+                assert unequal[i, j].sum() == 0, (name, unequal[i, j].sum())
+                moved = (torch.as_tensor(i) != torch.as_tensor(j)).sum().item()
+                assert moved <= 6, moved  # a few near-ties swapped, no more
     model.train()
     losses = model(images, reference["targets"])
     items = torch.stack([losses["box"], losses["obj"], losses["cls"]]).detach() / len(images)
