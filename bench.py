@@ -24,7 +24,7 @@
     python bench.py compare [--records DIR ...]
         the README's side-by-side table (between its compare markers) from the records (default records/*: env.txt,
         bench_NAME.txt or .json, SUB/NAME.metrics.jsonl of default --train runs) and from the code
-    python bench.py gallery [--predictions DIR]
+    python bench.py gallery [--predictions DIR] [--files NAME ...]
         assets/gallery/: every file's --show-targets on a synthetic and a BCCD image, predictions from DIR
 
 --json PATH (model benches, yolo, speed) writes the results as JSON too: what `compare` reads.
@@ -928,8 +928,8 @@ def gallery_markdown(records: dict, cite) -> list[str]:
                         f"bccd_pred_{name}.png"):
             exists = os.path.exists(os.path.join(GALLERY, picture))
             cells.append(f"![{picture[:-4]}](assets/gallery/{picture})" if exists else "—")
-        kind, source = (("synthetic", sources["cpu_predictions_run"]) if name in sources.get("from_cpu_predictions", [])
-                        else ("train", sources.get("predictions_run")))  # a cpu preset's run, or a GPU run
+        from_cpu = sources.get("from_cpu_predictions", {})  # file -> the records folder of its cpu preset's run
+        kind, source = ("synthetic", from_cpu[name]) if name in from_cpu else ("train", sources.get("predictions_run"))
         run = [(r, s) for r, s in records[kind].get(name, []) if s["path"] == source]
         if cells[2] != "—" and run and run[0][0]["evals"]:
             best = max(run[0][0]["evals"], key=lambda e: e["AP"])
@@ -1172,11 +1172,10 @@ def write_gallery_sources(args):
         sources.update(predictions=f"`--predict` of the best.pt of the GPU runs in `{args.predictions_run}`, boxes "
                                    "scoring >= 0.5", predictions_run=args.predictions_run)
     if args.cpu_predictions:
-        sources.update(cpu_predictions=f"where those runs left no best.pt, its cpu preset run's in "
-                                       f"`{args.cpu_predictions_run}`, on the same validation image as that preset "
-                                       "renders it (128 px; R-CNN's 192 px), boxes scoring >= 0.5 (R-CNN: SVM "
-                                       "margins >= -0.5, its preset's threshold)",
-                       cpu_predictions_run=args.cpu_predictions_run)
+        sources.update(cpu_predictions="where those runs left no best.pt, its cpu preset run's (the records folder "
+                                       "of its footnote), on the same validation image as that preset renders it "
+                                       "(128 px; R-CNN's 192 px), boxes scoring >= 0.5 (R-CNN: SVM margins >= -0.5, "
+                                       "its preset's threshold)")
     if args.bccd_predictions:
         sources.update(bccd_predictions=f"`--predict` of the best.pt of the CPU runs in `{args.bccd_predictions_run}`"
                                         f" on the BCCD test image {BCCD_IMAGE} (each file's default threshold)",
@@ -1196,7 +1195,7 @@ def bench_gallery(args):
     import tempfile
     sources = write_gallery_sources(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    for name in FILES:
+    for name in args.files or FILES:
         if not os.path.exists(os.path.join(HERE, name + ".py")):
             print(f"{name}.py: not in this tree, no pictures")
             continue
@@ -1217,10 +1216,11 @@ def bench_gallery(args):
                 prediction = os.path.join(folder, f"pred_{name}", picture + ".png")
                 if folder and os.path.exists(prediction):
                     small_png(prediction, os.path.join(GALLERY, f"{data_name}_pred_{name}.png"), args.gallery_width)
-                    if data_name == "synthetic":  # which files' pictures are the cpu runs'
-                        from_cpu = set(sources.get("from_cpu_predictions", [])) - {name}
-                        sources["from_cpu_predictions"] = sorted(from_cpu | ({name} if folder != args.predictions
-                                                                             else set()))
+                    if data_name == "synthetic":  # which files' pictures are the cpu runs', and which runs
+                        from_cpu = sources.setdefault("from_cpu_predictions", {})
+                        from_cpu.pop(name, None)
+                        if folder != args.predictions:
+                            from_cpu[name] = args.cpu_predictions_run
                     break
     with open(os.path.join(GALLERY, "sources.json"), "w") as f:
         json.dump(sources, f, indent=1)
@@ -1273,6 +1273,8 @@ def main():
     parser.add_argument("--cpu-predictions-run", default="records/2026-11-28-cpu-gallery",
                         help="gallery: the records folder of the runs whose predictions --cpu-predictions holds")
     parser.add_argument("--gallery-width", type=int, default=200, help="gallery: picture width in pixels")
+    parser.add_argument("--files", nargs="*", default=[], choices=FILES, help="gallery: only these model files' "
+                        "pictures (default: all; the others' stay as they are)")
     args = parser.parse_args()
     benchmarks[args.name](args)
 
