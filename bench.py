@@ -1172,10 +1172,10 @@ def write_gallery_sources(args):
         sources.update(predictions=f"`--predict` of the best.pt of the GPU runs in `{args.predictions_run}`, boxes "
                                    "scoring >= 0.5", predictions_run=args.predictions_run)
     if args.cpu_predictions:
-        sources.update(cpu_predictions="where those runs left no best.pt, its cpu preset run's (the records folder "
-                                       "of its footnote), on the same validation image as that preset renders it "
-                                       "(128 px; R-CNN's 192 px), boxes scoring >= 0.5 (R-CNN: SVM margins >= -0.5, "
-                                       "its preset's threshold)")
+        sources.update(cpu_predictions="where those runs left no best.pt, or one too early to draw a box, its cpu "
+                                       "preset run's (the records folder of its footnote), on the same validation "
+                                       "image as that preset renders it (128 px; R-CNN's 192 px), boxes scoring >= "
+                                       "0.5 (R-CNN: SVM margins >= -0.5, its preset's threshold)")
     if args.bccd_predictions:
         sources.update(bccd_predictions=f"`--predict` of the best.pt of the CPU runs in `{args.bccd_predictions_run}`"
                                         f" on the BCCD test image {BCCD_IMAGE} (each file's default threshold)",
@@ -1186,8 +1186,9 @@ def write_gallery_sources(args):
 def bench_gallery(args):
     """assets/gallery/: for every model file present, --show-targets (CPU, random weights, the Config defaults: what
     the assignment marks) on one synthetic and one BCCD image, and, from --predictions DIR (DIR/pred_NAME/sample.png, as
-    the GPU records' run.sh writes them; else from --cpu-predictions DIR, the cpu presets' runs), the predictions of
-    trained models on the synthetic image. Small palette PNGs (--gallery-width pixels wide)."""
+    the GPU records' run.sh writes them; else from --cpu-predictions DIR, the cpu presets' runs: alone, with --files,
+    it replaces a GPU run's picture), the predictions of trained models on the synthetic image. Small palette PNGs
+    (--gallery-width pixels wide)."""
     import importlib
     import json
     import subprocess
