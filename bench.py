@@ -692,18 +692,20 @@ BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 GOAL = 0.9  # the synthetic goal: mAP@0.5 (COCO AP50) of the default --train
 
 
-def read_env(folder: str) -> tuple[str, str]:
-    """(device, date) of a records folder from its env.txt (nvidia-smi's csv, `date -u`), else ('', '')."""
+def read_env(folder: str) -> tuple[str, str, str]:
+    """(device, date, start) of a records folder from its env.txt (nvidia-smi's csv, `date -u`: the date, and the
+    time its runs began as an ISO string that sorts), else ('', '', '')."""
     import datetime
-    device = date = ""
+    device = date = start = ""
     path = os.path.join(folder, "env.txt")
     for line in open(path).read().splitlines() if os.path.exists(path) else []:
         if line.startswith("NVIDIA") or line.startswith("CPU"):  # "NVIDIA H200, 143771 MiB, ..." / "CPU (...), ..."
             device = line[:line.index(")") + 1] if line.startswith("CPU (") else line.split(",")[0]
         for form in ("%a %b %d %I:%M:%S %p %Z %Y", "%a %b %d %H:%M:%S %Z %Y"):  # `date -u` of two locales
             with contextlib.suppress(ValueError):
-                date = datetime.datetime.strptime(line.strip(), form).date().isoformat()
-    return device, date
+                start = datetime.datetime.strptime(line.strip(), form).isoformat()
+                date = start[:10]
+    return device, date, start
 
 
 def read_bench(path: str) -> dict:
@@ -816,10 +818,11 @@ def read_records(folders: list[str]) -> dict:
         for s in out["sources"]:
             if (s["path"], s["what"]) == (rel, what):
                 return s
-        out["sources"].append({"path": rel, "what": what, "device": device, "date": date, "runs": runs})
+        out["sources"].append({"path": rel, "what": what, "device": device, "date": date, "runs": runs,
+                               "start": start})
         return out["sources"][-1]
     for folder in folders:
-        device, date = read_env(folder)
+        device, date, start = read_env(folder)
         for path in sorted(glob.glob(os.path.join(folder, "bench_*.*"))):
             record = read_bench(path)
             name = os.path.basename(path)[6:].rsplit(".", 1)[0]
@@ -987,11 +990,11 @@ def cpu_markdown(records: dict, cite) -> list[str]:
                                                                                    module.Config()))
         cfg = {**default, **cfg}  # a field added after the run: it ran as the field's default
         return [f"{k} {cfg[k]}" for k, v in preset.items() if k not in ("out", "draw_thresh") and cfg[k] != v]
-    runs = {}  # of a file's runs, the first of this commit's preset, else the first
-    for name in FILES:
-        candidates = records["synthetic"].get(name, [])
+    runs = {}  # of a file's runs, the earliest of this commit's preset (the one that set it; reruns: in their folders)
+    for name in FILES:  # ... else the latest
+        candidates = sorted(records["synthetic"].get(name, []), key=lambda rs: rs[1]["start"])
         if candidates:
-            runs[name] = next((rs for rs in candidates if not changed(name, rs[0]["config"])), candidates[0])
+            runs[name] = next((rs for rs in candidates if not changed(name, rs[0]["config"])), candidates[-1])
     if not runs:
         return []
     lines = ["| file | mAP@0.5 after each epoch | the best: mAP@0.5 / AP (APs) | epochs, minutes of the training loop "
@@ -1175,7 +1178,8 @@ def write_gallery_sources(args):
         sources.update(cpu_predictions="where those runs left no best.pt, or one too early to draw a box, its cpu "
                                        "preset run's (the records folder of its footnote), on the same validation "
                                        "image as that preset renders it (128 px; R-CNN's 192 px), boxes scoring >= "
-                                       "0.5 (R-CNN: SVM margins >= -0.5, its preset's threshold)")
+                                       "0.5 (R-CNN: SVM margins >= -0.5, its preset's threshold; RetinaNet: >= 0.4, "
+                                       "its best F1 over the 200 validation images, in the folder's thresholds.txt)")
     if args.bccd_predictions:
         sources.update(bccd_predictions=f"`--predict` of the best.pt of the CPU runs in `{args.bccd_predictions_run}`"
                                         f" on the BCCD test image {BCCD_IMAGE} (each file's default threshold)",

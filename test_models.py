@@ -1879,6 +1879,29 @@ def test_compare_reads_cpu_runs_on_synthetic_data(tmp_path):
     assert "**BCCD**" not in markdown  # no run on a dataset: no dataset table
 
 
+def test_compare_cpu_table_shows_the_earliest_run_of_the_preset(tmp_path):
+    """Of a file's runs on the synthetic data, the CPU table shows the earliest of this commit's cpu preset (by the
+    start in each folder's env.txt, not by the folders' names): a later rerun elsewhere does not replace it, and an
+    even earlier run of another config is passed over."""
+    import bench
+    preset = json.loads(json.dumps(dataclasses.asdict(fcos.make_config({}, preset="cpu"))))
+    folders = []
+    for folder, start, ap, change in (("a-rerun", "Sat Nov 28 13:37:33 UTC 2026", 0.3, {}),
+                                      ("b-first", "Fri Nov 27 10:43:06 UTC 2026", 0.4, {}),
+                                      ("c-older", "Thu Nov 26 08:00:00 UTC 2026", 0.1, {"num_train": 7})):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "env.txt").write_text(f"CPU (x86_64, 2 cores), a test\n{start}\n")
+        (tmp_path / folder / "fcos.config.json").write_text(json.dumps({**preset, **change}))
+        records = [{"epoch": 0, "step": "10/10", "iter": 10, "img_s": 3.0, "time_s": 60.0},
+                   {"epoch": 0, "AP": ap, "AP50": 2 * ap, "APs": ap / 2, "time_s": 70.0}]
+        (tmp_path / folder / "fcos.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        folders.append(str(tmp_path / folder))
+    markdown = bench.compare_markdown(folders, open(os.path.join(ROOT, "README.md")).read())
+    row = next(line for line in markdown[markdown.index("**Synthetic data on a CPU**"):].splitlines()
+               if line.startswith("| `fcos.py`"))
+    assert row.startswith("| `fcos.py` | 0.800<sup>") and "this commit's cpu preset |" in row
+
+
 # ======================================== ssd ========================================
 # SSD (ssd.py) against torchvision's ssd300_vgg16: default boxes, SSDMatcher, hard negative mining, postprocessing;
 # its augmentation and its options (SSD512, the paper's VOC scales, VGG16-BN, width, frozen stages).
