@@ -83,7 +83,7 @@ class Config:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # torchvision ResNet body
     backbone_weights: str = "none"  # none (random) | imagenet (torchvision's, downloaded) | PATH [imagenet]
     frozen_bn: bool = False  # FrozenBatchNorm2d, stem and layer1 frozen; unless set: on when starting pretrained [on]
-    dilation: bool = False  # DC5: layer4 dilated instead of strided (stride 16), better on small objects, ~2x compute
+    dilation: bool = False  # DC5, resnet50/101: layer4 dilated, not strided (stride 16): small objects, ~2x compute
     hidden_dim: int = 256  # d: width of the transformer and the heads
     nheads: int = 8  # attention heads
     enc_layers: int = 3  # transformer encoder layers [6]
@@ -215,6 +215,8 @@ class Backbone(nn.Module):
         # frozen_bn, as DETR (which always starts from ImageNet): batch norm with fixed statistics and affine, and the
         # stem and layer1 frozen. From scratch: ordinary batch norm, every layer trained.
         norm_layer = FrozenBatchNorm2d if cfg.frozen_bn else nn.BatchNorm2d
+        if cfg.dilation and cfg.backbone in ("resnet18", "resnet34"):  # torchvision's BasicBlock has no dilation
+            raise ValueError(f"dilation (DC5) needs resnet50 or resnet101 (bottleneck blocks), not {cfg.backbone}")
         # load_backbone=False: the caller then loads every weight (--weights, --resume, --eval): nothing is read
         weights = "IMAGENET1K_V1" if cfg.backbone_weights == "imagenet" and load_backbone else None
         body = getattr(torchvision.models, cfg.backbone)(weights=weights, norm_layer=norm_layer,
