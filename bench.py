@@ -696,7 +696,7 @@ def read_env(folder: str) -> tuple[str, str, str]:
     """(device, date, start) of a records folder from its env.txt (nvidia-smi's csv, `date -u`: the date, and the
     time its runs began as an ISO string that sorts), else ('', '', '')."""
     import datetime
-    device = date = start = ""
+    device = start = ""
     path = os.path.join(folder, "env.txt")
     for line in open(path).read().splitlines() if os.path.exists(path) else []:
         if line.startswith("NVIDIA") or line.startswith("CPU"):  # "NVIDIA H200, 143771 MiB, ..." / "CPU (...), ..."
@@ -704,8 +704,7 @@ def read_env(folder: str) -> tuple[str, str, str]:
         for form in ("%a %b %d %I:%M:%S %p %Z %Y", "%a %b %d %H:%M:%S %Z %Y"):  # `date -u` of two locales
             with contextlib.suppress(ValueError):
                 start = datetime.datetime.strptime(line.strip(), form).isoformat()
-                date = start[:10]
-    return device, date, start
+    return device, start[:10], start
 
 
 def read_bench(path: str) -> dict:
@@ -919,6 +918,7 @@ def gallery_markdown(records: dict, cite) -> list[str]:
         return ["No gallery yet: `python bench.py gallery` makes it."]
     sources = json.load(open(sources_path))
     cpu = sources.get("cpu_predictions", "")
+    from_cpu = sources.get("from_cpu_predictions", {})  # file -> the records folder of its cpu preset's run
     lines = [*textwrap.wrap(f"Pictures: `python bench.py gallery`. Targets: {sources['targets']}. Predictions: "
                             f"{sources['predictions']}{'; ' + cpu if cpu else ''}; BCCD: "
                             f"{sources.get('bccd_predictions', 'none')}.", 120,
@@ -931,7 +931,6 @@ def gallery_markdown(records: dict, cite) -> list[str]:
                         f"bccd_pred_{name}.png"):
             exists = os.path.exists(os.path.join(GALLERY, picture))
             cells.append(f"![{picture[:-4]}](assets/gallery/{picture})" if exists else "—")
-        from_cpu = sources.get("from_cpu_predictions", {})  # file -> the records folder of its cpu preset's run
         kind, source = ("synthetic", from_cpu[name]) if name in from_cpu else ("train", sources.get("predictions_run"))
         run = [(r, s) for r, s in records[kind].get(name, []) if s["path"] == source]
         if cells[2] != "—" and run and run[0][0]["evals"]:

@@ -2774,6 +2774,8 @@ def test_detr_dilation_of_a_basic_block_resnet_is_refused_by_name():
     """DC5 with ResNet-18/34: one line naming the backbones that have it, not torchvision's BasicBlock error."""
     with pytest.raises(ValueError, match="dilation .DC5. needs resnet50 or resnet101 .bottleneck blocks., not resnet18"):
         detr.DETR(tiny_config("detr", backbone="resnet18", dilation=True), load_backbone=False)
+
+
 # ======================================== rcnn ========================================
 # Selective search (data.py) and R-CNN's stages (rcnn.py) where the shared tests do not reach: the segmentation
 # against the plain loop it speeds up, proposals on a bundled BCCD image, proposals files and their cache, the warp
