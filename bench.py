@@ -959,8 +959,10 @@ def input_size(name: str, cfg: dict) -> str:
 
 
 def network(cfg: dict) -> str:
-    """A run's backbone from its config.json, with its width where the file scales it (SSD)."""
-    return cfg["backbone"] + (f" × {cfg['width']} width" if cfg.get("width", 1) != 1 else "")
+    """A run's backbone from its config.json, with its width where the file scales it (SSD), cut short (Fast R-CNN)."""
+    cut = " up to conv4_3" if cfg["backbone"].startswith("vgg") else " up to layer2"
+    return cfg["backbone"] + (f" × {cfg['width']} width" if cfg.get("width", 1) != 1 else "") + (
+        cut if cfg.get("truncate") else "")
 
 
 def wall_minutes(path: str) -> str:

@@ -11,8 +11,8 @@ What this file implements, in the order the data flows:
   - preprocessing inside the model: ImageNet normalisation, the shorter side resized to a scale (600, the longer side
     at most 1000; training picks one of `scales` per image), zero padding to the batch's largest image;
   - backbone: VGG16 up to conv5_3 (stride 16, pool5 removed; conv1_x and conv2_x frozen with ImageNet weights) or a
-    ResNet up to layer3 (stride 16; stride 8, the last stage dilated, as an option); RoI max pooling 7 x 7 at 1/16
-    (torchvision.ops.roi_pool: Caffe's RoIPooling); fc6 and fc7 with dropout; a K-way classifier (N(0, 0.01)) and
+    ResNet up to layer3 (stride 16; as options stride 8, the last stage dilated or cut off); RoI max pooling 7 x 7 at
+    1/16 (torchvision.ops.roi_pool: Caffe's RoIPooling); fc6 and fc7 with dropout; a K-way classifier (N(0, 0.01)) and
     class-specific box regressors (N(0, 0.001));
   - targets: every image's proposals and ground-truth boxes are candidates; per image 64 RoIs, at most 25 %
     foreground (IoU >= 0.5: the class of the best box), background from IoU in [0.1, 0.5), drawn without replacement
@@ -98,6 +98,7 @@ class Config:
     roi_size: int = 7  # RoI max pooling output, roi_size x roi_size cells
     roi_op: Literal["pool", "align"] = "pool"  # align: RoIAlign (Mask R-CNN's bilinear sampling, 2 x 2 per cell)
     stride: Literal[16, 8] = 16  # of the feature map; 8: the last stage dilated instead (4x the cells, small objects)
+    truncate: bool = False  # stride 8 by ending a stage early instead: ResNet at layer2, VGG16 at conv4_3 (far cheaper)
     # preprocessing
     scales: tuple = (320,)  # shorter side of training images, one drawn per image [600; multi-scale 480..1200]
     test_scales: tuple = (320,)  # at test: several give an image pyramid, each RoI from the scale nearest 224^2 [600]
@@ -166,13 +167,12 @@ class Config:
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
-    # ~15 minutes on 2 idle CPU cores: ResNet-18 from scratch, 500 128-px images seen at 256 px, selective search
-    # on them at 256 px too (recall@0.5 0.78 -> 0.96, README); a stride-8 map (32 x 32 cells) with RoIAlign: it beat
-    # stride 16 with max pooling in the same time; no dropout: twice the mAP after an epoch; 4 epochs of 500 images
-    # with an lr drop rather than 2 of 1,000 without: as many steps, half the selective search (README)
-    "cpu": dict(representation_size=256, dropout=0.0, image_size=128, scales=(256,), test_scales=(256,), max_size=256,
-                proposal_side=256, num_train=500, num_val=100, proposals_per_image=500, batch_size=4, epochs=4,
-                lr_steps=(3,), warmup_iters=50, workers=2, stride=8, roi_op="align"),
+    # ~15 minutes on 2 idle CPU cores: ResNet-18 from scratch up to layer2 (a stride-8 map, 16 x 16 cells: a quarter
+    # of the cost of layer3 dilated at 256 px), RoIAlign, no dropout; 500 128-px images, their selective search at
+    # 256 px (recall@0.5 0.78 -> 0.96), 15 epochs with the lr x 0.1 for the last 3 (README)
+    "cpu": dict(representation_size=256, dropout=0.0, image_size=128, scales=(128,), test_scales=(128,), max_size=128,
+                proposal_side=256, num_train=500, num_val=100, proposals_per_image=500, batch_size=4, epochs=15,
+                lr_steps=(12,), warmup_iters=50, workers=2, stride=8, truncate=True, roi_op="align"),
     # the paper's VOC 2007 recipe: ImageNet VGG16, conv1-2 frozen, 600 / 1000 px, 2 images x 64 RoIs, 40k steps
     # (16 epochs of VOC 07 trainval's 5011 images) with the lr x 0.1 after 30k
     "voc": dict(data="voc", backbone="vgg16", backbone_weights="imagenet", frozen_stages=2, representation_size=4096,
@@ -189,28 +189,31 @@ EPS = 1e-14  # the reference's cfg.EPS, added to box widths and heights in box t
 def make_backbone(cfg: Config, load_backbone: bool = True):
     """A torchvision VGG16 up to conv5_3 (+ ReLU) or a ResNet up to layer3: [B, 3, H, W] -> [B, C, H/s, W/s], s =
     cfg.stride: 16, or 8 with the last stage dilated (VGG16 without pool4, its conv5_x at dilation 2; ResNet layer3 at
-    dilation 2), which keeps the receptive fields of the pretrained weights. Returns (body, C, VGG16's ImageNet fc6/fc7
-    or None). The first frozen_stages stages do not train."""
+    dilation 2), which keeps the receptive fields of the pretrained weights, or 8 with the last stage cut off
+    (cfg.truncate: VGG16 up to conv4_3, ResNet up to layer2), which costs far less. Returns (body, C, VGG16's ImageNet
+    fc6/fc7 or None). The first frozen_stages stages do not train."""
+    if cfg.truncate and cfg.stride != 8:
+        raise ValueError("truncate ends the backbone at stride 8: give stride 8 with it (--stride 8)")
     weights = "DEFAULT" if cfg.backbone_weights == "imagenet" and load_backbone else None
     pretrained = cfg.backbone_weights != "none"
     if cfg.backbone.startswith("vgg"):
         net = getattr(torchvision.models, cfg.backbone)(weights=weights)
         if pretrained and cfg.backbone_weights != "imagenet" and load_backbone:
             net.load_state_dict(torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True))
-        body = net.features[:-1]  # pool5 removed (the RoI pooling takes its place)
+        pool4 = [i for i, layer in enumerate(net.features) if isinstance(layer, nn.MaxPool2d)][3]
+        body = net.features[:pool4 if cfg.truncate else -1]  # pool5 removed (the RoI pooling takes its place)
         stages, stage = [], 0
         for layer in body:
             stages.append(stage)
             stage += isinstance(layer, nn.MaxPool2d)
         for layer, s in zip(body, stages):
             layer.requires_grad_(s >= cfg.frozen_stages)
-        if cfg.stride == 8:
-            pool4 = [i for i, layer in enumerate(body) if isinstance(layer, nn.MaxPool2d)][-1]
+        if cfg.stride == 8 and not cfg.truncate:
             for conv in body[pool4:]:
                 if isinstance(conv, nn.Conv2d):
                     conv.dilation, conv.padding = (2, 2), (2, 2)
             body[pool4] = nn.Identity()  # (the layers keep their indices: the same state dict keys)
-        fc = net.classifier if pretrained else None
+        fc = net.classifier if pretrained and not cfg.truncate else None  # (fc6 was trained on conv5_3)
         return body, 512, fc
     # ResNet: batch norm frozen when starting pretrained (detection batches are too small for batch statistics)
     norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
@@ -218,17 +221,17 @@ def make_backbone(cfg: Config, load_backbone: bool = True):
     if pretrained and cfg.backbone_weights != "imagenet" and load_backbone:
         net.load_state_dict(torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True))
     body = nn.Sequential(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2,
-                         net.layer3)
+                         net.layer3)[: 3 if cfg.truncate else 4]
     for s, stage in enumerate(body):
         stage.requires_grad_(s >= cfg.frozen_stages)
-    if cfg.stride == 8:  # torchvision's replace_stride_with_dilation for layer3, which also fits ResNet-18/34's blocks
+    if cfg.stride == 8 and not cfg.truncate:  # torchvision's replace_stride_with_dilation, which fits BasicBlock too
         for i, block in enumerate(net.layer3):
             for conv in block.modules():
                 if isinstance(conv, nn.Conv2d):
                     conv.stride = (1, 1)
                     if i > 0 and conv.kernel_size == (3, 3):
                         conv.dilation = conv.padding = (2, 2)
-    return body, net.layer3[-1].conv1.in_channels, None
+    return body, net.layer3[0 if cfg.truncate else -1].conv1.in_channels, None  # (a block's input: the output before)
 
 
 class TwoMLPHead(nn.Module):
