@@ -164,6 +164,10 @@ class Config:
     weights: str = ""  # PATH to a checkpoint of this file: start from / evaluate (no reference weights to load)
     draw_thresh: float = 0.5  # --predict draws detections scoring at least this
 
+    def __post_init__(self):  # refused when the config is made, before selective search
+        if self.truncate and self.stride != 8:
+            raise ValueError("--truncate ends the backbone at stride 8: give --stride 8 with it")
+
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
@@ -192,8 +196,6 @@ def make_backbone(cfg: Config, load_backbone: bool = True):
     dilation 2), which keeps the receptive fields of the pretrained weights, or 8 with the last stage cut off
     (cfg.truncate: VGG16 up to conv4_3, ResNet up to layer2), which costs far less. Returns (body, C, VGG16's ImageNet
     fc6/fc7 or None). The first frozen_stages stages do not train."""
-    if cfg.truncate and cfg.stride != 8:
-        raise ValueError("truncate ends the backbone at stride 8: give stride 8 with it (--stride 8)")
     weights = "DEFAULT" if cfg.backbone_weights == "imagenet" and load_backbone else None
     pretrained = cfg.backbone_weights != "none"
     if cfg.backbone.startswith("vgg"):

@@ -3418,7 +3418,7 @@ def test_fast_rcnn_roi_align_samples_between_cells():
 def test_fast_rcnn_truncate_ends_the_backbone_a_stage_early():
     """--truncate --stride 8: the backbone stops before its last stage (ResNet: layer2, 128 channels for ResNet-18;
     VGG16: conv4_3 and its ReLU, before pool4): the full backbone's first stages, the same weights under the same state
-    dict keys, on a map at stride 8; and it is refused with stride 16, which it cannot give."""
+    dict keys, on a map at stride 8; and it is refused with stride 16, which it cannot give, as the config is made."""
     for backbone, channels in (("resnet18", 128), ("vgg16", 512)):
         cfg = fast_rcnn.Config(backbone=backbone, stride=8, truncate=True)
         body, c, _ = fast_rcnn.make_backbone(cfg, False)
@@ -3428,8 +3428,8 @@ def test_fast_rcnn_truncate_ends_the_backbone_a_stage_early():
         x = torch.rand(1, 3, 64, 96)
         cut = 3 if backbone == "resnet18" else [i for i, m in enumerate(full) if isinstance(m, torch.nn.MaxPool2d)][3]
         assert body.eval()(x).shape == (1, channels, 8, 12) and torch.equal(body(x), full.eval()[:cut](x))
-        with pytest.raises(ValueError, match="stride 8"):
-            fast_rcnn.make_backbone(dataclasses.replace(cfg, stride=16), False)
+    with pytest.raises(ValueError, match="--stride 8"):  # when the command line is read: before selective search
+        fast_rcnn.make_config({"truncate": True}, preset="none")
 
 def test_fast_rcnn_stride_8_dilates_the_last_stage():
     """--stride 8: the feature map has twice the cells on each side, the last stage dilated as torchvision's
