@@ -3431,6 +3431,7 @@ def test_fast_rcnn_truncate_ends_the_backbone_a_stage_early():
     with pytest.raises(ValueError, match="--stride 8"):  # when the command line is read: before selective search
         fast_rcnn.make_config({"truncate": True}, preset="none")
 
+
 def test_fast_rcnn_stride_8_dilates_the_last_stage():
     """--stride 8: the feature map has twice the cells on each side, the last stage dilated as torchvision's
     replace_stride_with_dilation does it (ResNet-50: the same convolutions; VGG16: pool4 out, conv5_x at dilation 2,
