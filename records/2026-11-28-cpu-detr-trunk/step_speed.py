@@ -1,3 +1,5 @@
+# The cpu preset's training step (batch 8 of 128-px synthetic images, no data loading) with the backbone cut 0, 1, 2
+# stages early. Needs truncate.patch applied; run from the repository root: PYTHONPATH=. python records/2026-11-28-cpu-detr-trunk/step_speed.py
 import time, torch, detr, data
 torch.manual_seed(0)
 ds = data.SyntheticShapes(64, 128, seed=0)
