@@ -268,7 +268,7 @@ MODELS = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "retinanet": "retinanet_resn
 def bench_model(args):
     """Our detector and torchvision's with the same (converted) weights, inputs and precision: a training step (forward,
     backward, SGD step; batch --train-batch), inference at batch 1 and --infer-batch, peak CUDA memory, and the
-    speed-ups; plus the backbone alone (ResNet-50-FPN, SSD's VGG16 and extras: forward, and forward + backward) as the
+    speed-ups (the two models' steps alternate); plus the backbone alone (ResNet-50-FPN, SSD's VGG16 and extras: forward, and forward + backward) as the
     floor no detector can beat. Both models are built without pretrained weights (offline), so both use ordinary batch
     norm with every layer trained. SSD resizes every image to 300x300: it runs once, without the size settings."""
     import importlib
@@ -289,20 +289,25 @@ def bench_model(args):
     def gib(memory):
         return f"{memory:.2f}" if cuda else "-"  # peak memory is measured on CUDA only
 
-    def measure(fn):
-        """Median seconds per call and peak CUDA memory (GiB) of fn()."""
-        fn()  # warm-up: cuDNN autotuning, allocator growth
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
+    def measure(*fns):
+        """Median seconds per call and peak CUDA memory (GiB) of each of fns; the calls alternate (ours,
+        torchvision's, ours, ...) so that a machine busy with other jobs, or a CPU changing its clock, slows both
+        alike."""
+        for fn in fns:
+            fn()  # warm-up: cuDNN autotuning, allocator growth
+        times, peaks = [[] for _ in fns], [float("nan") if not cuda else 0.0 for _ in fns]
         for _ in range(args.steps):
-            tic = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - tic)
-        return float(np.median(times)), (torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"))
+            for i, fn in enumerate(fns):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                tic = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(device) / 2**30)
+                times[i].append(time.perf_counter() - tic)
+        return [(float(np.median(t)), peak) for t, peak in zip(times, peaks)]
 
     fields = module.Config.__dataclass_fields__
     results = []  # --json: every row of every size
@@ -343,9 +348,7 @@ def bench_model(args):
         print(f"{'':<22} {'ours ms':>9} {'torchvision ms':>15} {'speed-up':>8} {'ours GiB':>9} {'tv GiB':>7}")
         for label, make, batch in rows:
             torch.manual_seed(0)
-            t_ours, m_ours = measure(make(ours, batch))
-            torch.manual_seed(0)
-            t_tv, m_tv = measure(make(tv, batch))
+            (t_ours, m_ours), (t_tv, m_tv) = measure(make(ours, batch), make(tv, batch))
             results.append({"what": "train" if make is train_step else "infer", "batch": batch, "ours_s": t_ours,
                             "reference_s": t_tv, "ours_gib": m_ours if cuda else None, "size": f"{min_size} px"})
             print(f"{label:<22} {t_ours * 1000:9.1f} {t_tv * 1000:15.1f} {t_tv / t_ours:8.2f} {gib(m_ours):>9} "
@@ -363,8 +366,8 @@ def bench_model(args):
         def backbone_infer():
             with torch.no_grad(), amp:
                 backbone(batch_tensor)
-        t_bt, m_bt = measure(backbone_train)
-        t_bi, m_bi = measure(backbone_infer)
+        t_bt, m_bt = measure(backbone_train)[0]
+        t_bi, m_bi = measure(backbone_infer)[0]
         print(f"{'backbone fwd+bwd':<22} {t_bt * 1000:9.1f} {'':>15} {'':>8} {gib(m_bt):>9}   (batch "
               f"{args.train_batch}, padded {tuple(batch_tensor.shape[-2:])})")
         print(f"{'backbone forward':<22} {t_bi * 1000:9.1f} {'':>15} {'':>8} {gib(m_bi):>9}")
@@ -721,9 +724,9 @@ def read_bench(path: str) -> dict:
     record = {"name": first.split()[0], "size": f"{size.group(1)} px",
               "device": re.search(r" on \w+ \(([^,]+),", first).group(1), "rows": []}
     for what, batch, ms, rest in re.findall(r"^(train step|inference), batch (\d+)\s+([\d.]+)(.*)$", text, re.M):
-        gib = rest.split()[-2] if len(rest.split()) == 4 else None  # torchvision ms, speed-up, ours GiB, tv GiB
+        gib = rest.split()[-2] if len(rest.split()) == 4 else "-"  # torchvision ms, speed-up, ours GiB, tv GiB
         record["rows"].append({"what": "train" if what == "train step" else "infer", "batch": int(batch),
-                               "ours_s": float(ms) / 1000, "ours_gib": float(gib) if gib else None})
+                               "ours_s": float(ms) / 1000, "ours_gib": None if gib == "-" else float(gib)})  # -: a CPU
     return record
 
 
