@@ -268,9 +268,10 @@ MODELS = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "retinanet": "retinanet_resn
 def bench_model(args):
     """Our detector and torchvision's with the same (converted) weights, inputs and precision: a training step (forward,
     backward, SGD step; batch --train-batch), inference at batch 1 and --infer-batch, peak CUDA memory, and the
-    speed-ups (the two models' steps alternate); plus the backbone alone (ResNet-50-FPN, SSD's VGG16 and extras: forward, and forward + backward) as the
-    floor no detector can beat. Both models are built without pretrained weights (offline), so both use ordinary batch
-    norm with every layer trained. SSD resizes every image to 300x300: it runs once, without the size settings."""
+    speed-ups (the two models' steps alternate); plus the backbone alone (ResNet-50-FPN, SSD's VGG16 and extras:
+    forward, and forward + backward) as the floor no detector can beat. Both models are built without pretrained
+    weights (offline), so both use ordinary batch norm with every layer trained. SSD resizes every image to 300x300: it
+    runs once, without the size settings."""
     import importlib
     import data
     import torchvision
@@ -295,7 +296,7 @@ def bench_model(args):
         alike."""
         for fn in fns:
             fn()  # warm-up: cuDNN autotuning, allocator growth
-        times, peaks = [[] for _ in fns], [float("nan") if not cuda else 0.0 for _ in fns]
+        times, peaks = [[] for _ in fns], [0.0 if cuda else float("nan")] * len(fns)
         for _ in range(args.steps):
             for i, fn in enumerate(fns):
                 if cuda:
@@ -724,9 +725,10 @@ def read_bench(path: str) -> dict:
     record = {"name": first.split()[0], "size": f"{size.group(1)} px",
               "device": re.search(r" on \w+ \(([^,]+),", first).group(1), "rows": []}
     for what, batch, ms, rest in re.findall(r"^(train step|inference), batch (\d+)\s+([\d.]+)(.*)$", text, re.M):
-        gib = rest.split()[-2] if len(rest.split()) == 4 else "-"  # torchvision ms, speed-up, ours GiB, tv GiB
+        fields = rest.split()  # torchvision ms, speed-up, ours GiB ("-" on a CPU), tv GiB
+        gib = float(fields[2]) if len(fields) == 4 and fields[2] != "-" else None
         record["rows"].append({"what": "train" if what == "train step" else "infer", "batch": int(batch),
-                               "ours_s": float(ms) / 1000, "ours_gib": None if gib == "-" else float(gib)})  # -: a CPU
+                               "ours_s": float(ms) / 1000, "ours_gib": gib})
     return record
 
 
