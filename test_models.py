@@ -1563,6 +1563,7 @@ def ddp_run(name, log, *args, stop_at=None):
         time.sleep(0.05)
     for process in ranks:
         process.join(300)
+        process.kill()  # if it still runs (a rank waiting for one that failed), the test fails on its exit code
     return [log.read_text() for log in logs], [process.exitcode for process in ranks]
 
 
@@ -1573,8 +1574,9 @@ def test_ddp_two_processes_with_a_worker_resume(name, tmp_path):
     wrapper."""
     # 6 steps an epoch: on a loaded machine the ranks may take a step or two more before the signal reaches them
     args = [*tiny(name), "--num-train", "24", "--workers", "1", "--epochs", "2", *REGISTRY[name].ddp]
-    _, codes = ddp_run(name, tmp_path / "stopped", "--train", *args, "--out", tmp_path / "a", stop_at="epoch 0 step 1/6")
-    assert codes == [130, 130]
+    outputs, codes = ddp_run(name, tmp_path / "stopped", "--train", *args, "--out", tmp_path / "a",
+                             stop_at="epoch 0 step 1/6")
+    assert codes == [130, 130], outputs
     stopped = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     assert stopped["epoch"] == 0 and 0 < stopped["step"] < 6 and stopped["world_size"] == 2
     outputs, codes = ddp_run(name, tmp_path / "resumed", "--train", "--resume", tmp_path / "a" / "last.pt")
