@@ -1544,15 +1544,16 @@ def run_rank(name, args, rank, port, log):
 def ddp_run(name, log, *args, stop_at=None):
     """A model file's main(args) in 2 processes joined as torchrun joins them (RANK, WORLD_SIZE, MASTER_ADDR/PORT),
     forked from a server that imported this file once: a torchrun launch imports torch three times, 7 s of a 2-core
-    machine (test_torchrun_passes_ctrl_c_on runs the real one). With stop_at, both ranks get SIGINT, as torchrun
-    passes on a Ctrl-C, once rank 0 printed a line starting with it. Returns each rank's output and exit code."""
+    machine (test_torchrun_passes_ctrl_c_on_and_resume_goes_on runs the real one). With stop_at, both ranks get
+    SIGINT, as torchrun passes on a Ctrl-C, once rank 0 printed a line starting with it. Returns each rank's output
+    and exit code."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["test_models"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     logs = [pathlib.Path(f"{log}.rank{rank}") for rank in range(2)]
-    ranks = [context.Process(target=run_rank, args=(name, args, rank, port, log)) for rank, log in enumerate(logs)]
+    ranks = [context.Process(target=run_rank, args=(name, args, rank, port, logs[rank])) for rank in range(2)]
     for process in ranks:
         process.start()
     while stop_at and all(process.is_alive() for process in ranks):
