@@ -989,13 +989,14 @@ REGISTRY = {
                 sgd=(0.01, 30)),
     # R-CNN: no torchvision counterpart and no box loss in stage 1 (boxes are stage 3's ridge regression)
     "rcnn": Row(rcnn, RCNN_TINY, (), run_files=("proposals_train.npz", "proposals_val.npz", "stage2.pt"),
-                sgd=(0.01, 30), bf16=dict(rois_per_batch=8),  # 20 steps: fp32's drop 0.32
+                sgd=(0.01, 30), bf16=dict(rois_per_batch=8),
                 ddp=("--scoring", "softmax", "--proposal-side", "0")),  # no stage 2: rank 0 fits it alone, tested alone
     # Fast R-CNN: no torchvision counterpart (its checks against rbgirshick/fast-rcnn are in its section); as the
     # reference, background RoIs need IoU >= 0.1 with a box, so an image without boxes gives no RoI and no loss
     "fast_rcnn": Row(fast_rcnn, FAST_TINY, ("loss_box_reg",), run_files=("proposals_train.npz", "proposals_val.npz"),
                      empty_images_train_background=False,
-                     overfit=dict(scales=(128,), test_scales=(128,), max_size=128)),
+                     overfit=dict(scales=(128,), test_scales=(128,), max_size=128),
+                     ddp=("--proposal-side", "0")),  # selective search at 64 px, not 128: 0.10 s an image, not 0.26
 }
 NAMES = list(REGISTRY)
 TORCHVISION_NAMES = [name for name in NAMES if REGISTRY[name].reference is not None]  # the shared parity tests
@@ -1352,13 +1353,17 @@ def test_overfits_one_batch(name):
     assert fit_one_batch(REGISTRY[name].module, model, dataset, steps=200, first_eval=25) >= 0.9
 
 
+RESNET = re.compile(r"(backbone\.body|body|backbone\.\d)\.")  # the parameters of a torchvision ResNet in a model
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_autocast_learns_as_fp32_does(name):
     """A few dozen SGD steps on one synthetic batch of two images under CPU bf16 autocast lower the loss about as much
     as in fp32: nothing in the model, its assignment or its loss loses what it needs to bf16 (the GPU runs train under
-    bf16 autocast). On a CPU without native bf16 (AVX2: CI's) autocast's convolutions take a slow path whose cost grows
-    with the kernel, 10-30x fp32's, so kernels of over a million weights (ResNet's layer4) stay frozen here and R-CNN
-    warps 8 regions a step, not 32; the rest of the backbone, the neck and the heads learn."""
+    bf16 autocast). On a CPU without native bf16 (AVX2: CI's) autocast's convolutions take a slow path, 10-30x fp32's,
+    mostly in their backward: torchvision's ResNet runs forward in bf16 but stays frozen here (its learning in bf16 is
+    everyone's; this file's necks, heads, assignment and losses are what is tested), and R-CNN warps 8 regions a step,
+    not 32. YOLO's and SSD's own backbones learn."""
     dataset = data.SyntheticShapes(2, 96, seed=0)
     images, targets = data.collate_fn([dataset[0], dataset[1]])
     lr, steps = REGISTRY[name].sgd
@@ -1367,8 +1372,8 @@ def test_bf16_autocast_learns_as_fp32_does(name):
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = REGISTRY[name].module.DETECTOR(tiny_config(name, **REGISTRY[name].bf16)).train()
-        for p in model.parameters():
-            p.requires_grad_(p.requires_grad and p.numel() <= 2 ** 20)
+        for key, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad and not RESNET.match(key))
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
         losses = []
         for _ in range(steps):
