@@ -406,11 +406,13 @@ class CocoDetection(torch.utils.data.Dataset):
     `class_names[label]` is the name and `cat_ids[label - 1]` the json's category id, used when writing results.
     With contiguous_labels=False the label is the category id itself (K = the largest id, gaps named "N/A"): the label
     space of torchvision's COCO weights (91 classes), for evaluating them without remapping.
-    Crowd annotations are kept, flagged by `iscrowd`. Images without annotations are kept as negatives.
+    Crowd annotations are kept, flagged by `iscrowd` (evaluation ignores the detections they cover); drop_crowd=True,
+    as for training, leaves them out, as torchvision's and DETR's references do. Images without annotations are kept
+    as negatives.
     """
     proposals = None  # one float32 [R, 4] array per image, set by attach_proposals
 
-    def __init__(self, image_dir, ann_file, transforms=None, contiguous_labels=True):
+    def __init__(self, image_dir, ann_file, transforms=None, contiguous_labels=True, drop_crowd=False):
         self.image_dir, self.ann_file, self.transforms = image_dir, ann_file, transforms
         self.source = ann_file
         try:
@@ -495,6 +497,8 @@ class CocoDetection(torch.utils.data.Dataset):
         for img, anns in zip(self.images, per_image):
             boxes = np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4)
             keep = clean_boxes(boxes, img["width"], img["height"], counts, [a[4] for a in anns])
+            if drop_crowd:
+                keep &= np.array([a[2] == 0 for a in anns], dtype=bool)
             self.boxes.append(boxes[keep])
             self.labels.append(np.array([a[1] for a in anns], dtype=np.int64)[keep])
             self.iscrowd.append(np.array([a[2] for a in anns], dtype=np.int64)[keep])
@@ -1290,6 +1294,7 @@ def build_datasets(cfg, train_transforms=None, train=True):
     synthetic: SyntheticShapes(num_train, image_size, seed) and (num_val, image_size, seed + 1), disjoint by seed.
     coco: data_root/annotations/instances_train2017.json (or instances_train.json) unless train_ann is given, images
           in the folder named after the json (train2017/), else JPEGImages/, else images/, else data_root; likewise val.
+          The training set leaves crowd boxes out (they are no object to learn; evaluation ignores what they cover).
     voc:  VocDetection(data_root, train_split) and (data_root, val_split); both take their class names from every
           xml under Annotations/, so that the splits agree.
     A training set without a single box stops with an error: there would be nothing to learn.
@@ -1333,7 +1338,7 @@ def _build_datasets(cfg, train_transforms, train):
         if not train:
             return None, val_set
         train_ann = find(cfg.train_ann, "train")
-        train_set = CocoDetection(_coco_image_dir(data_root, train_ann), train_ann, train_transforms)
+        train_set = CocoDetection(_coco_image_dir(data_root, train_ann), train_ann, train_transforms, drop_crowd=True)
         if val_set.cat_ids != train_set.cat_ids:
             raise ValueError(f"{val_ann}: 'categories' differ from {train_ann}'s, labels would not match")
     else:

@@ -885,6 +885,14 @@ def test_build_datasets(tmp_path):
     image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}], [])
     with pytest.warns(UserWarning, match="without boxes"), pytest.raises(ValueError, match="no box in any of the 1"):
         data.build_datasets(cfg(data="coco", data_root=image_dir, train_ann=ann, val_ann=ann))
+    # crowd boxes: left out of training (torchvision's and DETR's references), kept for evaluation to ignore
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+                                {"image_id": 1, "category_id": 7, "bbox": [4, 4, 20, 16], "iscrowd": 1}])
+    train, val = data.build_datasets(cfg(data="coco", data_root=image_dir, train_ann=ann, val_ann=ann))
+    assert train[0][1]["labels"].tolist() == [1] and train[0][1]["iscrowd"].tolist() == [0]
+    assert val[0][1]["labels"].tolist() == [1, 2] and val[0][1]["iscrowd"].tolist() == [0, 1]
+    assert [a["iscrowd"] for a in val.coco_gt()["annotations"]] == [0, 1]
 
 
 def test_transforms_keep_empty_targets():
