@@ -505,8 +505,8 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
     if warmup < cfg.warmup_iters and int(os.environ.get("RANK", 0)) == 0:
         warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {steps_per_epoch * cfg.epochs} steps: "
                       f"{warmup}")
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        1.0, cfg.warmup_factor + (1 - cfg.warmup_factor) * step / max(1, warmup)) * cfg.lr_gamma ** sum(
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
+        cfg.warmup_factor + (1 - cfg.warmup_factor) * step / warmup if step < warmup else 1.0) * cfg.lr_gamma ** sum(
         step >= epoch * steps_per_epoch for epoch in cfg.lr_steps))
 
 

@@ -1783,6 +1783,8 @@ def test_warmup_longer_than_a_third_of_the_run_is_shortened(name):
         optimizer.step()
         scheduler.step()
     assert lrs[20] == pytest.approx(module.Config.lr) and lrs[19] < lrs[20]
+    optimizer, _ = module.make_optimizer(model, module.Config(epochs=6, warmup_iters=0), 10, 1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(module.Config.lr)  # no warmup: the first step at full lr
 
 
 @pytest.mark.filterwarnings("ignore:.*degenerate")
