@@ -190,7 +190,8 @@ class Backbone(nn.Module):
     paper section 3.1): its features are on another scale than the later maps'.
 
     backbone vgg16 is torchvision's (no normalisation layers; its COCO weights need it). vgg16_bn, the default here,
-    puts BatchNorm after every VGG, fc and extra conv: from random weights, plain VGG16 on Caffe-scaled input (0..255)
+    puts BatchNorm after every VGG, fc and extra conv but the last (its 1 x 1 map would give batch norm one value per
+    channel and image: batch 1 could not train): from random weights, plain VGG16 on Caffe-scaled input (0..255)
     starts with fc7 activations in the hundreds and class logits to match (a first classification loss of ~60 per
     positive), and trains slowly and unstably; with BatchNorm it trains from scratch like any modern network.
     (vgg16_bn's ImageNet weights, torchvision's IMAGENET1K_V1, expect [0, 1] input normalised with ImageNet's mean and
@@ -227,8 +228,9 @@ class Backbone(nn.Module):
         vgg[pools[2]].ceil_mode = True  # pool3: 75 -> 38, not 37 (the paper's Fig. 2 sizes)
         # with pretrained weights, the first 5 - trainable_backbone_layers VGG stages stay frozen (torchvision)
         trainable = cfg.trainable_backbone_layers if cfg.backbone_weights != "none" or cfg.weights else 5
-        for layer in vgg[: ([0] + pools[:4])[5 - trainable] if trainable else len(vgg)]:
-            layer.requires_grad_(False)
+        frozen = vgg[: ([0] + pools[:4])[5 - trainable] if trainable else len(vgg)]
+        frozen.requires_grad_(False)
+        self.frozen_norms = [m for m in frozen if isinstance(m, nn.BatchNorm2d)]  # their statistics frozen too: train()
         self.features = vgg[: pools[3]]  # conv1_1 .. conv4_3 + ReLU: [B, 512, 38, 38]
         # conv4_3's L2Norm scale: 20 (per position, over 512 channels); x sqrt(width) keeps each channel's values
         # as large in a narrower network (at width 1/32 they would be 5.7x larger: class logits of std ~4)
@@ -243,14 +245,20 @@ class Backbone(nn.Module):
             extras = [*extras[:2], (256, 128, 256, 2, 1), (256, 128, 256, 2, 1), (256, 128, 256, 1, 1)]
         self.extras = nn.ModuleList(
             nn.Sequential(*conv_block(w(cin), w(mid), norm, kernel_size=1),
-                          *conv_block(w(mid), w(cout), norm, kernel_size=4 if i == 4 else 3, stride=stride,
-                                      padding=padding))
+                          *conv_block(w(mid), w(cout), norm and i < len(extras) - 1, kernel_size=4 if i == 4 else 3,
+                                      stride=stride, padding=padding))
             for i, (cin, mid, cout, stride, padding) in enumerate(extras))
         self.out_channels = [w(512), w(1024)] + [w(e[2]) for e in extras]  # channels of the L maps
         for m in [*self.fc.modules(), *self.extras.modules()]:  # torchvision's _xavier_init
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.constant_(m.bias, 0.0)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen_norms:  # frozen stages keep their (ImageNet) batch-norm statistics
+            m.eval()
+        return self
 
     def forward(self, images: Tensor) -> list:
         """[B, 3, S, S] -> L maps [B, C_l, H_l, W_l]: 38, 19, 10, 5, 3, 1 for S = 300."""
@@ -511,8 +519,8 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
     if warmup < cfg.warmup_iters and int(os.environ.get("RANK", 0)) == 0:
         warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {steps_per_epoch * cfg.epochs} steps: "
                       f"{warmup}")
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        1.0, cfg.warmup_factor + (1 - cfg.warmup_factor) * step / max(1, warmup)) * cfg.lr_gamma ** sum(
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
+        cfg.warmup_factor + (1 - cfg.warmup_factor) * step / warmup if step < warmup else 1.0) * cfg.lr_gamma ** sum(
         step >= epoch * steps_per_epoch for epoch in cfg.lr_steps))
 
 

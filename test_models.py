@@ -2011,6 +2011,15 @@ def ssd_tiny(**overrides):
     return tiny_config("ssd", **overrides)
 
 
+@pytest.mark.parametrize("size", [300, 512])
+def test_ssd_batch_norm_backbone_trains_at_batch_1(size):
+    """vgg16_bn has no batch norm after its last extra conv, whose 1 x 1 map has one value per channel and image."""
+    model = ssd.SSD(ssd_tiny(size=size)).train()
+    assert [m.__class__.__name__ for m in model.backbone.extras[-1]] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "ReLU"]
+    losses = model(*data.collate_fn([data.SyntheticShapes(1, 64)[0]]))
+    sum(losses.values()).backward()
+
+
 def test_ssd_default_boxes_match_torchvision_generator():
     """torchvision's DefaultBoxGenerator: SSD300 (8732 boxes; the 300 / 8 = 37.5-cell centres), the paper's VOC
     scales (--scales 0.2 0.9), and SSD512's 7 maps of 64 .. 1 cells (24564 boxes, paper Table 7)."""
@@ -2158,8 +2167,8 @@ def test_ssd_augmentation_moves_boxes_with_their_pixels():
 
 def test_ssd_backbone_weights_and_frozen_stages(tmp_path):
     """--backbone-weights PATH (a VGG16(-BN) state dict as torchvision names it) loads VGG's convs and freezes conv1_x
-    (trainable_backbone_layers 4, as torchvision with pretrained weights); from scratch every layer trains. The coco
-    preset is torchvision's recipe."""
+    (trainable_backbone_layers 4, as torchvision with pretrained weights), its batch-norm statistics included; from
+    scratch every layer trains. The coco preset is torchvision's recipe."""
     scratch = ssd.SSD(ssd_tiny())
     assert all(p.requires_grad for p in scratch.parameters())
     vgg = {f"features.{i}.{k}": v for i, m in enumerate([*scratch.backbone.features, *scratch.backbone.conv5, None])
@@ -2172,6 +2181,10 @@ def test_ssd_backbone_weights_and_frozen_stages(tmp_path):
     conv2_1 = model.backbone.features[7]  # conv, bn, relu, conv, bn, relu, pool, conv2_1
     assert torch.equal(conv2_1.weight, vgg["features.7.weight"]) and conv2_1.weight.requires_grad
     assert torch.equal(model.backbone.conv5[1].weight, vgg["features.34.weight"])  # conv5_1 after pool4
+    frozen, trained = model.backbone.features[1], model.backbone.features[8]  # conv1_1's and conv2_1's batch norms
+    before = [bn.running_mean.clone() for bn in (frozen, trained)]
+    model.train()(*data.collate_fn([data.SyntheticShapes(1, 64)[0]]))
+    assert torch.equal(frozen.running_mean, before[0]) and not torch.equal(trained.running_mean, before[1])
     coco = ssd.make_config({}, preset="coco")
     optimizer, _ = ssd.make_optimizer(ssd.SSD(ssd_tiny(backbone="vgg16")), coco, 100, world_size=8)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * 0.001) and coco.batch_size * 8 == 32
