@@ -1212,7 +1212,9 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_st
     that every step has batch_size images on every rank. Batches before start_step are skipped (a resumed run). Random
     transforms are seeded per image (SeededItems): an epoch is the same, augmentation included, with any number of
     workers, and resuming mid-epoch continues it exactly; a global batch does not depend on the number of ranks.
-    not train: every image once, in order.
+    not train: every image once, in order of aspect ratio (h / w) where the dataset knows its sizes (COCO, VOC), as
+    YOLOv5's val.py: a batch holds images of like shapes, so less padding (and yolo.py's rectangular batches are
+    val.py's); else in order.
     """
     workers = min(workers, os.cpu_count() or 1)  # more worker processes than cores only adds contention
     if train:
@@ -1225,7 +1227,10 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_st
             dataset.transforms.set_epoch(dataset, epoch)  # or change with the epoch (yolo.py's mosaic, close_mosaic)
         dataset = SeededItems(dataset, seed, epoch)
     else:
-        batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+        sizes = getattr(dataset, "images", None)  # [{"width", "height", ...}] of COCO and VOC
+        order = sorted(range(len(dataset)), key=lambda i: sizes[i]["height"] / sizes[i]["width"]) if sizes else \
+            list(range(len(dataset)))
+        batches = [order[i: i + batch_size] for i in range(0, len(dataset), batch_size)]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
                                        worker_init_fn=worker_init, pin_memory=torch.cuda.is_available())
 

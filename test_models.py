@@ -835,6 +835,15 @@ def test_make_loader_and_collate():
     assert isinstance(images, list) and all(im.shape == (3, 48, 48) for im in images)
     assert [t["image_id"] for t in targets] == [0, 1, 2, 3]
     order = lambda loader: [t["image_id"] for _, ts in loader for t in ts]
+
+    class Sized(torch.utils.data.Dataset):  # a dataset that knows its image sizes, as COCO's and VOC's do
+        images = [{"width": w, "height": h} for w, h in ((32, 24), (24, 32), (32, 24), (24, 32), (30, 30))]
+        __len__ = lambda self: len(self.images)
+        __getitem__ = lambda self, i: (torch.zeros(3, self.images[i]["height"], self.images[i]["width"]),
+                                       {"image_id": i})
+    # evaluation batches images of like aspect ratio together, as YOLOv5's val.py
+    assert [[t["image_id"] for t in ts] for _, ts in data.make_loader(Sized(), 2, train=False, workers=0)] == [
+        [0, 2], [4, 1], [3]]
     shuffled = order(data.make_loader(ds, 4, train=True, workers=0, seed=1))
     # training: 3 full batches, the last filled up from the start of the shuffle
     assert len(shuffled) == 12 and set(shuffled) == set(range(10)) and shuffled[10:] == shuffled[:2]
