@@ -65,6 +65,7 @@ import torchvision
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.transforms import v2
 
 import data
 from common import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, draw_boxes, elementwise_generalized_box_iou,
@@ -224,8 +225,9 @@ class Backbone(nn.Module):
         if cfg.backbone_weights not in ("imagenet", "none") and load_backbone:
             body.load_state_dict(torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True))
         del body.avgpool, body.fc
-        for name, parameter in body.named_parameters():
-            parameter.requires_grad_(not cfg.frozen_bn or name.startswith(("layer2", "layer3", "layer4")))
+        for name, parameter in body.named_parameters():  # lr_backbone 0: all frozen (backbone.py's train_backbone)
+            parameter.requires_grad_(cfg.lr_backbone > 0 and (not cfg.frozen_bn or name.startswith(
+                ("layer2", "layer3", "layer4"))))
         self.body = body
         self.num_channels = body.inplanes  # of layer4's output: 512 (resnet18/34), 2048 (resnet50/101)
 
@@ -446,32 +448,31 @@ def reference_weights(weights: str, state_dict: dict = None):
 # --- Targets ---
 
 
-def detr_augmentation(cfg: Config):
-    """DETR's training augmentation (datasets/coco.py make_coco_transforms) with torchvision.transforms.v2, as an
-    (image, target) transform: a horizontal flip; with probability crop_prob, the short side resized to one of
-    crop_resize_sizes and a random crop of crop_size (DETR's RandomSizeCrop, written here: v2 has no crop of random
-    size without a resize); boxes the crop leaves without area are dropped with their labels. DETR's last step, the
-    multi-scale resize (train_min_sizes, max_size), is the model's preprocessing in training."""
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
+class RandomSizeCrop:
+    """DETR's RandomSizeCrop (transforms.v2 has no crop of random size without a resize), on (image, target) inside a
+    v2 pipeline: a crop whose height and width are drawn from crop_size (at most the image's), at a random place; the
+    boxes it leaves without area are dropped with their labels (and iscrowd, difficult)."""
 
-    def random_size_crop(image, target):
+    def __init__(self, min_size: int, max_size: int):
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image, target):
         H, W = image.shape[-2:]
-        h, w = (int(torch.randint(min(cfg.crop_size[0], n), min(n, cfg.crop_size[1]) + 1, ())) for n in (H, W))
+        h, w = (int(torch.randint(min(self.min_size, n), min(n, self.max_size) + 1, ())) for n in (H, W))
         top, left = int(torch.randint(H - h + 1, ())), int(torch.randint(W - w + 1, ()))
         boxes = v2.functional.crop(target["boxes"], top, left, h, w)  # shifted and clipped to the crop
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return v2.functional.crop(image, top, left, h, w), {
-            **target, **{k: target[k][keep] for k in ("labels", "iscrowd") if k in target}, "boxes": boxes[keep]}
+        per_box = {k: target[k][keep] for k in ("labels", "iscrowd", "difficult") if k in target}
+        return v2.functional.crop(image, top, left, h, w), {**target, **per_box, "boxes": boxes[keep]}
 
-    augment = v2.Compose([v2.RandomHorizontalFlip(cfg.hflip_prob), v2.RandomApply(
-        [v2.RandomShortestSize(list(cfg.crop_resize_sizes)), random_size_crop], p=cfg.crop_prob)])
 
-    def transform(image, target):  # plain tensors in and out; v2 needs to know which tensor holds boxes
-        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
-        image, target = augment(tv_tensors.Image(image), {**target, "boxes": boxes})
-        return image.as_subclass(Tensor), {**target, "boxes": target["boxes"].as_subclass(Tensor)}
-    return transform
+def detr_augmentation(cfg: Config):
+    """DETR's training augmentation (datasets/coco.py make_coco_transforms) with torchvision.transforms.v2, as an
+    (image, target) transform: a horizontal flip; with probability crop_prob, the short side resized to one of
+    crop_resize_sizes and a RandomSizeCrop of crop_size. DETR's last step, the multi-scale resize (train_min_sizes,
+    max_size), is the model's preprocessing in training."""
+    return data.TransformsV2(v2.Compose([v2.RandomHorizontalFlip(cfg.hflip_prob), v2.RandomApply(
+        [v2.RandomShortestSize(list(cfg.crop_resize_sizes)), RandomSizeCrop(*cfg.crop_size)], p=cfg.crop_prob)]))
 
 
 

@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import pickle
 import random
 import re
 import shutil
@@ -1663,6 +1664,17 @@ def test_non_finite_loss_stops_run(name, tmp_path, monkeypatch):
 # --- Configuration, presets, weights ---
 
 @pytest.mark.parametrize("name", NAMES)
+def test_training_transforms_pickle(name):
+    """DataLoader workers that are spawned, not forked (macOS, Windows, Python 3.14's forkserver on Linux), receive the
+    dataset and its transforms pickled: no closures. Each file's augmentations, its richest preset's too."""
+    module = REGISTRY[name].module
+    for preset in ("none", *module.PRESETS):
+        transforms = module.train_transforms(module.make_config({}, preset=preset))
+        image, target = pickle.loads(pickle.dumps(transforms))(*data.SyntheticShapes(1, 64)[0])
+        assert image.shape[0] == 3 and len(target["boxes"]) == len(target["labels"])
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
     """--help's defaults are those of a plain --train on this machine: the cpu preset's without CUDA."""
     module = REGISTRY[name].module
@@ -2795,6 +2807,9 @@ def test_detr_optimizer_has_the_backbone_group_and_drops_the_lr():
         optimizer.step()
         scheduler.step()
     assert lrs[0] == lrs[5] == (1e-4, 1e-5) and lrs[6] == pytest.approx((1e-5, 1e-6))
+    model = detr.DETR(dataclasses.replace(cfg, lr_backbone=0.0), load_backbone=False)  # as main.py: a frozen backbone
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert detr.make_optimizer(model, cfg, 3, 1)[0].param_groups[1]["params"] == []
 
 
 def test_detr_postprocess_best_class_other_than_no_object_in_input_pixels():
