@@ -27,8 +27,8 @@ a negative, which localises better (the paper: 54.2 mAP with SVMs, 50.9 with the
 How the three stages fit the training loop every model file shares (the template, below): the loop trains stage 1;
 the model counts its training steps, and make_optimizer tells it how many the run has. At its first evaluation after
 the last one, the model runs stages 2 and 3 itself, on the training set of its own Config (train_svms_and_regressors),
-so the evaluation after the last epoch, best.pt and last.pt are the whole detector. Evaluations after earlier epochs
-score with the fine-tuned softmax. Stage 2 keeps its progress in <out>/stage2.pt (every 200 images) for the network
+so the evaluation after the last epoch and last.pt are the whole detector (and best.pt, unless an earlier
+evaluation scored higher). Evaluations after earlier epochs score with the fine-tuned softmax. Stage 2 keeps its progress in <out>/stage2.pt (every 200 images) for the network
 it was made for: if a run dies there, --resume repeats the last epoch exactly (the template's exact resume) and stage 2
 goes on where it stopped; stage 3 is a closed-form solve from stage 2's file.
 
@@ -214,9 +214,10 @@ class RCNN(nn.Module):
         self.register_buffer("bbox_mean", torch.zeros(K, 4))  # mu of the targets
         self.register_buffer("bbox_t_inv", torch.eye(4).repeat(K, 1, 1))  # un-whitening [K, 4, 4]
         self.register_buffer("feature_scale", torch.ones(2))  # pool5, fc7: feature_norm / their mean norm
-        # when to fit them: after the last of finetune_steps training steps (make_optimizer sets it), once
+        # when to fit them: after the last of finetune_steps training steps (make_optimizer sets it for this run, also
+        # a resumed one with other --epochs: not saved), once
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("finetune_steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("finetune_steps", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("fitted_at", torch.full((), -1, dtype=torch.int64))  # steps when fitted; -1: never
         self.proposal_cache = {}  # selective search of images seen without proposals (256 at most)
 
@@ -598,14 +599,21 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
        svm_evict_thresh leave the cache. The same pass keeps pool5 of the regions with IoU > bbox_min_iou to their best
        ground-truth box, and that box, for stage 3.
     4. Stage 3: a ridge regressor per class (fit_box_regressor).
-    Progress is saved in <out>/stage2.pt every checkpoint_every images, for this network: a rerun continues there."""
+    Progress is saved in <out>/stage2.pt every checkpoint_every images, for this network, settings and data: a rerun
+    of them continues there."""
     cfg, K = model.cfg, model.cfg.num_classes
     model.eval()
     path = os.path.join(cfg.out, "stage2.pt")
-    network = hashlib.sha1(b"".join(v.detach().cpu().numpy().tobytes() for k, v in model.state_dict().items()
-                                    if not k.startswith(("svm_", "bbox_", "feature_scale", "fitted_at")))).hexdigest()
+    # what stage2.pt holds is for this network, the settings stage 2 reads and this data (its boxes and proposals)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith(("svm_", "feature_", "crop_", "image_"))
+                or k in ("bbox_min_iou", "proposals_per_image", "seed")}
+    arrays = [*getattr(dataset, "boxes", []), *(getattr(dataset, "proposals", None) or [])]
+    key = hashlib.sha1(b"".join(v.detach().cpu().numpy().tobytes() for k, v in model.state_dict().items()
+                                if not k.startswith(("svm_", "bbox_", "feature_scale", "fitted_at")))
+                       + repr((settings, getattr(dataset, "source", ""), len(dataset))).encode()
+                       + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
     state = torch.load(path, map_location=device, weights_only=True) if os.path.isfile(path) else None
-    if state is None or state["network"] != network or state["images"] != len(dataset):
+    if state is None or state.get("key") != key:
         state = None
     log = (lambda text: print(f"{time.strftime('%H:%M:%S')} stage 2: {text}", flush=True)) \
         if int(os.environ.get("RANK", 0)) == 0 else (lambda text: None)
@@ -638,7 +646,7 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
                              device=device)
         positives = [(torch.stack(p) * scale[1]).half() if p else None for p in positives]
         dim7 = model.svm_weight.shape[1]
-        state = {"network": network, "images": len(dataset), "next": 0, "scale": scale,
+        state = {"key": key, "next": 0, "scale": scale,
                  "positives": [p if p is not None else torch.zeros(0, dim7, dtype=torch.half, device=device)
                                for p in positives],
                  "negatives": [torch.zeros(0, dim7, dtype=torch.half, device=device) for _ in range(K)],

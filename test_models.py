@@ -3231,6 +3231,16 @@ def test_stage_2_resumes_where_it_stopped(tmp_path, monkeypatch):
     calls.clear()
     rcnn.train_svms_and_regressors(model, dataset, "cpu", checkpoint_every=1)
     assert len(calls) == 8 + 4
+    calls.clear()
+    rcnn.train_svms_and_regressors(model, dataset, "cpu", checkpoint_every=1)
+    assert len(calls) == 0  # done for this network, these settings and this data: nothing to redo
+    model.cfg = dataclasses.replace(model.cfg, svm_c=10 * model.cfg.svm_c)  # other settings: it starts over ...
+    rcnn.train_svms_and_regressors(model, dataset, "cpu", checkpoint_every=1)
+    assert len(calls) == 8 + 4
+    calls.clear()
+    dataset.proposals = [p[:-1] for p in dataset.proposals]  # ... and so do other proposals (other data)
+    rcnn.train_svms_and_regressors(model, dataset, "cpu", checkpoint_every=1)
+    assert len(calls) == 8 + 4
 
 
 def test_rcnn_features_padded_to_fixed_batch_sizes_are_the_same(tmp_path):
@@ -3258,9 +3268,15 @@ def test_rcnn_run_fits_all_three_stages(one_epoch):
     _, out, output = one_epoch
     assert "stage 2: done: 6 SVMs" in output and output.index("stage 2: done") < output.index("epoch 0 iter 4 AP")
     model = torch.load(out / "last.pt", weights_only=True)["model"]
-    assert int(model["steps"]) == int(model["finetune_steps"]) == int(model["fitted_at"]) == 4
+    assert int(model["steps"]) == int(model["fitted_at"]) == 4
     assert (model["svm_weight"][1:].abs().sum(1) > 0).all() and model["svm_weight"][0].abs().sum() == 0
     assert model["bbox_beta"].abs().sum() > 0 and (model["feature_scale"] != 1).all()
+    # --resume with --epochs 2, in the template's order: this run's count of steps stands, not the checkpoint's
+    cfg = dataclasses.replace(tiny_config("rcnn"), epochs=2)
+    resumed = rcnn.RCNN(cfg)
+    rcnn.make_optimizer(resumed, cfg, steps_per_epoch=4, world_size=1)
+    resumed.load_state_dict(model)
+    assert (int(resumed.steps), int(resumed.finetune_steps), int(resumed.fitted_at)) == (4, 8, 4)
 
 
 # ======================================== fast_rcnn ========================================
