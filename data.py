@@ -30,6 +30,7 @@ Transforms are callables `(image, target) -> (image, target)` that keep the boxe
 import argparse
 import ast
 import dataclasses
+import hashlib
 import heapq
 import inspect
 import json
@@ -1136,12 +1137,15 @@ def attach_proposals(dataset, given="", cache="", workers=0, collective=True, **
 
     given: a proposals file the dataset brings (load_proposals states the format). Otherwise selective_search(image,
     **kwargs) of every image, computed once in `workers` processes and kept in the file `cache` (an .npz, also in that
-    format), which later runs reuse as long as it was made for the same images with the same settings. Under
+    format), which later runs reuse as long as it was made for the same images (keys, file names and sizes) with the
+    same settings. Under
     torch.distributed (collective), rank 0 computes and the other ranks wait, then read the file."""
     if given:
         dataset.proposals = load_proposals(given, dataset)
         return
-    meta = {"source": dataset.source, "images": image_keys(dataset), **kwargs}
+    files = [(img.get("file_name"), img.get("width"), img.get("height")) for img in getattr(dataset, "images", [])]
+    meta = {"source": dataset.source, "images": image_keys(dataset),  # and which files they are (a re-exported json)
+            "files": hashlib.sha1(json.dumps(files).encode()).hexdigest(), **kwargs}
     distributed = collective and torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_rank() != 0:
         torch.distributed.barrier()  # rank 0 computes the file first

@@ -3050,6 +3050,12 @@ def test_proposals_files_and_cache(tmp_path, monkeypatch):
     dataset.transforms = lambda image, target: data.hflip(image, target)
     data.attach_proposals(dataset, cache=cache, mode="fast", side=500, min_box_size=8)
     assert torch.equal(dataset[0][1]["proposals"], torch.tensor([[20.0, 2, 31, 20]]))  # 32 - 12, 32 - 1
+    # a json exported anew with the same path and ids, naming other files: made anew
+    for names in (("x.jpg", "y.jpg"), ("y.jpg", "x.jpg"), ("y.jpg", "x.jpg")):
+        image_dir, ann = make_coco(tmp_path, [{"id": i + 1, "file_name": n} for i, n in enumerate(names)], [])
+        with pytest.warns(UserWarning, match="without boxes"):
+            data.attach_proposals(data.CocoDetection(image_dir, ann), cache=cache, mode="fast", side=500, min_box_size=8)
+    assert len(calls) == 13 + 2 + 2  # (the flipped run above made them anew for its 3 images; the third json: reused)
 
 
 def rcnn_im_crop(im, bbox, crop_size, padding):
