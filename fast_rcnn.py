@@ -453,10 +453,18 @@ class FastRCNN(nn.Module):
                                     truncated_svd(head.fc7, cfg.svd_fc7) if cfg.svd_fc7 else None))
         return self.svd_cache[1]
 
-    def set_target_statistics(self, means: Tensor, stds: Tensor):
-        """The box targets' per-class means and stds [K, 4] (bbox_target_statistics), said on rank 0."""
-        self.box_predictor.bbox_means.copy_(means)
-        self.box_predictor.bbox_stds.copy_(stds)
+    def set_target_statistics(self, means: Tensor, stds: Tensor, keep_deltas: bool = False):
+        """The box targets' per-class means and stds [K, 4] (bbox_target_statistics), said on rank 0. keep_deltas
+        (fine-tuning from --weights): the regressor is re-expressed in them, so that it still predicts what it did."""
+        p = self.box_predictor
+        means, stds = means.to(p.bbox_means), stds.to(p.bbox_stds)
+        if keep_deltas:
+            with torch.no_grad():
+                old_std, old_mean, std, mean = (t.flatten() for t in (p.bbox_stds, p.bbox_means, stds, means))
+                p.bbox_pred.weight.mul_((old_std / std)[:, None])
+                p.bbox_pred.bias.copy_((p.bbox_pred.bias * old_std + old_mean - mean) / std)
+        p.bbox_means.copy_(means)
+        p.bbox_stds.copy_(stds)
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"box targets dx, dy, dw, dh: means {[round(v, 3) for v in means[1:].mean(0).tolist()]}, stds "
                   f"{[round(v, 3) for v in stds[1:].mean(0).tolist()]} (averages over the classes)")
@@ -633,9 +641,12 @@ DETECTOR = FastRCNN  # the class the template builds, trains, evaluates and save
 def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
     """solver.prototxt: SGD with momentum (or AdamW), weights at cfg.lr with weight decay, biases at 2 x lr without
     (lr_mult 2, decay_mult 0), cfg.lr scaled to the processes, a linear warmup (at most a third of the run), x lr_gamma
-    at each of lr_steps. Also computes the box targets' statistics on the training set (--resume: they are loaded)."""
-    if isinstance(model, FastRCNN) and train_set is not None and cfg.normalize_targets and not cfg.resume:
-        model.set_target_statistics(*bbox_target_statistics(train_set, cfg))
+    at each of lr_steps. Also computes the box targets' statistics on the training set (--resume: they are loaded;
+    --no-normalize-targets: 0 and 1, also after --weights of a run that had them)."""
+    if isinstance(model, FastRCNN) and train_set is not None and not cfg.resume:  # raw targets: statistics 0 and 1
+        K = cfg.num_classes
+        model.set_target_statistics(*bbox_target_statistics(train_set, cfg) if cfg.normalize_targets else (
+            torch.zeros(K, 4), torch.ones(K, 4)), keep_deltas=bool(cfg.weights))
     params, lr = caffe_param_groups(model, cfg.lr * world_size, cfg.weight_decay), cfg.lr * world_size
     optimizer = (torch.optim.SGD(params, lr, cfg.momentum, fused=next(model.parameters()).is_cuda)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr))

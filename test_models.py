@@ -3482,6 +3482,13 @@ def test_fast_rcnn_checkpoint_folds_the_normalisation_into_the_regressor():
     again.load_state_dict(state_dict)
     tensors = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}  # noqa: E731
     assert all(torch.equal(v, tensors(again)[k]) for k, v in tensors(model).items())
+    # fine-tuning from these weights with raw targets (statistics 0 and 1): the regressor still predicts its deltas
+    cfg = dataclasses.replace(model.cfg, normalize_targets=False, weights="best.pt")
+    fast_rcnn.make_optimizer(again, cfg, steps_per_epoch=4, world_size=1, train_set=[])
+    assert (again.box_predictor.bbox_means == 0).all() and (again.box_predictor.bbox_stds == 1).all()
+    with torch.no_grad():
+        for ours, theirs in zip(again.eval()(images, proposals=proposals), expected):
+            torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=1e-5, atol=1e-4)
 
 
 def test_fast_rcnn_truncated_svd_of_fc6_and_fc7():
