@@ -63,6 +63,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import signal
 import time
 import warnings
@@ -457,7 +458,7 @@ class FastRCNN(nn.Module):
         """The box targets' per-class means and stds [K, 4] (bbox_target_statistics), said on rank 0. keep_deltas
         (fine-tuning from --weights): the regressor is re-expressed in them, so that it still predicts what it did."""
         p = self.box_predictor
-        means, stds = means.to(p.bbox_means), stds.to(p.bbox_stds)
+        means, stds = (torch.as_tensor(t).to(p.bbox_means).expand_as(p.bbox_means) for t in (means, stds))
         if keep_deltas:
             with torch.no_grad():
                 old_std, old_mean, std, mean = (t.flatten() for t in (p.bbox_stds, p.bbox_means, stds, means))
@@ -641,12 +642,10 @@ DETECTOR = FastRCNN  # the class the template builds, trains, evaluates and save
 def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
     """solver.prototxt: SGD with momentum (or AdamW), weights at cfg.lr with weight decay, biases at 2 x lr without
     (lr_mult 2, decay_mult 0), cfg.lr scaled to the processes, a linear warmup (at most a third of the run), x lr_gamma
-    at each of lr_steps. Also computes the box targets' statistics on the training set (--resume: they are loaded;
-    --no-normalize-targets: 0 and 1, also after --weights of a run that had them)."""
-    if isinstance(model, FastRCNN) and train_set is not None and not cfg.resume:  # raw targets: statistics 0 and 1
-        K = cfg.num_classes
-        model.set_target_statistics(*bbox_target_statistics(train_set, cfg) if cfg.normalize_targets else (
-            torch.zeros(K, 4), torch.ones(K, 4)), keep_deltas=bool(cfg.weights))
+    at each of lr_steps. Sets the box targets' statistics from the training set (or 0 and 1; --resume: loaded)."""
+    if isinstance(model, FastRCNN) and train_set is not None and not cfg.resume:
+        stats = bbox_target_statistics(train_set, cfg) if cfg.normalize_targets else (0.0, 1.0)  # raw targets
+        model.set_target_statistics(*stats, keep_deltas=bool(cfg.weights))
     params, lr = caffe_param_groups(model, cfg.lr * world_size, cfg.weight_decay), cfg.lr * world_size
     optimizer = (torch.optim.SGD(params, lr, cfg.momentum, fused=next(model.parameters()).is_cuda)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr))
@@ -741,13 +740,14 @@ def train(cfg: Config):
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
-    epoch, step, best = 0, 0, {"AP": -1.0}
+    epoch, step, best = 0, 0, {"AP": -math.inf}
     if resume:
-        if (batch := resume["config"]["batch_size"] * resume["world_size"]) != cfg.batch_size * world_size:
-            raise SystemExit(f"--resume: {cfg.resume} trained {batch} images per step; resume with as many")
+        if (batch := resume["config"]["batch_size"] * resume.get("world_size", 0)) != cfg.batch_size * world_size:
+            raise SystemExit(f"--resume {cfg.resume}: " + (f"trained {batch} images per step; resume with as many"
+                             if batch else "weights only (best.pt?): resume from last.pt"))
         raw_model.load_state_dict(resume["raw_model"] or resume["model"])
         for name, obj in (("model", ema), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-            obj is None or obj.load_state_dict(resume[name])
+            obj is None or not resume[name] or obj.load_state_dict(resume[name])  # a scaler saved off: {}
         epoch, step, best = resume["epoch"], resume["step"], resume["best"]
     metrics = os.path.join(cfg.out, "metrics.jsonl")
 
@@ -765,8 +765,9 @@ def train(cfg: Config):
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        kept = [r for r in open(metrics) if json.loads(r)["iter"] <= epoch * steps + step] if resume else []
-        open(metrics, "w").writelines(kept)  # a resumed run continues the log where its checkpoint was, no repeats
+        kept = [r for r in open(metrics) if json.loads(r)["iter"] <= epoch * steps + step] \
+            if resume and os.path.isfile(metrics) else []  # a resumed run continues its log there, no repeats
+        open(metrics, "w").writelines(kept)
         print(f"{DETECTOR.__name__}, {cfg.backbone}, {cfg.weights or cfg.backbone_weights} weights, "
               f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f} M parameters\ndata: {train_set.source} "
               f"({len(train_set)} images), val {val_set.source} ({len(val_set)}); {cfg.num_classes - 1} classes: "
@@ -832,20 +833,18 @@ def train(cfg: Config):
             save({**weights, "raw_model": ema and raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                   "world_size": world_size}, "last.pt")
+        ddp and dist.barrier()  # the other ranks wait for rank 0's checkpoint, also before they stop
         if step:  # interrupted mid-epoch
             if main_process:
                 print(f"stopped at epoch {epoch} step {step}/{steps}, saved in {cfg.out}/last.pt; to go on:\n    "
-                      f"python {os.path.basename(__file__)} --train --resume {cfg.out}/last.pt")
+                      f"python {os.path.basename(__file__)} --train --resume {shlex.quote(cfg.out + '/last.pt')}")
             raise SystemExit(130)
-        if ddp:
-            dist.barrier()
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
     for signum, handler in handlers.items():  # train() called from a notebook leaves Ctrl-C as it found it
         signal.signal(signum, handler)
-    if ddp:
-        dist.destroy_process_group()
+    ddp and dist.destroy_process_group()
     return raw_model
 
 
@@ -861,8 +860,8 @@ def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config
     values.update(given)
     if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision
         values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
-    if values.get("data_root"):  # absolute: --eval of the checkpoint works from any folder
-        values["data_root"] = os.path.abspath(values["data_root"])
+    for k in ("data_root", "out"):  # absolute: --resume and --eval of the checkpoint work from any folder
+        values[k] = os.path.abspath(values.get(k, fields[k].default)) if values.get(k, fields[k].default) else ""
     return Config(**values)
 
 

@@ -59,6 +59,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import signal
 import time
 import warnings
@@ -842,13 +843,14 @@ def train(cfg: Config):
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
-    epoch, step, best = 0, 0, {"AP": -1.0}
+    epoch, step, best = 0, 0, {"AP": -math.inf}
     if resume:
-        if (batch := resume["config"]["batch_size"] * resume["world_size"]) != cfg.batch_size * world_size:
-            raise SystemExit(f"--resume: {cfg.resume} trained {batch} images per step; resume with as many")
+        if (batch := resume["config"]["batch_size"] * resume.get("world_size", 0)) != cfg.batch_size * world_size:
+            raise SystemExit(f"--resume {cfg.resume}: " + (f"trained {batch} images per step; resume with as many"
+                             if batch else "weights only (best.pt?): resume from last.pt"))
         raw_model.load_state_dict(resume["raw_model"] or resume["model"])
         for name, obj in (("model", ema), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-            obj is None or obj.load_state_dict(resume[name])
+            obj is None or not resume[name] or obj.load_state_dict(resume[name])  # a scaler saved off: {}
         epoch, step, best = resume["epoch"], resume["step"], resume["best"]
     metrics = os.path.join(cfg.out, "metrics.jsonl")
 
@@ -866,8 +868,9 @@ def train(cfg: Config):
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        kept = [r for r in open(metrics) if json.loads(r)["iter"] <= epoch * steps + step] if resume else []
-        open(metrics, "w").writelines(kept)  # a resumed run continues the log where its checkpoint was, no repeats
+        kept = [r for r in open(metrics) if json.loads(r)["iter"] <= epoch * steps + step] \
+            if resume and os.path.isfile(metrics) else []  # a resumed run continues its log there, no repeats
+        open(metrics, "w").writelines(kept)
         print(f"{DETECTOR.__name__}, {cfg.backbone}, {cfg.weights or cfg.backbone_weights} weights, "
               f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f} M parameters\ndata: {train_set.source} "
               f"({len(train_set)} images), val {val_set.source} ({len(val_set)}); {cfg.num_classes - 1} classes: "
@@ -933,20 +936,18 @@ def train(cfg: Config):
             save({**weights, "raw_model": ema and raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                   "world_size": world_size}, "last.pt")
+        ddp and dist.barrier()  # the other ranks wait for rank 0's checkpoint, also before they stop
         if step:  # interrupted mid-epoch
             if main_process:
                 print(f"stopped at epoch {epoch} step {step}/{steps}, saved in {cfg.out}/last.pt; to go on:\n    "
-                      f"python {os.path.basename(__file__)} --train --resume {cfg.out}/last.pt")
+                      f"python {os.path.basename(__file__)} --train --resume {shlex.quote(cfg.out + '/last.pt')}")
             raise SystemExit(130)
-        if ddp:
-            dist.barrier()
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
     for signum, handler in handlers.items():  # train() called from a notebook leaves Ctrl-C as it found it
         signal.signal(signum, handler)
-    if ddp:
-        dist.destroy_process_group()
+    ddp and dist.destroy_process_group()
     return raw_model
 
 
@@ -962,8 +963,8 @@ def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config
     values.update(given)
     if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision
         values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
-    if values.get("data_root"):  # absolute: --eval of the checkpoint works from any folder
-        values["data_root"] = os.path.abspath(values["data_root"])
+    for k in ("data_root", "out"):  # absolute: --resume and --eval of the checkpoint work from any folder
+        values[k] = os.path.abspath(values.get(k, fields[k].default)) if values.get(k, fields[k].default) else ""
     return Config(**values)
 
 

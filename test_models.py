@@ -1512,6 +1512,8 @@ def test_checkpoint_of_another_detector_is_refused_in_one_line(one_epoch):
     for args in (["--eval", "--weights", str(out / "best.pt")], ["--train", "--resume", str(out / "last.pt")]):
         with pytest.raises(SystemExit, match=rf"a {REGISTRY[name].module.DETECTOR.__name__} checkpoint: use {name}.py"):
             REGISTRY[other].module.main(args)
+    with pytest.raises(SystemExit, match=r"best.pt: weights only \(best.pt\?\): resume from last.pt"):
+        REGISTRY[name].module.main(["--train", "--resume", str(out / "best.pt")])
 
 
 def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monkeypatch, capsys):
@@ -1696,7 +1698,8 @@ def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_command_line_fields(name):
-    """Every Config field is a flag; tuples, bools and presets behave; frozen_bn follows the weights unless set."""
+    """Every Config field is a flag; tuples, bools and presets behave; frozen_bn follows the weights unless set; the
+    run's folder and data root are absolute, so that --resume and --eval of its checkpoints work from any folder."""
     module = REGISTRY[name].module
     first, second = [f.name for f in dataclasses.fields(module.Config) if f.type is tuple][:2]  # two tuple fields
     args, given = parse_args(module, ["--train", f"--{first.replace('_', '-')}", "8", "16", "--no-amp", "--lr", "0.01",
@@ -1705,6 +1708,8 @@ def test_command_line_fields(name):
     paper = next(p for p in module.PRESETS if p != "cpu")  # coco, or voc (R-CNN)
     assert module.make_config(given, preset=paper).data == paper
     assert getattr(module.make_config(given), first) == (8, 16)
+    cfg = module.make_config({"data_root": "bccd"})
+    assert cfg.out == os.path.abspath(module.Config.out) and cfg.data_root == os.path.abspath("bccd")
     for field in dataclasses.fields(module.Config):
         value = [] if field.type in (bool, tuple) else [str(field.default) if field.default != "" else "x"]
         assert parse_args(module, ["--eval", "--" + field.name.replace("_", "-"), *value])[1].keys() == {field.name}
