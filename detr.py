@@ -428,6 +428,8 @@ def reference_weights(weights: str, state_dict: dict = None):
             raise SystemExit(f"--weights {weights}: cannot download {url} ({e})") from None
     args = vars(state_dict.get("args") or argparse.Namespace())  # main.py's arguments, in an official run's file
     state_dict = convert_official(state_dict.get("model", state_dict))
+    if "query_embed.weight" not in state_dict:  # e.g. another detector's state dict
+        raise SystemExit(f"--weights {weights}: neither a checkpoint of detr.py nor the official DETR's weights")
     if "transformer.encoder.norm.weight" in state_dict or args.get("pre_norm"):
         raise SystemExit(f"--weights {weights}: a pre-norm DETR (--pre_norm): this file implements the post-norm one")
     blocks = [len({k.split(".")[3] for k in state_dict if k.startswith(f"backbone.body.layer{i}.")}) for i in (1, 3)]

@@ -383,6 +383,8 @@ def reference_weights(weights: str, state_dict: dict = None):
         state_dict = convert_torchvision(state_dict or TORCHVISION_WEIGHTS.get_state_dict(progress=True))
     except OSError as e:  # no internet
         raise SystemExit(f"--weights torchvision: cannot download {TORCHVISION_WEIGHTS.url} ({e})") from None
+    if "head.cls_logits.weight" not in state_dict:  # e.g. another detector's state dict
+        raise SystemExit(f"--weights {weights}: neither a checkpoint of fcos.py nor a fcos_resnet50_fpn state dict")
     K = state_dict["head.cls_logits.weight"].shape[0]
     names = TORCHVISION_WEIGHTS.meta["categories"] if K == 91 else ["__background__", *map(str, range(1, K))]
     return state_dict, tuple(names), TORCHVISION_CONFIG

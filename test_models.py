@@ -1780,6 +1780,16 @@ def test_load_state_says_what_does_not_fit_in_one_line(name):
         module.load_state(model, other, "x")
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_of_something_else_are_refused_in_one_line(name, tmp_path):
+    """--weights FILE holding a state dict that is neither this file's checkpoint nor its reference's weights (another
+    detector's, say) stops with one line that names the file."""
+    path = tmp_path / "other.pt"
+    torch.save({"backbone.conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(SystemExit, match=rf"--weights {re.escape(str(path))}: (neither|not) a checkpoint of {name}.py"):
+        REGISTRY[name].module.load_weights(str(path))
+
+
 @pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_torchvision_state_dict_file(name, tmp_path):
     """--weights FILE with a torchvision state dict (here K = 4): converted, loaded strictly, generic class names."""
