@@ -28,9 +28,10 @@ How the three stages fit the training loop every model file shares (the template
 the model counts its training steps, and make_optimizer tells it how many the run has. At its first evaluation after
 the last one, the model runs stages 2 and 3 itself, on the training set of its own Config (train_svms_and_regressors),
 so the evaluation after the last epoch and last.pt are the whole detector (and best.pt, unless an earlier
-evaluation scored higher). Evaluations after earlier epochs score with the fine-tuned softmax. Stage 2 keeps its progress in <out>/stage2.pt (every 200 images) for the network
-it was made for: if a run dies there, --resume repeats the last epoch exactly (the template's exact resume) and stage 2
-goes on where it stopped; stage 3 is a closed-form solve from stage 2's file.
+evaluation scored higher). Evaluations after earlier epochs score with the fine-tuned softmax. Stage 2 keeps its
+progress in <out>/stage2.pt (every 200 images) for the network, settings and data it was made for: if a run dies
+there, --resume repeats the last epoch exactly (the template's exact resume) and stage 2 goes on where it stopped;
+stage 3 is a closed-form solve from stage 2's file.
 
 Run (--help lists every Config field as a flag, with the values a plain --train uses):
     python rcnn.py --train                                   # synthetic shapes, no download; CPU: preset cpu
@@ -606,8 +607,8 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
     model.eval()
     path = os.path.join(cfg.out, "stage2.pt")
     # what stage2.pt holds is for this network, the settings stage 2 reads and this data (its boxes and proposals)
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith(("svm_", "feature_", "crop_", "image_"))
-                or k in ("bbox_min_iou", "proposals_per_image", "seed")}
+    prefixes, names = ("svm_", "feature_", "crop_", "image_"), ("bbox_min_iou", "proposals_per_image", "seed")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith(prefixes) or k in names}
     arrays = [*getattr(dataset, "boxes", []), *(getattr(dataset, "proposals", None) or [])]
     key = hashlib.sha1(b"".join(v.detach().cpu().numpy().tobytes() for k, v in model.state_dict().items()
                                 if not k.startswith(("svm_", "bbox_", "feature_scale", "fitted_at")))
@@ -816,10 +817,10 @@ def train(cfg: Config):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ddp, main_process = world_size > 1, rank == 0
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if ddp:  # rank 0 evaluates alone after each epoch while the others wait at a barrier: allow it an hour
+    if ddp:  # rank 0 evaluates alone after each epoch (R-CNN: fits its SVMs) while the others wait: allow it hours
         if device.type == "cuda":
             torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     # AMP as nanoGPT, for training steps (evaluation is fp32): bf16 where the GPU has it, else fp16 with loss scaling
     dtype = torch.float32 if device.type != "cuda" or not cfg.amp else (
         torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16)

@@ -387,7 +387,8 @@ def reference_weights(weights: str, state_dict: dict = None):
     except OSError as e:  # no internet
         raise SystemExit(f"--weights torchvision: cannot download {TORCHVISION_WEIGHTS.url} ({e})") from None
     if "head.cls_logits.weight" not in state_dict:  # e.g. another detector's state dict
-        raise SystemExit(f"--weights {weights}: neither a checkpoint of retinanet.py nor a retinanet_resnet50_fpn state dict")
+        raise SystemExit(f"--weights {weights}: neither a checkpoint of retinanet.py nor a retinanet_resnet50_fpn "
+                         "state dict")
     K = state_dict["head.cls_logits.weight"].shape[0] // 9
     names = TORCHVISION_WEIGHTS.meta["categories"] if K == 91 else ["__background__", *map(str, range(1, K))]
     return state_dict, tuple(names), TORCHVISION_CONFIG
@@ -564,10 +565,10 @@ def train(cfg: Config):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ddp, main_process = world_size > 1, rank == 0
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if ddp:  # rank 0 evaluates alone after each epoch while the others wait at a barrier: allow it an hour
+    if ddp:  # rank 0 evaluates alone after each epoch (R-CNN: fits its SVMs) while the others wait: allow it hours
         if device.type == "cuda":
             torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     # AMP as nanoGPT, for training steps (evaluation is fp32): bf16 where the GPU has it, else fp16 with loss scaling
     dtype = torch.float32 if device.type != "cuda" or not cfg.amp else (
         torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16)

@@ -2051,7 +2051,8 @@ def ssd_tiny(**overrides):
 def test_ssd_batch_norm_backbone_trains_at_batch_1(size):
     """vgg16_bn has no batch norm after its last extra conv, whose 1 x 1 map has one value per channel and image."""
     model = ssd.SSD(ssd_tiny(size=size)).train()
-    assert [m.__class__.__name__ for m in model.backbone.extras[-1]] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "ReLU"]
+    last_block = [m.__class__.__name__ for m in model.backbone.extras[-1]]
+    assert last_block == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "ReLU"]
     losses = model(*data.collate_fn([data.SyntheticShapes(1, 64)[0]]))
     sum(losses.values()).backward()
 
@@ -3069,7 +3070,8 @@ def test_proposals_files_and_cache(tmp_path, monkeypatch):
     for names in (("x.jpg", "y.jpg"), ("y.jpg", "x.jpg"), ("y.jpg", "x.jpg")):
         image_dir, ann = make_coco(tmp_path, [{"id": i + 1, "file_name": n} for i, n in enumerate(names)], [])
         with pytest.warns(UserWarning, match="without boxes"):
-            data.attach_proposals(data.CocoDetection(image_dir, ann), cache=cache, mode="fast", side=500, min_box_size=8)
+            data.attach_proposals(data.CocoDetection(image_dir, ann), cache=cache, mode="fast", side=500,
+                                  min_box_size=8)
     assert len(calls) == 13 + 2 + 2  # (the flipped run above made them anew for its 3 images; the third json: reused)
 
 

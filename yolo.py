@@ -900,10 +900,10 @@ def train(cfg: Config):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ddp, main_process = world_size > 1, rank == 0
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if ddp:  # rank 0 evaluates alone after each epoch while the others wait at a barrier: allow it an hour
+    if ddp:  # rank 0 evaluates alone after each epoch (R-CNN: fits its SVMs) while the others wait: allow it hours
         if device.type == "cuda":
             torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     # AMP as nanoGPT, for training steps (evaluation is fp32): bf16 where the GPU has it, else fp16 with loss scaling
     dtype = torch.float32 if device.type != "cuda" or not cfg.amp else (
         torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16)
