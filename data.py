@@ -81,7 +81,7 @@ def load_image(path):
             rgb = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: image file not found") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
         raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
 
@@ -111,8 +111,8 @@ def check_images(paths, sizes, source, where):
                 return key, list(im.size)
         except FileNotFoundError:
             return None, "image file not found"
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            return None, f"cannot read image ({type(e).__name__}: {e})"
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # (over 179 Mpx: raise
+            return None, f"cannot read image ({type(e).__name__}: {e})"  # PIL.Image.MAX_IMAGE_PIXELS)
 
     results, tic = [], time.perf_counter()
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
@@ -129,7 +129,7 @@ def check_images(paths, sizes, source, where):
             errors.append(f"{path}: image is {found[0]}x{found[1]} but {source} gives {name} 'width' {size[0]}, "
                           f"'height' {size[1]}")
     new = {p: r for p, r in zip(paths, results) if r[0] is not None}
-    if any(cache.get(p) != r for p, r in new.items()):
+    if any(cache.get(p) != list(r) for p, r in new.items()):  # (json gives lists): rewritten only when it changed
         try:  # a read-only dataset folder only costs the next run another check
             with open(cache_file + ".tmp", "w", encoding="utf-8") as f:
                 json.dump({**cache, **new}, f)
@@ -1277,13 +1277,14 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None):
 
 
 def image_files(path):
-    """An image file -> [it]; a folder -> its image files, sorted (for --predict)."""
+    """An image file -> [it]; a folder -> its image files, sorted, hidden ones (macOS's ._x.jpg) left out."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     return sorted(os.path.join(path, f) for f in os.listdir(path)
-                  if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")))
+                  if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"))
+                  and not f.startswith("."))
 
 
 def _coco_image_dir(data_root, ann_file):

@@ -418,6 +418,16 @@ def test_voc_evaluate_matches_py_faster_rcnn(seed):
 # --- Drawing ---
 
 
+def test_predict_folder_skips_hidden_files_and_huge_images_are_named(tmp_path, monkeypatch):
+    write_image(tmp_path / "b.png"), write_image(tmp_path / "a.jpg")
+    for name in ("._a.jpg", "notes.txt"):  # ._a.jpg: macOS metadata, not an image
+        (tmp_path / name).write_bytes(b"\0\5")
+    assert data.image_files(str(tmp_path)) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
+    monkeypatch.setattr(data.Image, "MAX_IMAGE_PIXELS", 100)  # PIL's decompression-bomb limit (~179 Mpx) at 200 px
+    with pytest.raises(ValueError, match=r"a.jpg: cannot read image \(DecompressionBombError"):
+        data.load_image(str(tmp_path / "a.jpg"))
+
+
 def test_draw_boxes_writes_png(tmp_path):
     image = torch.full((3, 60, 80), 0.5)
     boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0], [30.0, 10.0, 75.0, 55.0]])
@@ -620,8 +630,10 @@ def test_image_check_is_cached_beside_the_annotations(tmp_path, monkeypatch):
     assert sorted(map(os.path.basename, decoded)) == ["x.jpg", "y.jpg"]
     assert os.path.isfile(tmp_path / ".instances.json.checked.json")
     decoded.clear()
+    written = os.stat(tmp_path / ".instances.json.checked.json").st_mtime_ns
     data.CocoDetection(image_dir, ann)
-    assert decoded == []  # the second run is instant
+    assert decoded == []  # the second run is instant, and leaves the cache as it was
+    assert os.stat(tmp_path / ".instances.json.checked.json").st_mtime_ns == written
     write_image(tmp_path / "y.jpg", size=(32, 24), mode="L")  # a changed file is checked again
     data.CocoDetection(image_dir, ann)
     assert list(map(os.path.basename, decoded)) == ["y.jpg"]
