@@ -81,7 +81,7 @@ def load_image(path):
             rgb = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: image file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # bomb: over Image.MAX_IMAGE_PIXELS
         raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
 
@@ -111,8 +111,8 @@ def check_images(paths, sizes, source, where):
                 return key, list(im.size)
         except FileNotFoundError:
             return None, "image file not found"
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # (over 179 Mpx: raise
-            return None, f"cannot read image ({type(e).__name__}: {e})"  # PIL.Image.MAX_IMAGE_PIXELS)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # as load_image
+            return None, f"cannot read image ({type(e).__name__}: {e})"
 
     results, tic = [], time.perf_counter()
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
@@ -686,10 +686,13 @@ class RandomHorizontalFlip:
         return image, target
 
 
+PER_BOX = ("labels", "iscrowd", "difficult")  # the target's fields with one value per box, besides "boxes"
+
+
 def per_box_fields(inputs):
     """labels_getter for torchvision.transforms.v2.SanitizeBoundingBoxes on (image, target): every per-box field of
     the target, so that a box removed by a crop takes its label, iscrowd and difficult flag with it."""
-    return tuple(inputs[1][k] for k in ("labels", "iscrowd", "difficult") if k in inputs[1])
+    return tuple(inputs[1][k] for k in PER_BOX if k in inputs[1])
 
 
 class TransformsV2:
@@ -1138,8 +1141,7 @@ def attach_proposals(dataset, given="", cache="", workers=0, collective=True, **
     given: a proposals file the dataset brings (load_proposals states the format). Otherwise selective_search(image,
     **kwargs) of every image, computed once in `workers` processes and kept in the file `cache` (an .npz, also in that
     format), which later runs reuse as long as it was made for the same images (keys, file names and sizes) with the
-    same settings. Under
-    torch.distributed (collective), rank 0 computes and the other ranks wait, then read the file."""
+    same settings. Under torch.distributed (collective), rank 0 computes and the other ranks wait, then read it."""
     if given:
         dataset.proposals = load_proposals(given, dataset)
         return
@@ -1232,8 +1234,7 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_st
         dataset = SeededItems(dataset, seed, epoch)
     else:
         sizes = getattr(dataset, "images", None)  # [{"width", "height", ...}] of COCO and VOC
-        order = sorted(range(len(dataset)), key=lambda i: sizes[i]["height"] / sizes[i]["width"]) if sizes else \
-            list(range(len(dataset)))
+        order = sorted(range(len(dataset)), key=(lambda i: sizes[i]["height"] / sizes[i]["width"]) if sizes else None)
         batches = [order[i: i + batch_size] for i in range(0, len(dataset), batch_size)]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
                                        worker_init_fn=worker_init, pin_memory=torch.cuda.is_available())

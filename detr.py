@@ -465,7 +465,7 @@ class RandomSizeCrop:
         top, left = int(torch.randint(H - h + 1, ())), int(torch.randint(W - w + 1, ()))
         boxes = v2.functional.crop(target["boxes"], top, left, h, w)  # shifted and clipped to the crop
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        per_box = {k: target[k][keep] for k in ("labels", "iscrowd", "difficult") if k in target}
+        per_box = {k: target[k][keep] for k in data.PER_BOX if k in target}
         return v2.functional.crop(image, top, left, h, w), {**target, **per_box, "boxes": boxes[keep]}
 
 
@@ -815,7 +815,7 @@ def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config
     if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision
         values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
     for k in ("data_root", "out"):  # absolute: --resume and --eval of the checkpoint work from any folder
-        values[k] = os.path.abspath(values.get(k, fields[k].default)) if values.get(k, fields[k].default) else ""
+        values[k] = os.path.abspath(path) if (path := values.get(k, fields[k].default)) else ""
     return Config(**values)
 
 

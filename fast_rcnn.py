@@ -861,7 +861,7 @@ def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config
     if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision
         values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
     for k in ("data_root", "out"):  # absolute: --resume and --eval of the checkpoint work from any folder
-        values[k] = os.path.abspath(values.get(k, fields[k].default)) if values.get(k, fields[k].default) else ""
+        values[k] = os.path.abspath(path) if (path := values.get(k, fields[k].default)) else ""
     return Config(**values)
 
 

@@ -609,11 +609,12 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
     # what stage2.pt holds is for this network, the settings stage 2 reads and this data (its boxes and proposals)
     prefixes, names = ("svm_", "feature_", "crop_", "image_"), ("bbox_min_iou", "proposals_per_image", "seed")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith(prefixes) or k in names}
-    arrays = [*getattr(dataset, "boxes", []), *(getattr(dataset, "proposals", None) or [])]
-    key = hashlib.sha1(b"".join(v.detach().cpu().numpy().tobytes() for k, v in model.state_dict().items()
-                                if not k.startswith(("svm_", "bbox_", "feature_scale", "fitted_at")))
-                       + repr((settings, getattr(dataset, "source", ""), len(dataset))).encode()
-                       + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+    network = [v.detach().cpu().numpy() for k, v in model.state_dict().items()
+               if not k.startswith(("svm_", "bbox_", "feature_scale", "fitted_at"))]
+    key = hashlib.sha1(repr((settings, getattr(dataset, "source", ""), len(dataset))).encode())
+    for array in [*network, *getattr(dataset, "boxes", []), *(getattr(dataset, "proposals", None) or [])]:
+        key.update(np.ascontiguousarray(array))
+    key = key.hexdigest()
     state = torch.load(path, map_location=device, weights_only=True) if os.path.isfile(path) else None
     if state is None or state.get("key") != key:
         state = None
@@ -965,7 +966,7 @@ def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config
     if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision
         values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
     for k in ("data_root", "out"):  # absolute: --resume and --eval of the checkpoint work from any folder
-        values[k] = os.path.abspath(values.get(k, fields[k].default)) if values.get(k, fields[k].default) else ""
+        values[k] = os.path.abspath(path) if (path := values.get(k, fields[k].default)) else ""
     return Config(**values)
 
 

@@ -792,7 +792,7 @@ class YoloAugment:
 
     def __call__(self, image: Tensor, target: dict):
         cfg, s = self.cfg, self.cfg.image_size
-        fields = [k for k in ("labels", "iscrowd", "difficult") if k in target]  # one value per box
+        fields = [k for k in data.PER_BOX if k in target]  # one value per box
         if self.dataset is not None and self.epoch < cfg.epochs - cfg.close_mosaic and random.random() < cfg.mosaic:
             items = [(image, target)] + [self.item(i) for i in random.choices(range(len(self.dataset)), k=3)]
             random.shuffle(items)
@@ -1048,7 +1048,7 @@ def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config
     if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision
         values.setdefault("frozen_bn", values.get("backbone_weights", "none") != "none" or bool(values.get("weights")))
     for k in ("data_root", "out"):  # absolute: --resume and --eval of the checkpoint work from any folder
-        values[k] = os.path.abspath(values.get(k, fields[k].default)) if values.get(k, fields[k].default) else ""
+        values[k] = os.path.abspath(path) if (path := values.get(k, fields[k].default)) else ""
     return Config(**values)
 
 
