@@ -35,6 +35,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import itertools
 import os
 import textwrap
 import time
@@ -1223,8 +1224,8 @@ def bench_gallery(args):
                 print(f"{name} {data_name}: targets in {time.perf_counter() - tic:.0f} s")
         for folders, picture, data_name in (((args.predictions, args.cpu_predictions), "sample", "synthetic"),
                                             ((args.bccd_predictions,), BCCD_IMAGE, "bccd")):
-            for folder in folders:  # the first folder that has the picture
-                prediction = os.path.join(folder, f"pred_{name}", picture + ".png")
+            for folder, ext in itertools.product(folders, (".png", ".jpg")):  # the first folder with the picture
+                prediction = os.path.join(folder, f"pred_{name}", picture + ext)  # (.jpg: --predict keeps the name)
                 if folder and os.path.exists(prediction):
                     small_png(prediction, os.path.join(GALLERY, f"{data_name}_pred_{name}.png"), args.gallery_width)
                     if data_name == "synthetic":  # which files' pictures are the cpu runs', and which runs
@@ -1274,7 +1275,7 @@ def main():
     parser.add_argument("--records", nargs="*", default=[], help="compare: records folders (default: records/*)")
     parser.add_argument("--predictions", default="", help="gallery: a folder of pred_NAME/sample.png (GPU runs)")
     parser.add_argument("--bccd-predictions", default="",
-                        help=f"gallery: a folder of pred_NAME/{BCCD_IMAGE}.png (the BCCD runs' --predict)")
+                        help=f"gallery: a folder of pred_NAME/{BCCD_IMAGE}.jpg (or .png; the BCCD runs' --predict)")
     parser.add_argument("--bccd-predictions-run", default="records/2026-11-27-cpu-bccd",
                         help="gallery: the records folder of the runs whose predictions --bccd-predictions holds")
     parser.add_argument("--predictions-run", default="records/2026-11-27-h200/seven",

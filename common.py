@@ -562,7 +562,7 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor | None = None, scores: Tensor | None = None,
                class_names=None, path: str | None = None, width: int | None = None, color=None) -> Tensor:
-    """Draw boxes with "class score" captions; write a PNG if path is given. Returns the drawn uint8 [3, H, W] image.
+    """Draw boxes with "class score" captions, saved to path if given. Returns the drawn uint8 [3, H, W] image.
 
     image: [3, H, W] float in [0, 1] or uint8; boxes: [N, 4] xyxy pixels; labels: int [N] (1..K) or None (no captions);
     scores: [N] or None; class_names: sequence indexed by label (index 0 "__background__"); color: one (r, g, b) for
@@ -600,5 +600,5 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor | None = None, score
         draw.text((x + 2 - left, y + 2 - top), caption, (0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
     if path is not None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        picture.save(path)
+        picture.save(path, quality=95)  # (JPEG and WebP; PNG is lossless)
     return torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous()

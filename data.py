@@ -1277,12 +1277,16 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None):
     return stats
 
 
-def image_files(path):
-    """An image file -> [it]; a folder -> its image files, sorted, hidden ones (macOS's ._x.jpg) left out."""
+def image_files(path, out=None):
+    """An image file -> [it]; a folder -> its image files, sorted, hidden ones (macOS's ._x.jpg) left out. out: the
+    folder their drawings go to under the same names; SystemExit if it is theirs (the drawings would replace them)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if out is not None and os.path.realpath(out) == os.path.realpath(folder):
+        raise SystemExit(f"--out {out}: the folder of the images, whose drawings would replace them: choose another")
     if os.path.isfile(path):
         return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
     return sorted(os.path.join(path, f) for f in os.listdir(path)
                   if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"))
                   and not f.startswith("."))
@@ -1387,6 +1391,8 @@ def parse_args(argv, config_class, presets, make_config):
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind, help=(
             f"{comments.get(f.name, '')} (default: {getattr(shown, f.name)!r})").replace("%", "%%"))
     args = parser.parse_args(argv)
+    if getattr(args, "seed", 0) < 0:  # numpy's generators take none
+        parser.error("--seed: a number >= 0")
     given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
     return args, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
 

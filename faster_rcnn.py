@@ -749,7 +749,7 @@ def train(cfg: Config):
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        kept = [r for r in open(metrics) if json.loads(r)["iter"] <= epoch * steps + step] \
+        kept = [r for r in open(metrics) if r.endswith("\n") and json.loads(r)["iter"] <= epoch * steps + step] \
             if resume and os.path.isfile(metrics) else []  # a resumed run continues its log there, no repeats
         open(metrics, "w").writelines(kept)
         print(f"{DETECTOR.__name__}, {cfg.backbone}, {cfg.weights or cfg.backbone_weights} weights, "
@@ -759,9 +759,9 @@ def train(cfg: Config):
               f"of {steps} steps of {cfg.batch_size} x {world_size} images; writing to {cfg.out}"
               + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second one acts as it did before
-    handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(signal.signal(sig, handlers[sig])))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second Ctrl-C acts as it did before
+    handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(sig == signal.SIGTERM or signal.signal(
+        sig, handlers[sig]))) for sig in (signal.SIGINT, signal.SIGTERM)}  # each SIGTERM: SLURM's, then torchrun's
     start_iter, start_time = epoch * steps + step, time.perf_counter()
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
@@ -884,8 +884,8 @@ def main(argv=None):
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
         stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names)
         return print("\n".join(f"{k:>9} {v:.4f}" for k, v in stats.items()))
-    for path in data.image_files(args.predict):
-        image, out = data.load_image(path), os.path.join(cfg.out, os.path.splitext(os.path.basename(path))[0] + ".png")
+    for path in data.image_files(args.predict, cfg.out):  # (refused: an --out that would overwrite them)
+        image, out = data.load_image(path), os.path.join(cfg.out, os.path.basename(path))  # its name, as YOLOv5's
         with torch.no_grad():
             det = model([image.to(device)])[0]
         keep = det["scores"] >= cfg.draw_thresh

@@ -423,6 +423,10 @@ def test_predict_folder_skips_hidden_files_and_huge_images_are_named(tmp_path, m
     for name in ("._a.jpg", "notes.txt"):  # ._a.jpg: macOS metadata, not an image
         (tmp_path / name).write_bytes(b"\0\5")
     assert data.image_files(str(tmp_path)) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
+    for path in (tmp_path, tmp_path / "a.jpg"):  # drawings under the images' names into their folder: refused
+        with pytest.raises(SystemExit, match="the folder of the images, whose drawings would replace them"):
+            data.image_files(str(path), str(tmp_path / "sub" / ".."))
+    assert data.image_files(str(tmp_path / "a.jpg"), str(tmp_path / "out")) == [str(tmp_path / "a.jpg")]
     monkeypatch.setattr(data.Image, "MAX_IMAGE_PIXELS", 100)  # PIL's decompression-bomb limit (~179 Mpx) at 200 px
     with pytest.raises(ValueError, match=r"a.jpg: cannot read image \(DecompressionBombError"):
         data.load_image(str(tmp_path / "a.jpg"))
@@ -1503,12 +1507,12 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     (images / "notes.txt").write_text("not an image: skipped")
     dataset = data.SyntheticShapes(2, 64, seed=7)
     Image.fromarray((dataset[0][0] * 255).byte().permute(1, 2, 0).numpy()).save(images / "img0.jpg")
-    Image.fromarray((dataset[1][0] * 255).byte().permute(1, 2, 0).numpy()).save(images / "img1.png")
+    Image.fromarray((dataset[1][0] * 255).byte().permute(1, 2, 0).numpy()).save(images / "img0.png")
     output = run_main(name, "--predict", images, "--weights", out / "best.pt", "--out", tmp_path / "pred",
-                      "--draw-thresh", "0")
-    assert sorted(os.listdir(tmp_path / "pred")) == ["img0.png", "img1.png"] and "detections scoring >= 0.0" in output
-    drawn = torchvision.io.read_image(str(tmp_path / "pred" / "img1.png"))
-    detected = int(re.search(r"img1.png: (\d+) detections", output)[1])
+                      "--draw-thresh", "0")  # the drawings keep the names: img0.png does not replace img0.jpg's
+    assert sorted(os.listdir(tmp_path / "pred")) == ["img0.jpg", "img0.png"] and "detections scoring >= 0.0" in output
+    drawn = torchvision.io.read_image(str(tmp_path / "pred" / "img0.png"))
+    detected = int(re.search(r"img0.png: (\d+) detections", output)[1])
     assert drawn.shape == (3, 64, 64) and torch.equal(drawn, (dataset[1][0] * 255).to(torch.uint8)) == (detected == 0)
     for out in ("t", "t2"):
         run_main(name, "--show-targets", *tiny(name), "--num-train", "3", "--out", tmp_path / out)
@@ -1539,8 +1543,8 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
     def terminated_in_step_2(self, *args, **kwargs):
         if self.training:
             calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would: handled in the step, which finishes
+            if len(calls) == 2:  # as SLURM and then torchrun would: handled in the step, which finishes
+                os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(module.DETECTOR, "forward", terminated_in_step_2)
@@ -1548,13 +1552,15 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
     try:
         with pytest.raises(SystemExit) as stopped:
             module.main([*tiny(name), "--train", "--workers", "1", "--epochs", "1", "--out", str(tmp_path)])
-    finally:  # the run restored SIGTERM's handler when it fired; SIGINT's is still the run's
+    finally:  # the run's handlers are still set
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert stopped.value.code == 130
     assert re.search(r"stopped at epoch 0 step 2/4, saved in .*last.pt; to go on:\n    python .*--resume",
                      capsys.readouterr().out)
     monkeypatch.undo()
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a line half written when a crash stopped the run
+        f.write('{"epoch": 0, "step": "3/4", "it')
     output = run_main(name, "--train", "--resume", tmp_path / "last.pt")
     assert re.search(r"resumed from .*last.pt: epoch 0 step 2/4", output)
     resumed, straight = (torch.load(run / "last.pt", weights_only=True) for run in (tmp_path, straight))
@@ -1706,6 +1712,9 @@ def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args(module, ["--train", "--data", "cocoo"])
     assert "invalid choice: 'cocoo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # numpy's generators take no negative seed
+        parse_args(module, ["--train", "--seed", "-1"])
+    assert "--seed: a number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", NAMES)
