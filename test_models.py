@@ -2530,6 +2530,12 @@ def test_yolo_letterbox_is_val_py_rect_batches():
     assert torch.equal((moved["boxes"] - torch.tensor([left, top, left, top])) / r, target["boxes"])
     assert yolo.letterbox([torch.rand(3, 480, 640)], None, dataclasses.replace(cfg, letterbox_pad=0.0),
                           training=False)[0].shape == (1, 3, 480, 640)  # detect.py's minimal rectangle
+    assert yolo.resize_long_side(torch.rand(3, 101, 1000), 640, True)[0].shape == (3, 64, 640)  # v7.0's int(): 64.64
+    stripes = torch.tensor([1.0, 0, 0]).repeat(3, 300, 100)  # columns 1, 0, 0, 1, 0, 0, ...: shrunk 3x to 100 px
+    cfg = dataclasses.replace(cfg, image_size=100, letterbox_pad=0.0)  # training samples the middle 0 of each three
+    assert (yolo.letterbox([stripes], None, cfg, training=True)[0] == 0).all()  # (v7.0's INTER_LINEAR)
+    shrunk = yolo.letterbox([stripes], None, cfg, training=False)[0][0, :, 14:114, 14:114]  # eval: INTER_AREA's mean
+    assert shrunk.shape == (3, 100, 100) and ((shrunk - 1 / 3).abs() < 0.1).all()
 
 
 def test_yolo_training_step_waits_for_the_device_as_often_at_any_batch_size():

@@ -166,13 +166,14 @@ PAD_VALUE = 114 / 255  # yolov5's grey for letterbox and mosaic borders
 # --- Model ---
 
 
-def resize_long_side(image: Tensor, size: int):
-    """[3, h, w] -> ([3, h', w'] with max(h', w') = size, aspect kept; the scale size / max(h, w))."""
+def resize_long_side(image: Tensor, size: int, antialias: bool):
+    """[3, h, w] -> ([3, h', w'] with max(h', w') = size, aspect kept, sides truncated as v7.0's load_image; the scale
+    size / max(h, w)). Bilinear; antialias: when shrinking, as v7.0's INTER_AREA for evaluation (training: LINEAR)."""
     h, w = image.shape[-2:]
     r = size / max(h, w)
-    new_size = (round(h * r), round(w * r))
+    new_size = (int(h * r), int(w * r))
     if new_size != (h, w):
-        image = F.interpolate(image[None], new_size, mode="bilinear", align_corners=False, antialias=r < 1)[0]
+        image = F.interpolate(image[None], new_size, mode="bilinear", antialias=antialias and r < 1)[0]
     return image, r
 
 
@@ -192,7 +193,7 @@ def letterbox(images: list, targets, cfg: Config, training: bool):
     batch = images[0].new_full((len(images), 3, H, W), PAD_VALUE)  # [B, 3, H, W]
     frames, new_targets = [], []
     for i, image in enumerate(images):
-        image, r = resize_long_side(image, s)
+        image, r = resize_long_side(image, s, antialias=not training)
         h, w = image.shape[-2:]
         top, left = round((H - h) / 2 - 0.1), round((W - w) / 2 - 0.1)  # as yolov5: an odd pixel goes right/bottom
         batch[i, :, top: top + h, left: left + w] = image
@@ -800,7 +801,7 @@ class YoloAugment:
             xc, yc = (int(random.uniform(s / 2, 3 * s / 2)) for _ in range(2))  # where the four tiles meet
             boxes = []
             for i, (tile, t) in enumerate(items):  # the tiles' corners at (xc, yc): top-left, top-right, bottom-...
-                tile, r = resize_long_side(tile, s)
+                tile, r = resize_long_side(tile, s, antialias=False)
                 h, w = tile.shape[-2:]
                 x0, y0 = xc - w * (i % 2 == 0), yc - h * (i < 2)  # the tile's top-left corner on the canvas
                 x1, y1, x2, y2 = max(x0, 0), max(y0, 0), min(x0 + w, 2 * s), min(y0 + h, 2 * s)  # the part on it
