@@ -600,5 +600,6 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor | None = None, score
         draw.text((x + 2 - left, y + 2 - top), caption, (0, 0, 0) if luminance > 140 else (255, 255, 255), font=font)
     if path is not None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        picture.save(path, quality=95)  # (JPEG and WebP; PNG is lossless)
+        known = os.path.splitext(path)[1].lower() in Image.registered_extensions()  # else (no extension) a PNG
+        picture.save(path, None if known else "PNG", quality=95)  # quality: JPEG's and WebP's; PNG is lossless
     return torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous()

@@ -104,11 +104,11 @@ def check_images(paths, sizes, source, where):
         try:
             stat = os.stat(path)
             key = f"{stat.st_size}:{stat.st_mtime_ns}"
-            if cache.get(path, [None])[0] == key:
+            if cache.get(path, [None])[0] == key and len(cache[path][1]) == 3:
                 return key, cache[path][1]
             with Image.open(path) as im:
                 im.load()  # decodes every pixel: a truncated file fails here
-                return key, list(im.size)
+                return key, [*im.size, int(im.getexif().get(0x0112, 1))]  # width, height, EXIF orientation
         except FileNotFoundError:
             return None, "image file not found"
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # as load_image
@@ -121,13 +121,21 @@ def check_images(paths, sizes, source, where):
             if time.perf_counter() - tic > 2 and (i % 200 == 0 or i == len(paths)):
                 print(f"\r{source}: checked {i}/{len(paths)} images", end="\n" if i == len(paths) else "",
                       file=sys.stderr, flush=True)
-    errors = []
+    errors, turned = [], []  # turned: images a photo viewer shows turned (EXIF orientation), read here as stored
     for path, size, name, (key, found) in zip(paths, sizes, where, results):
         if key is None:
             errors.append(f"{path}: {found}")
-        elif size is not None and tuple(size) != tuple(found):
+        elif size is not None and tuple(size) != tuple(found[:2]):
+            exif = f" (EXIF orientation {found[2]}: annotated turned, as viewers show it? Turn the file first, e.g. " \
+                   "with PIL.ImageOps.exif_transpose)" if found[2] != 1 else ""
             errors.append(f"{path}: image is {found[0]}x{found[1]} but {source} gives {name} 'width' {size[0]}, "
-                          f"'height' {size[1]}")
+                          f"'height' {size[1]}{exif}")
+        elif found[2] != 1:
+            turned.append(path)
+    if turned:  # pixels as stored, as torchvision.io.read_image and DETR's loader read them
+        warnings.warn(f"{source}: {len(turned)} images have an EXIF orientation (e.g. {turned[0]}): they are read as "
+                      f"stored, not turned as a photo viewer shows them; if their boxes were drawn on the turned "
+                      f"picture, turn the files first (PIL.ImageOps.exif_transpose)", stacklevel=3)
     new = {p: r for p, r in zip(paths, results) if r[0] is not None}
     if any(cache.get(p) != list(r) for p, r in new.items()):  # (json gives lists): rewritten only when it changed
         try:  # a read-only dataset folder only costs the next run another check
@@ -139,7 +147,7 @@ def check_images(paths, sizes, source, where):
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ValueError("; ".join(errors[:5]) + more)
-    return [tuple(found) for _, found in results]
+    return [tuple(found[:2]) for _, found in results]
 
 
 def clean_boxes(boxes, width, height, counts, ids):
@@ -417,7 +425,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.image_dir, self.ann_file, self.transforms = image_dir, ann_file, transforms
         self.source = ann_file
         try:
-            with open(ann_file, encoding="utf-8") as f:
+            with open(ann_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is skipped
                 data = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"{ann_file}: annotation file not found") from None
@@ -441,6 +449,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if len(set(self.cat_ids)) != len(self.cat_ids):
             raise ValueError(f"{ann_file}: duplicate category ids in 'categories'")
         self._categories = [{"id": k + 1, "name": name} for k, name in enumerate(self.class_names[1:])]
+        label_of = {cat_id: k + 1 for k, cat_id in enumerate(self.cat_ids)}
         if not contiguous_labels:
             if self.cat_ids and self.cat_ids[0] < 1:
                 raise ValueError(f"{ann_file}: category id {self.cat_ids[0]} cannot be a label (0 is background)")
@@ -448,15 +457,18 @@ class CocoDetection(torch.utils.data.Dataset):
             for cat_id, name in zip(self.cat_ids, self.class_names[1:]):
                 names[cat_id] = name
             self._categories = [{"id": cat_id, "name": names[cat_id]} for cat_id in self.cat_ids]
+            label_of = {cat_id: cat_id for cat_id in self.cat_ids}  # only the listed ids: a gap is no category
             self.class_names, self.cat_ids = tuple(names), list(range(1, len(names)))
         self.num_classes = len(self.class_names)
-        label_of = {cat_id: k + 1 for k, cat_id in enumerate(self.cat_ids)}
 
         self.images = []  # {"id", "file_name", "width", "height"} in json order
         position = {}
         for k, img in enumerate(data["images"]):
-            if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-                raise ValueError(f"{ann_file}: images[{k}] needs 'id' and 'file_name'")
+            if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+                raise ValueError(f"{ann_file}: images[{k}] needs 'id' and 'file_name' (a string)")
+            if not all(isinstance(img.get(key), (int, float, type(None))) for key in ("width", "height")):
+                raise ValueError(f"{ann_file}: images[{k}]: 'width' and 'height' must be numbers (or absent), got "
+                                 f"{img.get('width')!r}, {img.get('height')!r}")
             if img["id"] in position:
                 raise ValueError(f"{ann_file}: duplicate image id {img['id']} in 'images'")
             path = os.path.join(image_dir, img["file_name"])
@@ -488,7 +500,11 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise ValueError(f"{ann_file}: annotation {ann_id}: 'bbox' must be 4 finite numbers [x, y, w, h], "
                                  f"got {bbox!r}")
             x, y, w, h = bbox
-            area = ann.get("area", w * h)
+            area = ann.get("area")
+            if area is None:  # absent or null: the box's
+                area = w * h
+            elif not isinstance(area, (int, float)) or not math.isfinite(area):
+                raise ValueError(f"{ann_file}: annotation {ann_id}: 'area' must be a finite number, got {area!r}")
             per_image[position[ann["image_id"]]].append(
                 ([x, y, x + w, y + h], label_of[ann["category_id"]], int(bool(ann.get("iscrowd", 0))), area,
                  f"annotation {ann_id}"))
@@ -556,7 +572,7 @@ class VocDetection(torch.utils.data.Dataset):
         split_file = self.source = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
         if not os.path.isfile(split_file):
             raise FileNotFoundError(f"{split_file}: split file not found (split {split!r})")
-        with open(split_file, encoding="utf-8") as f:
+        with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad's) is skipped
             self.ids = [line.split()[0] for line in f if line.strip()]
         ann_dir = os.path.join(root, "Annotations")
         records = [self._parse(os.path.join(ann_dir, f"{i}.xml")) for i in self.ids]
@@ -1067,7 +1083,10 @@ def load_proposals(path, dataset):
             with open(path, encoding="utf-8") as f:
                 stored = json.load(f)
         else:
-            with np.load(path, allow_pickle=False) as f:
+            stored = np.load(path, allow_pickle=False)
+            if not isinstance(stored, np.lib.npyio.NpzFile):  # a .npy: one array, not one per image
+                raise ValueError("expected an .npz of one array per image, or a .json")
+            with stored as f:
                 stored = {key: f[key] for key in f.files}
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: proposals file not found") from None
@@ -1078,10 +1097,13 @@ def load_proposals(path, dataset):
         if key not in stored:
             raise ValueError(f"{path}: no proposals for image {key!r} of {dataset.source} (a file names its images "
                              f"by {'id' if isinstance(dataset, (VocDetection, CocoDetection)) else 'index'})")
-        boxes = np.asarray(stored[key], dtype=np.float32)
+        try:
+            boxes = np.asarray(stored[key], dtype=np.float32)
+            got = f"shape {boxes.shape}"
+        except (TypeError, ValueError) as e:  # e.g. rows of different lengths in a .json
+            boxes, got = np.full(1, np.nan, dtype=np.float32), str(e)
         if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all()):
-            raise ValueError(f"{path}: image {key!r}: proposals must be finite [R, 4] x1, y1, x2, y2, got shape "
-                             f"{boxes.shape}")
+            raise ValueError(f"{path}: image {key!r}: proposals must be finite [R, 4] x1, y1, x2, y2, got {got}")
         out.append(boxes.reshape(-1, 4))
     return out
 
@@ -1179,7 +1201,7 @@ def to_device(targets, device):
 
 def seed_everything(*keys):
     """Seed python, numpy and torch (CPU and CUDA) from a tuple of integers, e.g. (seed, epoch, index)."""
-    seed = int(np.random.SeedSequence(keys).generate_state(1)[0])
+    seed = int(np.random.SeedSequence((len(keys), *keys)).generate_state(1)[0])  # len: (s,) and (s, 0) differ
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -1247,10 +1269,12 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None):
 
     model(images) -> detections as in every model file, run in fp32 (exact numbers). class_names: the
     model's, when they are not the dataset's (e.g. torchvision's 91 COCO classes on a COCO json with labels 1..K):
-    detections are mapped to the dataset's labels by class name, and those of other classes dropped.
+    detections are mapped to the dataset's labels by class name, and those of other classes dropped. Numbers as
+    names ("1", "2", ...: a state dict file of a reference's weights, which holds none) are taken as the labels.
     """
     label_map = None  # identity
-    if class_names is not None and tuple(class_names) != tuple(dataset.class_names):
+    unnamed = class_names is not None and list(class_names[1:]) == [str(k) for k in range(1, len(class_names))]
+    if class_names is not None and tuple(class_names) != tuple(dataset.class_names) and not unnamed:
         names = dataset.class_names
         label_map = {i: names.index(n) for i, n in enumerate(class_names) if i and n in names}
         if unmapped := [n for n in dataset.class_names[1:] if n not in class_names[1:]]:

@@ -416,7 +416,8 @@ def reference_weights(weights: str, state_dict: dict = None):
     class names, the settings that model was built with). The architecture is read from the weights (and from the
     run's arguments where the file has them); published DC5 files: name them, or pass --dilation."""
     if state_dict is None and weights not in OFFICIAL_WEIGHTS:
-        raise SystemExit(f"--weights {weights}: no such file (official COCO weights: {', '.join(OFFICIAL_WEIGHTS)})")
+        raise SystemExit(f"--weights {weights}: {'not a checkpoint' if os.path.exists(weights) else 'no such file'} "
+                         f"(official COCO weights: {', '.join(OFFICIAL_WEIGHTS)})")
     config = dict(OFFICIAL_CONFIG)
     if state_dict is None:
         url, config_of_name = OFFICIAL_WEIGHTS[weights]
@@ -640,7 +641,7 @@ def load_weights(weights: str):
     -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
     try:
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, pickle.UnpicklingError):  # a name, or a pickled model: reference_weights says what to do
+    except (FileNotFoundError, IsADirectoryError, pickle.UnpicklingError):  # reference_weights says what it is
         return reference_weights(weights)
     if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
         return reference_weights(weights, checkpoint)
@@ -828,7 +829,7 @@ def main(argv=None):
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
         saved = {k: v for k, v in saved.items() if k not in drop}
-    cfg = make_config(given, saved, args.preset)
+    cfg = make_config(given, saved, args.preset if args.train or saved is None else "none")  # presets size training
     if args.train:
         if args.preset != "none" and not saved and int(os.environ.get("RANK", 0)) == 0:
             print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")

@@ -381,7 +381,8 @@ def reference_weights(weights: str, state_dict: dict = None):
     dict -> (this file's state dict, class names, TORCHVISION_CONFIG: the settings that model was built with). K is
     read from its class logits [9 K, 256, 3, 3]; the class names are COCO's for K = 91, else numbers."""
     if state_dict is None and weights != "torchvision":
-        raise SystemExit(f"--weights {weights}: no such file (--weights torchvision: torchvision's COCO weights)")
+        raise SystemExit(f"--weights {weights}: {'not a checkpoint' if os.path.exists(weights) else 'no such file'} "
+                         "(--weights torchvision: torchvision's COCO weights)")
     try:
         state_dict = convert_torchvision(state_dict or TORCHVISION_WEIGHTS.get_state_dict(progress=True))
     except OSError as e:  # no internet
@@ -538,7 +539,7 @@ def load_weights(weights: str):
     -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
     try:
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, pickle.UnpicklingError):  # a name, or a pickled model: reference_weights says what to do
+    except (FileNotFoundError, IsADirectoryError, pickle.UnpicklingError):  # reference_weights says what it is
         return reference_weights(weights)
     if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
         return reference_weights(weights, checkpoint)
@@ -726,7 +727,7 @@ def main(argv=None):
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
         saved = {k: v for k, v in saved.items() if k not in drop}
-    cfg = make_config(given, saved, args.preset)
+    cfg = make_config(given, saved, args.preset if args.train or saved is None else "none")  # presets size training
     if args.train:
         if args.preset != "none" and not saved and int(os.environ.get("RANK", 0)) == 0:
             print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")

@@ -442,6 +442,8 @@ def test_draw_boxes_writes_png(tmp_path):
     assert torch.equal(torchvision.io.read_image(path), drawn)
     assert (drawn[:, 5, 10] != 128).any() and (drawn[:, 30, 20] == 128).all()  # on a box edge / inside, untouched
     assert torch.equal(common.draw_boxes(image, torch.zeros(0, 4)), (image * 255).round().to(torch.uint8))
+    common.draw_boxes(image, boxes, path=str(tmp_path / "photo"))  # --predict of a file without extension: a PNG
+    assert torch.equal(torchvision.io.read_image(str(tmp_path / "photo")), common.draw_boxes(image, boxes))
 
 
 def test_draw_boxes_captions_are_readable_sized_and_do_not_cover_each_other():
@@ -675,6 +677,61 @@ def test_coco_bad_bbox(tmp_path):
         data.CocoDetection(image_dir, ann)
 
 
+def test_coco_area_and_image_fields(tmp_path):
+    """area null is the box's (pycocotools would count a NaN in every size range); a string area, a file_name that is
+    no string and a width that is no number stop in one line naming the field."""
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 4], "area": None}])
+    assert data.CocoDetection(image_dir, ann).coco_gt()["annotations"][0]["area"] == 20
+    data_ = json.loads(open(ann).read())
+    for field, value, message in ((("annotations", "area"), "n/a", r"annotation 1: 'area' must be a finite number"),
+                                  (("images", "file_name"), None, r"images\[0\] needs 'id' and 'file_name' \(a string"),
+                                  (("images", "width"), "32", r"images\[0\]: 'width' and 'height' must be numbers")):
+        broken = copy.deepcopy(data_)
+        broken[field[0]][0][field[1]] = value
+        open(ann, "w").write(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            data.CocoDetection(image_dir, ann)
+
+
+def test_coco_category_gap_is_no_category_with_ids_as_labels(tmp_path):
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]}])  # ids 1 and 7 listed
+    with pytest.raises(ValueError, match=r"annotation 1: 'category_id' 3 is not in 'categories'"):
+        data.CocoDetection(image_dir, ann, contiguous_labels=False)
+
+
+def test_byte_order_marks_are_skipped(tmp_path):
+    """Windows editors (Notepad, PowerShell) start UTF-8 files with a byte-order mark: a VOC split's first id and a
+    COCO json still read."""
+    root = make_voc(tmp_path, {"a": [("dog", 1, 1, 5, 5, 0)], "b": []})
+    split = os.path.join(root, "ImageSets", "Main", "train.txt")
+    open(split, "w", encoding="utf-8-sig").write("a\r\nb\r\n")
+    assert data.VocDetection(root, "train").ids == ["a", "b"]
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}], [])
+    text = open(ann).read()
+    open(ann, "w", encoding="utf-8-sig").write(text)
+    with pytest.warns(UserWarning, match="without boxes"):
+        assert len(data.CocoDetection(image_dir, ann)) == 1
+
+
+def test_exif_orientation_is_named(tmp_path):
+    """Pixels are read as stored; an image that photo viewers show turned (EXIF orientation) is named in one warning,
+    and in the size error when its annotated size is the turned one."""
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}, {"id": 2, "file_name": "y.jpg"}],
+                               [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                                {"image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    exif = Image.Exif()
+    exif[0x0112] = 3  # turned 180 degrees: the same size
+    Image.new("RGB", (32, 24), 128).save(tmp_path / "y.jpg", exif=exif)
+    with pytest.warns(UserWarning, match=r"1 images have an EXIF orientation \(e.g. .*y.jpg\): they are read as"):
+        data.CocoDetection(image_dir, ann)
+    exif[0x0112] = 6  # turned 90 degrees: annotated 32 x 24, stored 24 x 32
+    Image.new("RGB", (24, 32), 128).save(tmp_path / "y.jpg", exif=exif)
+    with pytest.raises(ValueError, match=r"y.jpg: image is 24x32 but .* 'height' 24 \(EXIF orientation 6: annotated"):
+        data.CocoDetection(image_dir, ann)
+
+
 def test_voc_missing_xml(tmp_path):
     root = make_voc(tmp_path, {"a": [("dog", 1, 1, 5, 5, 0)]})
     os.remove(os.path.join(root, "Annotations", "a.xml"))
@@ -872,6 +929,16 @@ def test_make_loader_and_collate():
     ranks = [list(data.make_loader(ds, 2, True, 0, seed=1, rank=r, world_size=2)) for r in range(2)]
     per_step = [sorted(t["image_id"] for _, ts in steps for t in ts) for steps in zip(*ranks)]
     assert per_step == [sorted(shuffled[i:i + 4]) for i in range(0, 12, 4)]
+
+
+def test_seeds_of_different_keys_differ():
+    """The initial weights (seed,), image 0's augmentation in epoch 0 (seed, 0, 0) and the model's sampling in step 0
+    (seed, rank 0, epoch 0, step 0) draw different numbers: numpy's SeedSequence pads short keys with zeros."""
+    draws = []
+    for keys in ((0,), (0, 0, 0), (0, 0, 0, 0), (0, 1, 2), (0, 1, 2, 0)):
+        data.seed_everything(*keys)
+        draws.append((torch.rand(()).item(), np.random.rand(), random.random()))
+    assert len({d for draw in draws for d in draw}) == 3 * len(draws)
 
 
 def test_augmentation_is_seeded_per_image():
@@ -1809,12 +1876,26 @@ def test_weights_of_something_else_are_refused_in_one_line(name, tmp_path):
     torch.save({"backbone.conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(SystemExit, match=rf"--weights {re.escape(str(path))}: (neither|not) a checkpoint of {name}.py"):
         REGISTRY[name].module.load_weights(str(path))
+    (tmp_path / "config.json").write_text("{}")  # a file that is no checkpoint at all, a folder, a typo
+    for path, what in ((tmp_path / "config.json", "(neither|not) a checkpoint"),
+                       (tmp_path, "(neither|not) a checkpoint"), (tmp_path / "bset.pt", "no such file")):
+        with pytest.raises(SystemExit, match=rf"--weights {re.escape(str(path))}: {what}"):
+            REGISTRY[name].module.load_weights(str(path))
 
 
 @pytest.mark.parametrize("name", TORCHVISION_NAMES)
-def test_torchvision_state_dict_file(name, tmp_path):
-    """--weights FILE with a torchvision state dict (here K = 4): converted, loaded strictly, generic class names."""
-    module = REGISTRY[name].module
+def test_torchvision_state_dict_file(name, tmp_path, monkeypatch):
+    """--weights FILE with a torchvision state dict (here K = 4): converted, loaded strictly, generic class names;
+    the model is torchvision's, not sized by the preset a machine without CUDA picks for training (the cpu preset's
+    RPN top-n, say)."""
+    module, built = REGISTRY[name].module, []
+
+    class Recording(module.DETECTOR):  # the config --predict builds its model with
+        def __init__(self, cfg, *args, **kwargs):
+            built.append(cfg)
+            super().__init__(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(module, "DETECTOR", Recording)
     torch.manual_seed(0)
     reference = REGISTRY[name].reference(weights=None, weights_backbone=None, num_classes=4)
     torch.save(reference.state_dict(), tmp_path / "tv.pth")
@@ -1826,6 +1907,10 @@ def test_torchvision_state_dict_file(name, tmp_path):
     output = run_main(name, "--predict", tmp_path / "img.png", "--weights", tmp_path / "tv.pth", "--out",
                       tmp_path / "pred", *small, "--draw-thresh", "0", "--device", "cpu")
     assert os.path.isfile(tmp_path / "pred" / "img.png") and "detections" in output
+    assert not torch.cuda.is_available()  # so the preset picked for --train is cpu
+    torchvision_config = module.make_config({}, module.TORCHVISION_CONFIG)
+    assert [getattr(built[0], k) for k in module.PRESETS["cpu"] if k not in ("min_size", "max_size")] == [
+        getattr(torchvision_config, k) for k in module.PRESETS["cpu"] if k not in ("min_size", "max_size")]
 
 
 @pytest.mark.parametrize("name", STEP_LR_NAMES)  # yolo.py has v7.0's schedule, tested in its section
@@ -1842,6 +1927,23 @@ def test_warmup_longer_than_a_third_of_the_run_is_shortened(name):
     assert lrs[20] == pytest.approx(module.Config.lr) and lrs[19] < lrs[20]
     optimizer, _ = module.make_optimizer(model, module.Config(epochs=6, warmup_iters=0), 10, 1)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(module.Config.lr)  # no warmup: the first step at full lr
+
+
+def test_evaluate_takes_numbers_as_names_for_labels():
+    """A reference's state dict file names no classes ("1", "2", ...: e.g. torchvision's model fine-tuned on the
+    user's json): evaluate takes its labels as the dataset's, not as classes of other names."""
+    dataset = data.SyntheticShapes(3, 64, seed=0)
+    items = [dataset[i] for i in range(len(dataset))]
+
+    def oracle(images):  # the ground truth of each image as its detections
+        targets = [next(t for image, t in items if torch.equal(image, x)) for x in images]
+        return [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["boxes"]))} for t in targets]
+
+    oracle.eval = lambda: None
+    numbers = ("__background__", *map(str, range(1, dataset.num_classes)))
+    assert data.evaluate(oracle, dataset, 2, 0, "cpu", numbers)["AP"] == 1.0
+    with pytest.warns(UserWarning, match="no class of the model is named"):
+        assert data.evaluate(oracle, dataset, 2, 0, "cpu", ("__background__", *"abcdefgh"))["AP"] == 0.0
 
 
 @pytest.mark.filterwarnings("ignore:.*degenerate")
@@ -2430,8 +2532,12 @@ def test_yolo_mosaic_keeps_boxes_on_their_pixels():
             for image, target in zip(images, targets):
                 assert image.shape == (3, 64, 64) and target["boxes"].shape[1] == 4
                 assert len(target["boxes"]) == len(target["labels"]) == len(target["iscrowd"]) > 0
-                values, counts = image[0].mul(20).round().int().unique(return_counts=True)
-                colours = set(values[counts >= 100].tolist()) - {round(yolo.PAD_VALUE * 20)}  # not blended borders
+                q = image[0].mul(20).round().int()
+                inner = q[1:-1, 1:-1]  # pixels whose 4 neighbours share their colour: not the blended 1-px borders
+                flat = ((inner == q[:-2, 1:-1]) & (inner == q[2:, 1:-1]) & (inner == q[1:-1, :-2])
+                        & (inner == q[1:-1, 2:]))
+                values, counts = inner[flat].unique(return_counts=True)
+                colours = set(values[counts >= 100].tolist()) - {round(yolo.PAD_VALUE * 20)}
                 for box, label in zip(target["boxes"].round().int().tolist(), target["labels"].tolist()):
                     inside = image[0, box[1] + 2: box[3] - 2, box[0] + 2: box[2] - 2]
                     assert inside.numel() == 0 or (inside - (label - 1) / 20).abs().max() < 0.01, (epoch, box, label)
@@ -3074,6 +3180,12 @@ def test_proposals_files_and_cache(tmp_path, monkeypatch):
     (tmp_path / "r.json").write_text(json.dumps({"0": [[0, 0, 1]], "1": [], "2": []}))
     with pytest.raises(ValueError, match=r"r.json: image '0': proposals must be finite \[R, 4\]"):
         data.load_proposals(str(tmp_path / "r.json"), dataset)
+    (tmp_path / "r.json").write_text(json.dumps({"0": [[0, 0, 1, 1], [0, 0, 1]], "1": [], "2": []}))  # ragged
+    with pytest.raises(ValueError, match=r"r.json: image '0': proposals must be finite .*, got .*inhomogeneous"):
+        data.load_proposals(str(tmp_path / "r.json"), dataset)
+    np.save(tmp_path / "one.npy", boxes[0])  # one array, not one per image
+    with pytest.raises(ValueError, match=r"one.npy: cannot read proposals \(expected an .npz of one array per image"):
+        data.load_proposals(str(tmp_path / "one.npy"), dataset)
     assert data.image_keys(data.VocDetection(BCCD, "val")) == [line.strip() for line in open(
         os.path.join(BCCD, "ImageSets", "Main", "val.txt")) if line.strip()]
     assert data.image_keys(coco("val")) == [str(img["id"]) for img in coco("val").images]

@@ -408,7 +408,8 @@ def reference_weights(weights: str, state_dict: dict = None):
     numbers. Released files (yolov5s.pt ...) are pickled models that need the yolov5 code: README says how to turn one
     into a state dict."""
     if state_dict is None or "model.0.conv.weight" not in state_dict:
-        raise SystemExit(f"--weights {weights}: neither a checkpoint of yolo.py nor a v7.0 DetectionModel state dict. "
+        raise SystemExit(f"--weights {weights}: " + ("neither a checkpoint of yolo.py nor a v7.0 DetectionModel state "
+                         "dict" if os.path.exists(weights) else "no such file") + ". "
                          "A released yolov5s.pt is a pickled model: in a yolov5 v7.0 checkout run  python -c \"import "
                          "torch; torch.save(torch.load('yolov5s.pt', weights_only=False)['model'].float().state_dict(),"
                          " 'yolov5s_state_dict.pt')\"  and pass --weights yolov5s_state_dict.pt")
@@ -874,7 +875,7 @@ def load_weights(weights: str):
     -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
     try:
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, pickle.UnpicklingError):  # a name, or a pickled model: reference_weights says what to do
+    except (FileNotFoundError, IsADirectoryError, pickle.UnpicklingError):  # reference_weights says what it is
         return reference_weights(weights)
     if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
         return reference_weights(weights, checkpoint)
@@ -1062,7 +1063,7 @@ def main(argv=None):
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
         saved = {k: v for k, v in saved.items() if k not in drop}
-    cfg = make_config(given, saved, args.preset)
+    cfg = make_config(given, saved, args.preset if args.train or saved is None else "none")  # presets size training
     if args.train:
         if args.preset != "none" and not saved and int(os.environ.get("RANK", 0)) == 0:
             print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
