@@ -9,7 +9,8 @@ What this file implements, in the order the data flows:
   - proposals: selective search, computed once per dataset and cached beside the run (data.selective_search,
     data.attach_proposals, as rcnn.py), or brought by the dataset as a file (data.load_proposals states the format);
   - preprocessing inside the model: ImageNet normalisation, the shorter side resized to a scale (600, the longer side
-    at most 1000; training picks one of `scales` per image), zero padding to the batch's largest image;
+    at most 1000: the paper's; by default 320 and 320; training picks one of `scales` per image), zero padding to the
+    batch's largest image;
   - backbone: VGG16 up to conv5_3 (stride 16, pool5 removed; conv1_x and conv2_x frozen with ImageNet weights) or a
     ResNet up to layer3 (stride 16; as options stride 8, the last stage dilated or cut off); RoI max pooling 7 x 7 at
     1/16 (torchvision.ops.roi_pool: Caffe's RoIPooling); fc6 and fc7 with dropout; a K-way classifier (N(0, 0.01)) and

@@ -10,7 +10,8 @@ test_models.py proves that this file gives torchvision's detections and losses w
     max_size), zero padding of the batch to a multiple of 32; detections are mapped back to each input image's pixels;
   - backbone: a torchvision ResNet body (FrozenBatchNorm2d when starting from pretrained weights) and an FPN giving
     P2..P5 plus a max-pooled P6 ("pool"), strides 4..64, 256 channels;
-  - RPN: 3 anchors per location and level (sizes 32..512, one per level; ratios 0.5, 1, 2), a shared 3x3 conv head,
+  - RPN: 3 anchors per location and level (sizes 32..512 as torchvision, 16..256 by
+    default for 320-px images; one per level; ratios 0.5, 1, 2), a shared 3x3 conv head,
     proposal selection (per-level top-k, clip, NMS 0.7 per level), anchor assignment (IoU 0.7 / 0.3 with low-quality
     matches) and balanced sampling (256 anchors, half positive), BCE + smooth-L1 losses;
   - RoI head: multi-scale RoIAlign 7x7 from P2..P5, two fully connected layers (1024), a class score and a

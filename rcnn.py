@@ -8,7 +8,8 @@ What this file implements, in the order the data flows:
   - proposals: selective search, R-CNN's "fast" mode, about 2000 boxes per image, computed once per dataset in parallel
     and cached beside the run (data.selective_search, data.attach_proposals), or brought by the dataset as a file;
   - warping (rcnn_im_crop, "warp" mode): each region grown so that 16 px of context surround it at the network's input
-    size, clipped to the image, resized bilinearly to its clipped share of the input, the rest left at the mean;
+    size (of 227: the paper's; by default 8 of 112), clipped to the image, resized bilinearly to its clipped share of
+    the input, the rest left at the mean;
   - stage 1, fine-tuning: a torchvision network (a ResNet by default, AlexNet as in the paper) with a new K-way
     classifier, on batches of 128 warped regions: 32 foreground (IoU >= 0.5 with a ground-truth box: its class) and 96
     background (IoU < 0.5), softmax cross-entropy;

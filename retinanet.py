@@ -11,7 +11,8 @@ test_models.py proves that this file gives torchvision's detections and losses w
     P3..P5 plus P6, P7 by strided convs, strides 8..128, 256 channels;
   - head: a classification subnet and a box subnet shared by all levels, four 3x3 convs each (GroupNorm after each by
     default: see Head for why); per anchor K class logits (sigmoid, no softmax) and 4 box deltas;
-  - anchors: 9 per location and level (sizes 32..512 times 2^0, 2^(1/3), 2^(2/3); ratios 0.5, 1, 2), assigned by IoU
+  - anchors: 9 per location and level (sizes 32..512 as torchvision, 16..256 by
+    default for 320-px images, times 2^0, 2^(1/3), 2^(2/3); ratios 0.5, 1, 2), assigned by IoU
     (>= 0.5 foreground, < 0.4 background, in between ignored, plus low-quality matches);
   - loss: sigmoid focal loss (alpha 0.25, gamma 2) over all non-ignored anchors and L1 on the foreground anchors'
     deltas (or 1 - GIoU of their decoded boxes, torchvision's v2), both divided by the image's foreground anchors;

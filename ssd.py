@@ -27,7 +27,7 @@ Run (--help lists every Config field as a flag, with the values a plain --train 
     python ssd.py --train --resume runs/ssd/last.pt                 # go on after Ctrl-C, SIGTERM or a crash
     python ssd.py --eval --weights torchvision --data coco --data-root DIR
     python ssd.py --predict IMG_OR_DIR --weights runs/ssd/best.pt --out DIR
-    python ssd.py --show-targets --out DIR                          # augmented images, matched default boxes
+    python ssd.py --show-targets --augment ssd --out DIR            # augmented images, matched default boxes
     torchrun --nproc_per_node=8 ssd.py --train ...                  # several GPUs
     python -m pytest -q test_models.py -k ssd                      # parity with torchvision
 
