@@ -30,6 +30,7 @@ Transforms are callables `(image, target) -> (image, target)` that keep the boxe
 import argparse
 import ast
 import dataclasses
+import functools
 import hashlib
 import heapq
 import inspect
@@ -1392,6 +1393,22 @@ def _build_datasets(cfg, train_transforms, train):
 
 # --- Command line ---
 
+def restores_signals(train):
+    """A decorator for every model file's train(cfg), which handles Ctrl-C (SIGINT) and SIGTERM itself: when it returns,
+    stops (SystemExit after a signal or a non-finite loss) or fails, both handlers are again what they were before, so
+    that a notebook or a script that called it can be interrupted as usual."""
+    @functools.wraps(train)
+    def wrapped(*args, **kwargs):
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return train(*args, **kwargs)
+        finally:
+            for sig, handler in handlers.items():
+                if handler is not None:  # None: set outside Python, cannot be set back
+                    signal.signal(sig, handler)
+    return wrapped
+
+
 def parse_args(argv, config_class, presets, make_config):
     """The command line of every model file: a mode (--train, --eval, --predict, --show-targets), --preset, and one
     --field-name flag per field of its Config dataclass, whose help is the field's comment and whose default shown is
@@ -1415,8 +1432,9 @@ def parse_args(argv, config_class, presets, make_config):
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind, help=(
             f"{comments.get(f.name, '')} (default: {getattr(shown, f.name)!r})").replace("%", "%%"))
     args = parser.parse_args(argv)
-    if getattr(args, "seed", 0) < 0:  # numpy's generators take none
-        parser.error("--seed: a number >= 0")
+    for name, least in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("log_every", 1)):
+        if getattr(args, name, least) < least:  # (numpy's generators take no negative seed; the others divide)
+            parser.error(f"--{name.replace('_', '-')}: a number >= {least}")
     given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
     return args, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
 

@@ -1544,6 +1544,14 @@ def test_train_writes_run_folder_and_says_what_it_does(one_epoch):
     evals = [r for r in records if "AP" in r]
     assert len(evals) == 1 and set(COCO_NAMES) <= set(evals[0])
     assert 0 < steps[0]["time_s"] <= steps[-1]["time_s"] <= evals[0]["time_s"]  # seconds since training began
+    module = REGISTRY[name].module  # the lr logged is the one each step used: the schedule, rebuilt, before it steps
+    cfg = module.make_config({}, config)
+    optimizer, scheduler = module.make_optimizer(module.DETECTOR(cfg, load_backbone=False), cfg, 4, 1)
+    used = []
+    for _ in range(4):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step(), scheduler.step()
+    assert [r["lr"] for r in steps] == pytest.approx(used, rel=1e-6) and used[0] != used[-1]
     # the first lines say what runs, the last what came out
     for words in (f"{REGISTRY[name].module.DETECTOR.__name__}, {given['backbone']}", "M parameters",
                   "data: synthetic shapes 64x64",
@@ -1618,23 +1626,36 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(SystemExit) as stopped:
-            module.main([*tiny(name), "--train", "--workers", "1", "--epochs", "1", "--out", str(tmp_path)])
-    finally:  # the run's handlers are still set
+            module.main([*tiny(name), "--train", "--workers", "1", "--epochs", "1", "--out", str(tmp_path / "a")])
+        assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # set back: a notebook's Ctrl-C works
+    finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert stopped.value.code == 130
     assert re.search(r"stopped at epoch 0 step 2/4, saved in .*last.pt; to go on:\n    python .*--resume",
                      capsys.readouterr().out)
     monkeypatch.undo()
-    with open(tmp_path / "metrics.jsonl", "a") as f:  # a line half written when a crash stopped the run
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:  # a line half written when a crash stopped the run
         f.write('{"epoch": 0, "step": "3/4", "it')
-    output = run_main(name, "--train", "--resume", tmp_path / "last.pt")
-    assert re.search(r"resumed from .*last.pt: epoch 0 step 2/4", output)
-    resumed, straight = (torch.load(run / "last.pt", weights_only=True) for run in (tmp_path, straight))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the run's folder moved (or copied): it goes on where it is now
+    output = run_main(name, "--train", "--resume", tmp_path / "b" / "last.pt")
+    assert re.search(r"resumed from .*b/last.pt: epoch 0 step 2/4", output)
+    assert f"writing to {tmp_path / 'b'}\n" in output
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["step"] == 2  # the first folder as it was left
+    resumed, straight = (torch.load(run / "last.pt", weights_only=True) for run in (tmp_path / "b", straight))
     assert resumed["epoch"] == straight["epoch"] == 1 and resumed["step"] == 0
     assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
-    steps = [(r["epoch"], r.get("step")) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    steps = [(r["epoch"], r.get("step")) for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl"))]
     assert steps == [(0, "1/4"), (0, "2/4"), (0, "3/4"), (0, "4/4"), (0, None)]
+
+
+def test_best_pt_goes_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
+    """An AP that stays the same (0 early on; -1 without validation ground truth) gives best.pt the later epoch's
+    weights, as YOLOv5 does, not the first epoch's."""
+    monkeypatch.setattr(data, "evaluate", lambda *args, **kwargs: dict.fromkeys(COCO_NAMES, -1.0))
+    run_main("yolo", "--train", *tiny("yolo"), "--epochs", "2", "--out", tmp_path)
+    best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert best["best"]["epoch"] == 1 and all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
 
 
 def run_rank(name, args, rank, port, log):
@@ -1779,9 +1800,10 @@ def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args(module, ["--train", "--data", "cocoo"])
     assert "invalid choice: 'cocoo'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # numpy's generators take no negative seed
-        parse_args(module, ["--train", "--seed", "-1"])
-    assert "--seed: a number >= 0" in capsys.readouterr().err
+    for flag, least in (("--seed", 0), ("--epochs", 1), ("--batch-size", 1), ("--log-every", 1)):
+        with pytest.raises(SystemExit):  # numpy's generators take no negative seed; 0 epochs would save nothing
+            parse_args(module, ["--train", flag, str(least - 1)])
+        assert f"{flag}: a number >= {least}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -897,6 +897,7 @@ def load_state(model: nn.Module, state_dict: dict, source: str, fine_tune: bool 
         print(f"{source}: left at their initialisation (another shape, e.g. class count): {', '.join(other)}")
 
 
+@data.restores_signals  # Ctrl-C and SIGTERM as train() found them when it returns, stops or fails (in a notebook)
 def train(cfg: Config):
     # DDP under torchrun (one process per GPU): all its state is decided here, as in nanoGPT's train.py
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -989,7 +990,7 @@ def train(cfg: Config):
                     decay = cfg.ema_decay * (1 - math.exp(-(epoch * steps + step) / cfg.accumulate / 2000))
                     for e, v in zip(ema.state_dict().values(), raw_model.state_dict().values()):
                         e.lerp_(v, 1 - decay) if e.is_floating_point() else e.copy_(v)
-            scheduler.step()
+            lr, _ = optimizer.param_groups[0]["lr"], scheduler.step()  # lr: the one this step used
             window = window + torch.stack([v.detach().float() for v in loss_dict.values()])  # on the device: no sync
             if step % cfg.log_every and step < steps and not (stop and not ddp):
                 continue  # the host reads the losses only on logging steps (and at once on Ctrl-C without DDP)
@@ -1003,7 +1004,7 @@ def train(cfg: Config):
                     f"{k} {v:.4g}" for k, v in terms.items()) + "; stopped, the last checkpoint is intact")
             done, elapsed = epoch * steps + step - start_iter, time.perf_counter() - start_time
             log({"epoch": epoch, "step": f"{step}/{steps}", "iter": epoch * steps + step, "loss": sum(terms.values()),
-                 **terms, "lr": optimizer.param_groups[0]["lr"], "img_s": count * cfg.batch_size / (time.perf_counter()
+                 **terms, "lr": lr, "img_s": count * cfg.batch_size / (time.perf_counter()
                  - tic), "eta_min": elapsed / done * ((cfg.epochs - epoch) * steps - step) / 60, "time_s": elapsed,
                  "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0})
             window, window_start, tic = 0.0, step, time.perf_counter()
@@ -1012,7 +1013,7 @@ def train(cfg: Config):
         if main_process and step == steps:  # rank 0 evaluates and saves while the others wait
             stats = data.evaluate(ema or raw_model, val_set, cfg.batch_size, cfg.workers, device)
             log({"epoch": epoch, "iter": (epoch + 1) * steps, **stats, "time_s": time.perf_counter() - start_time})
-            best, improved = ({"epoch": epoch, **stats}, True) if stats["AP"] > best["AP"] else (best, False)
+            best, improved = ({"epoch": epoch, **stats}, True) if stats["AP"] >= best["AP"] else (best, False)
         epoch, step = (epoch + 1, 0) if step == steps else (epoch, step)
         if main_process:  # best.pt: what inference needs; last.pt: also what --resume needs to go on at (epoch, step)
             weights = {"model": (ema or raw_model).state_dict(), "config": dataclasses.asdict(cfg),
@@ -1031,8 +1032,6 @@ def train(cfg: Config):
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
-    for signum, handler in handlers.items():  # train() called from a notebook leaves Ctrl-C as it found it
-        signal.signal(signum, handler)
     ddp and dist.destroy_process_group()
     return raw_model
 
@@ -1057,8 +1056,8 @@ def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config
 def main(argv=None):
     args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
     saved = state_dict = None
-    if args.train and given.get("resume"):  # the run's config: its model, schedule and folder (flags still override)
-        saved = load_weights(given["resume"])[2]  # (and a checkpoint of another detector is refused)
+    if args.train and given.get("resume"):  # the run's config (flags still override); its folder: where last.pt is
+        saved = {**load_weights(given["resume"])[2], "out": os.path.dirname(os.path.abspath(given["resume"]))}
     elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
