@@ -689,7 +689,7 @@ def train(cfg: Config):
                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                   "world_size": world_size}, "last.pt")
         ddp and dist.barrier()  # the other ranks wait for rank 0's checkpoint, also before they stop
-        if step:  # interrupted mid-epoch
+        if step or stopping:  # interrupted mid-epoch, or in the epoch's last step (stopping: on every rank)
             if main_process:
                 print(f"stopped at epoch {epoch} step {step}/{steps}, saved in {cfg.out}/last.pt; to go on:\n    "
                       f"python {os.path.basename(__file__)} --train --resume {shlex.quote(cfg.out + '/last.pt')}")

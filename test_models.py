@@ -1649,6 +1649,25 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
     assert steps == [(0, "1/4"), (0, "2/4"), (0, "3/4"), (0, "4/4"), (0, None)]
 
 
+def test_a_stop_in_an_epochs_last_step_stops_after_its_evaluation(tmp_path, monkeypatch):
+    """SIGTERM in the last step of epoch 0 of 2: the epoch is evaluated and saved, and the run stops there instead of
+    training on into epoch 1."""
+    forward, calls = yolo.DETECTOR.forward, []
+
+    def terminated_in_step_4(self, *args, **kwargs):
+        if self.training and len(calls.append(1) or calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(yolo.DETECTOR, "forward", terminated_in_step_4)
+    with pytest.raises(SystemExit) as stopped:
+        run_main("yolo", "--train", *tiny("yolo"), "--epochs", "2", "--out", tmp_path)
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert stopped.value.code == 130 and (checkpoint["epoch"], checkpoint["step"]) == (1, 0) and len(calls) == 4
+    records = [r.get("step") for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    assert records == ["1/4", "2/4", "3/4", "4/4", None]  # epoch 0's steps and evaluation
+
+
 def test_best_pt_goes_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
     """An AP that stays the same (0 early on; -1 without validation ground truth) gives best.pt the later epoch's
     weights, as YOLOv5 does, not the first epoch's."""
