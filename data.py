@@ -1098,13 +1098,13 @@ def load_proposals(path, dataset):
         if key not in stored:
             raise ValueError(f"{path}: no proposals for image {key!r} of {dataset.source} (a file names its images "
                              f"by {'id' if isinstance(dataset, (VocDetection, CocoDetection)) else 'index'})")
+        what = f"{path}: image {key!r}: proposals must be finite [R, 4] x1, y1, x2, y2, got"
         try:
             boxes = np.asarray(stored[key], dtype=np.float32)
-            got = f"shape {boxes.shape}"
         except (TypeError, ValueError) as e:  # e.g. rows of different lengths in a .json
-            boxes, got = np.full(1, np.nan, dtype=np.float32), str(e)
+            raise ValueError(f"{what} {e}") from None
         if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all()):
-            raise ValueError(f"{path}: image {key!r}: proposals must be finite [R, 4] x1, y1, x2, y2, got {got}")
+            raise ValueError(f"{what} shape {boxes.shape}")
         out.append(boxes.reshape(-1, 4))
     return out
 

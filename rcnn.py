@@ -908,7 +908,8 @@ def train(cfg: Config):
                     decay = cfg.ema_decay * (1 - math.exp(-(epoch * steps + step) / cfg.accumulate / 2000))
                     for e, v in zip(ema.state_dict().values(), raw_model.state_dict().values()):
                         e.lerp_(v, 1 - decay) if e.is_floating_point() else e.copy_(v)
-            lr, _ = optimizer.param_groups[0]["lr"], scheduler.step()  # lr: the one this step used
+            lr = optimizer.param_groups[0]["lr"]  # the one this step used, for the log
+            scheduler.step()
             window = window + torch.stack([v.detach().float() for v in loss_dict.values()])  # on the device: no sync
             if step % cfg.log_every and step < steps and not (stop and not ddp):
                 continue  # the host reads the losses only on logging steps (and at once on Ctrl-C without DDP)
