@@ -1229,6 +1229,22 @@ def worker_init(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def resume_state(obj, state):
+    """--resume: obj.load_state_dict(state) with this run's settings, which are the run's own unless a flag changed
+    them (--lr, --weight-decay, --momentum): an optimizer takes its saved state (momentum buffers, Adam's moments) and
+    keeps its groups' settings; a LambdaLR takes its step count and keeps its base lrs, and sets each group's lr for
+    that step: the lr the new settings would have there (the run's own lr when no flag changed them)."""
+    if isinstance(obj, torch.optim.Optimizer):
+        state = {**state, "param_groups": [{**saved, **{k: v for k, v in group.items() if k != "params"}}
+                                           for saved, group in zip(state["param_groups"], obj.param_groups)]}
+    base_lrs = getattr(obj, "base_lrs", None)
+    obj.load_state_dict(state)
+    if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):
+        obj.base_lrs = base_lrs
+        for group, base_lr, lr_lambda in zip(obj.optimizer.param_groups, base_lrs, obj.lr_lambdas):
+            group["lr"] = base_lr * lr_lambda(obj.last_epoch)
+
+
 def steps_per_epoch(dataset, batch_size, world_size=1):
     return math.ceil(len(dataset) / (batch_size * world_size))
 

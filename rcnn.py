@@ -855,7 +855,7 @@ def train(cfg: Config):
                              if batch else "weights only (best.pt?): resume from last.pt"))
         raw_model.load_state_dict(resume["raw_model"] or resume["model"])
         for name, obj in (("model", ema), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-            obj is None or not resume[name] or obj.load_state_dict(resume[name])  # a scaler saved off: {}
+            obj is None or not resume[name] or data.resume_state(obj, resume[name])  # a scaler saved off: {}
         epoch, step, best = resume["epoch"], resume["step"], resume["best"]
     metrics = os.path.join(cfg.out, "metrics.jsonl")
 

@@ -1972,6 +1972,52 @@ def test_warmup_longer_than_a_third_of_the_run_is_shortened(name):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(module.Config.lr)  # no warmup: the first step at full lr
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_takes_the_runs_state_and_this_runs_settings(name):
+    """data.resume_state, as --resume loads the optimizer and the schedule: with the run's settings, the run's exact
+    state; with a new lr and weight decay (flags given with --resume), the run's momentum buffers and step with the lr
+    and weight decay a run with those settings has at that step."""
+    module = REGISTRY[name].module
+
+    def built(steps, **overrides):  # (optimizer, scheduler) of the tiny model after steps steps of gradient 1
+        torch.manual_seed(0)
+        model = module.DETECTOR(tiny_config(name, **overrides), load_backbone=False)
+        optimizer, scheduler = module.make_optimizer(model, tiny_config(name, **overrides), 4, 1)
+        for _ in range(steps):
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            optimizer.step()
+            scheduler.step()
+        return optimizer, scheduler
+
+    def settings(optimizer):
+        return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+    def position(scheduler):  # LambdaLR's step count, or YoloSchedule's
+        return {k: v for k, v in scheduler.state_dict().items() if k in ("last_epoch", "_step_count", "step_count")}
+
+    run = [obj.state_dict() for obj in built(6)]
+    new = dict(lr=module.Config.lr * 3, weight_decay=module.Config.weight_decay * 2)
+    for overrides in ({}, new):
+        expected, (optimizer, scheduler) = built(6, **overrides), built(0, **overrides)
+        data.resume_state(optimizer, run[0])
+        data.resume_state(scheduler, run[1])
+        assert settings(optimizer) == settings(expected[0]) and position(scheduler) == position(expected[1])
+        state = optimizer.state_dict()["state"]
+        assert all(torch.equal(v, state[i][k]) for i, values in run[0]["state"].items() for k, v in values.items())
+    assert settings(optimizer)[0]["lr"] != settings(built(6)[0])[0]["lr"]  # the new lr is another one
+
+
+@pytest.mark.parametrize("one_epoch", ["fcos"], indirect=True)  # the loop is the same in every file
+def test_a_new_lr_given_with_resume_is_applied(one_epoch, tmp_path):
+    _, out, _ = one_epoch
+    lrs = {}
+    for lr in (0.01, 0.03):
+        run_main("fcos", "--train", "--resume", out / "last.pt", "--epochs", "2", "--lr", lr, "--out", tmp_path / str(lr))
+        lrs[lr] = [r["lr"] for r in map(json.loads, open(tmp_path / str(lr) / "metrics.jsonl")) if "lr" in r]
+    assert len(lrs[0.01]) == 4 and lrs[0.03] == pytest.approx([3 * lr for lr in lrs[0.01]])
+
+
 def test_evaluate_takes_numbers_as_names_for_labels():
     """A reference's state dict file names no classes ("1", "2", ...: e.g. torchvision's model fine-tuned on the
     user's json): evaluate takes its labels as the dataset's, not as classes of other names."""
