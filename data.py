@@ -1433,6 +1433,7 @@ def parse_args(argv, config_class, presets, make_config):
     Returns (args, {field: value} of the fields given)."""
     preset = "none" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=f"Defaults shown: a plain --train's here (preset {preset}).")
+    parser._negative_number_matcher = re.compile(r"-\.?\d")  # --draw-thresh -1e-3 a number, as Python 3.13 reads it
     modes = parser.add_mutually_exclusive_group(required=True)
     modes.add_argument("--train", action="store_true", help="train, evaluate each epoch, save into --out")
     modes.add_argument("--eval", action="store_true", help="print the 12 COCO numbers of --weights on the val split")
@@ -1452,6 +1453,9 @@ def parse_args(argv, config_class, presets, make_config):
         if getattr(args, name, least) < least:  # (numpy's generators take no negative seed; the others divide)
             parser.error(f"--{name.replace('_', '-')}: a number >= {least}")
     given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
+    for k in ("train_ann", "val_ann", "train_proposals", "val_proposals"):  # a file found from here: absolute, so
+        if given.get(k) and os.path.exists(given[k]):  # that --eval and --resume find it from any folder
+            given[k] = os.path.abspath(given[k])
     return args, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
 
 

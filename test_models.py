@@ -1836,6 +1836,7 @@ def test_command_line_fields(name):
     args, given = parse_args(module, ["--train", f"--{first.replace('_', '-')}", "8", "16", "--no-amp", "--lr", "0.01",
                                       f"--{second.replace('_', '-')}"])
     assert given == {first: (8, 16), "amp": False, "lr": 0.01, second: ()}
+    assert parse_args(module, ["--eval", "--draw-thresh", "-1e-3", "--lr", "-.5"])[1] == {"draw_thresh": -1e-3, "lr": -.5}
     paper = next(p for p in module.PRESETS if p != "cpu")  # coco, or voc (R-CNN)
     assert module.make_config(given, preset=paper).data == paper
     assert getattr(module.make_config(given), first) == (8, 16)
@@ -1848,6 +1849,18 @@ def test_command_line_fields(name):
         assert not module.make_config({}).frozen_bn and module.make_config({"backbone_weights": "imagenet"}).frozen_bn
         assert module.make_config({"weights": "w.pt"}).frozen_bn
         assert not module.make_config({"weights": "w.pt", "frozen_bn": False}).frozen_bn
+
+
+def test_files_found_from_the_working_folder_are_saved_absolute(tmp_path, monkeypatch):
+    """--val-ann or a proposals file found from the working folder is saved as an absolute path: --eval and --resume
+    of the run find it from any folder; an annotation file under --data-root stays as given (found there)."""
+    monkeypatch.chdir(tmp_path)
+    for file in ("val.json", "proposals.npz"):
+        (tmp_path / file).write_text("")
+    given = parse_args(REGISTRY["fast_rcnn"].module, ["--train", "--val-ann", "val.json", "--train-ann",
+                                                      "annotations/train.json", "--val-proposals", "proposals.npz"])[1]
+    assert given == {"val_ann": str(tmp_path / "val.json"), "train_ann": "annotations/train.json",
+                     "val_proposals": str(tmp_path / "proposals.npz")}
 
 
 def fake_imagenet(monkeypatch, available):
