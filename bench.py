@@ -998,8 +998,10 @@ def cpu_markdown(records: dict, cite) -> list[str]:
         cfg = {**default, **cfg}  # a field added after the run: it ran as the field's default
         return [f"{k} {cfg[k]}" for k, v in preset.items() if k not in ("out", "draw_thresh") and cfg[k] != v]
     runs = {}  # of a file's runs, the earliest of this commit's preset (the one that set it; reruns: in their folders)
-    for name in FILES:  # ... else the latest
+    for name in FILES:  # ... else the latest; a run beside NAME.supersedes ran after a change of the file's code
         candidates = sorted(records["synthetic"].get(name, []), key=lambda rs: rs[1]["start"])
+        changed_code = [s["start"] for run, s in candidates if os.path.exists(f"{run['folder']}/{name}.supersedes")]
+        candidates = [rs for rs in candidates if rs[1]["start"] >= max(changed_code, default="")]  # (its reason)
         if candidates:
             runs[name] = next((rs for rs in candidates if not changed(name, rs[0]["config"])), candidates[-1])
     if not runs:

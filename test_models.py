@@ -1836,7 +1836,8 @@ def test_command_line_fields(name):
     args, given = parse_args(module, ["--train", f"--{first.replace('_', '-')}", "8", "16", "--no-amp", "--lr", "0.01",
                                       f"--{second.replace('_', '-')}"])
     assert given == {first: (8, 16), "amp": False, "lr": 0.01, second: ()}
-    assert parse_args(module, ["--eval", "--draw-thresh", "-1e-3", "--lr", "-.5"])[1] == {"draw_thresh": -1e-3, "lr": -.5}
+    negative = parse_args(module, ["--eval", "--draw-thresh", "-1e-3", "--lr", "-.5"])[1]
+    assert negative == {"draw_thresh": -1e-3, "lr": -.5}
     paper = next(p for p in module.PRESETS if p != "cpu")  # coco, or voc (R-CNN)
     assert module.make_config(given, preset=paper).data == paper
     assert getattr(module.make_config(given), first) == (8, 16)
@@ -2026,7 +2027,8 @@ def test_a_new_lr_given_with_resume_is_applied(one_epoch, tmp_path):
     _, out, _ = one_epoch
     lrs = {}
     for lr in (0.01, 0.03):
-        run_main("fcos", "--train", "--resume", out / "last.pt", "--epochs", "2", "--lr", lr, "--out", tmp_path / str(lr))
+        run_main("fcos", "--train", "--resume", out / "last.pt", "--epochs", "2", "--lr", lr,
+                 "--out", tmp_path / str(lr))
         lrs[lr] = [r["lr"] for r in map(json.loads, open(tmp_path / str(lr) / "metrics.jsonl")) if "lr" in r]
     assert len(lrs[0.01]) == 4 and lrs[0.03] == pytest.approx([3 * lr for lr in lrs[0.01]])
 
@@ -2214,7 +2216,7 @@ def test_compare_reads_cpu_runs_on_synthetic_data(tmp_path):
 def test_compare_cpu_table_shows_the_earliest_run_of_the_preset(tmp_path):
     """Of a file's runs on the synthetic data, the CPU table shows the earliest of this commit's cpu preset (by the
     start in each folder's env.txt, not by the folders' names): a later rerun elsewhere does not replace it, and an
-    even earlier run of another config is passed over."""
+    even earlier run of another config is passed over; a run beside NAME.supersedes (the file's code changed) does."""
     import bench
     preset = json.loads(json.dumps(dataclasses.asdict(fcos.make_config({}, preset="cpu"))))
     folders = []
@@ -2232,6 +2234,9 @@ def test_compare_cpu_table_shows_the_earliest_run_of_the_preset(tmp_path):
     row = next(line for line in markdown[markdown.index("**Synthetic data on a CPU**"):].splitlines()
                if line.startswith("| `fcos.py`"))
     assert row.startswith("| `fcos.py` | 0.800<sup>") and "this commit's cpu preset |" in row
+    (tmp_path / "a-rerun" / "fcos.supersedes").write_text("the rerun after a change of the model's code")
+    markdown = bench.compare_markdown(folders, open(os.path.join(ROOT, "README.md")).read())
+    assert "\n| `fcos.py` | 0.600<sup>" in markdown[markdown.index("**Synthetic data on a CPU**"):]  # earlier: history
 
 
 # ======================================== ssd ========================================
@@ -2739,11 +2744,32 @@ def test_yolo_letterbox_is_val_py_rect_batches():
     assert yolo.letterbox([torch.rand(3, 480, 640)], None, dataclasses.replace(cfg, letterbox_pad=0.0),
                           training=False)[0].shape == (1, 3, 480, 640)  # detect.py's minimal rectangle
     assert yolo.resize_long_side(torch.rand(3, 101, 1000), 640, True)[0].shape == (3, 64, 640)  # v7.0's int(): 64.64
+    squares = [torch.rand(3, 640, 640) for _ in range(2)]  # (mosaic's): stacked as they are, the same as pasted
+    stacked, (same, _), frames = yolo.letterbox(squares, [target, target], cfg, training=True)
+    pasted, (moved, _), _ = yolo.letterbox([squares[0], image], [target, target], cfg, training=True)
+    assert torch.equal(stacked, torch.stack(squares)) and torch.equal(pasted[0], stacked[0])
+    assert frames == [(1.0, 0, 0)] * 2 and torch.equal(same["boxes"], moved["boxes"])
     stripes = torch.tensor([1.0, 0, 0]).repeat(3, 300, 100)  # columns 1, 0, 0, 1, 0, 0, ...: shrunk 3x to 100 px
     cfg = dataclasses.replace(cfg, image_size=100, letterbox_pad=0.0)  # training samples the middle 0 of each three
     assert (yolo.letterbox([stripes], None, cfg, training=True)[0] == 0).all()  # (v7.0's INTER_LINEAR)
     shrunk = yolo.letterbox([stripes], None, cfg, training=False)[0][0, :, 14:114, 14:114]  # eval: INTER_AREA's mean
     assert shrunk.shape == (3, 100, 100) and ((shrunk - 1 / 3).abs() < 0.1).all()
+
+
+@pytest.mark.parametrize("multi_label", [True, False])
+def test_yolo_images_without_detections_give_empty_tensors(multi_label):
+    """Nothing scores above conf_thresh (the decoding stops early for such an image, as v7.0's): the usual dict, empty,
+    with the dtypes of a dict that has detections."""
+    model = yolo.YOLO(yolo.Config(num_classes=4, backbone="yolov5n", image_size=64, multi_label=multi_label)).eval()
+    images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
+    with torch.no_grad():
+        some = model(images)[0]
+        model.cfg = dataclasses.replace(model.cfg, conf_thresh=1.0)
+        none = model(images)
+    assert len(some["boxes"]) > 0
+    for detections in none:
+        assert {k: (v.shape, v.dtype) for k, v in detections.items()} == {
+            "boxes": ((0, 4), torch.float32), "scores": ((0,), torch.float32), "labels": ((0,), torch.int64)}
 
 
 def test_yolo_training_step_waits_for_the_device_as_often_at_any_batch_size():

@@ -181,8 +181,8 @@ def letterbox(images: list, targets, cfg: Config, training: bool):
     """Resize each [3, h_i, w_i] image so its long side is image_size and paste it centred into a grey batch
     [B, 3, H, W]: square image_size x image_size in training (train.py without --rect); else val.py's rectangular batch:
     the batch's range of aspect ratios, image_size on the long side, + letterbox_pad strides, rounded up to a multiple
-    of 32. Returns the batch, targets with their boxes moved onto it (a copy; None stays None), and per image
-    (scale, left, top) to map detections back."""
+    of 32. Returns the batch, targets with their boxes moved onto it (a copy where they move; None stays None), and
+    per image (scale, left, top) to map detections back."""
     s, stride = cfg.image_size, STRIDES[-1]
     if training:
         H = W = s
@@ -190,6 +190,8 @@ def letterbox(images: list, targets, cfg: Config, training: bool):
         aspect = [image.shape[-2] / image.shape[-1] for image in images]  # h / w
         shape = (max(aspect), 1.0) if max(aspect) < 1 else (1.0, 1 / min(aspect)) if min(aspect) > 1 else (1.0, 1.0)
         H, W = (math.ceil(x * s / stride + cfg.letterbox_pad) * stride for x in shape)
+    if all(image.shape[-2:] == (H, W) for image in images):  # mosaic's squares: nothing to move (one op, not B x 5)
+        return torch.stack(images), targets, [(1.0, 0, 0)] * len(images)
     batch = images[0].new_full((len(images), 3, H, W), PAD_VALUE)  # [B, 3, H, W]
     frames, new_targets = [], []
     for i, image in enumerate(images):
@@ -656,6 +658,9 @@ def postprocess_detections(outputs: list, anchors: Tensor, cfg: Config) -> list:
             scores, labels = scores.max(1)
             keep = scores > cfg.conf_thresh
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if not len(scores):  # none left (the host knows the count after a selection): as v7.0, skip the rest
+            detections.append((boxes, scores, labels))
+            continue
         order = scores.argsort(descending=True)[:30000]
         boxes, scores, labels = boxes[order], scores[order], labels[order]
         keep = torchvision.ops.nms(boxes + labels[:, None].to(boxes.dtype) * 7680, scores, cfg.iou_thresh)
