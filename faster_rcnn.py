@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_align
+from torchvision.ops import FrozenBatchNorm2d, batched_nms, nms, roi_align
 
 import data
 from common import (BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
@@ -335,23 +335,33 @@ def select_proposals(proposals: Tensor, objectness: Tensor, num_anchors_per_leve
     1e-3 and scores below rpn_score_thresh, NMS per level, then the best post_nms_top_n. Returns B x [R_i, 4]."""
     pre_nms_top_n = cfg.rpn_pre_nms_top_n_train if training else cfg.rpn_pre_nms_top_n_test
     post_nms_top_n = cfg.rpn_post_nms_top_n_train if training else cfg.rpn_post_nms_top_n_test
-    top_idx, levels, offset = [], [], 0
+    top_idx, levels, counts, offset = [], [], [], 0
     for level, scores_per_level in enumerate(objectness.split(num_anchors_per_level, dim=1)):
-        k = min(pre_nms_top_n, scores_per_level.shape[1])
-        top_idx.append(scores_per_level.topk(k, dim=1).indices + offset)  # [B, k]
-        levels.append(torch.full((k,), level, device=objectness.device))
+        counts.append(min(pre_nms_top_n, scores_per_level.shape[1]))
+        top_idx.append(scores_per_level.topk(counts[-1], dim=1).indices + offset)  # [B, k]
+        levels.append(torch.full((counts[-1],), level, device=objectness.device))
         offset += scores_per_level.shape[1]
     top_idx, levels = torch.cat(top_idx, dim=1), torch.cat(levels)  # [B, N], [N]
+    starts = [sum(counts[:level]) for level in range(len(counts))]  # where each level's candidates begin
     scores = objectness.gather(1, top_idx).sigmoid()  # [B, N]
     boxes = proposals.gather(1, top_idx[..., None].expand(-1, -1, 4))  # [B, N, 4]
 
     final_boxes = []
     for boxes_i, scores_i, size in zip(boxes, scores, image_sizes):
         boxes_i = clip_boxes_to_image(boxes_i, size)
-        keep = remove_small_boxes(boxes_i, 1e-3)
-        keep = keep[scores_i[keep] >= cfg.rpn_score_thresh]
-        keep = keep[batched_nms(boxes_i[keep], scores_i[keep], levels[keep], cfg.rpn_nms_thresh)][:post_nms_top_n]
-        final_boxes.append(boxes_i[keep])  # [R_i, 4], by decreasing score
+        valid = ((boxes_i[:, 2:] - boxes_i[:, :2] >= 1e-3).all(1)  # not smaller than 1e-3 (remove_small_boxes)
+                 & (scores_i >= cfg.rpn_score_thresh))  # [N]
+        if 4 * int(valid.sum()) <= (4000 if boxes_i.device.type == "cpu" else 20000):  # as torchvision's batched_nms:
+            keep = torch.where(valid)[0]  # few boxes: one NMS, the levels' boxes moved apart
+            keep = keep[batched_nms(boxes_i[keep], scores_i[keep], levels[keep], cfg.rpn_nms_thresh)]
+        else:  # many: NMS level by level, on each level's slice, the boxes to drop scored -inf (last in their NMS,
+            kept = torch.zeros_like(valid)  # they suppress no kept box) and dropped after it: one wait, not one a level
+            for start, boxes_l, scores_l in zip(starts, boxes_i.split(counts),
+                                                scores_i.masked_fill(~valid, -math.inf).split(counts)):
+                kept[nms(boxes_l, scores_l, cfg.rpn_nms_thresh) + start] = True
+            keep = torch.where(kept & valid)[0]  # in index order, then by score: torchvision's order, ties too
+            keep = keep[scores_i[keep].sort(descending=True)[1]]
+        final_boxes.append(boxes_i[keep[:post_nms_top_n]])  # [R_i, 4], by decreasing score
     return final_boxes
 
 

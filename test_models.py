@@ -1400,6 +1400,25 @@ def test_convert_torchvision_round_trip_and_old_keys(name):
 
 # --- The model on its own ---
 
+@pytest.mark.parametrize("n", [300, 2000])  # few boxes: batched_nms makes one NMS; many: one per level
+def test_faster_rcnn_proposal_selection_is_torchvisions_filter_proposals(n):
+    """select_proposals against torchvision's RegionProposalNetwork.filter_proposals: random boxes, tied scores, boxes
+    under 1e-3 and scores under the threshold, in both of torchvision's ways of NMS per level."""
+    torch.manual_seed(0)
+    levels, B = [n, n // 2, n // 4], 2
+    corner, size = torch.rand(B, sum(levels), 2) * 100, torch.rand(B, sum(levels), 2) * 40
+    size[:, ::7, 0] = 1e-4  # too small
+    proposals, objectness = torch.cat([corner, corner + size], -1), torch.randn(B, sum(levels)).round(decimals=1)
+    proposals[:, :2] = torch.tensor([[10, 10, 10.0009, 30], [10, 10, 10.0011, 30]])  # too small, over a kept box:
+    objectness[:, :2] = torch.tensor([4.0, 3.0])  # it scores higher but must not suppress it (IoU 0.82)
+    cfg = faster_rcnn.Config(rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=600, rpn_score_thresh=0.2)
+    ours = faster_rcnn.select_proposals(proposals, objectness, levels, [(110, 120)] * B, cfg, training=False)
+    rpn = torchvision.models.detection.rpn.RegionProposalNetwork(
+        None, None, 0.7, 0.3, 256, 0.5, dict(training=2000, testing=1000), dict(training=2000, testing=600), 0.7, 0.2)
+    theirs = rpn.eval().filter_proposals(proposals, objectness, [(110, 120)] * B, levels)[0]
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs)) and 100 < len(ours[0]) <= 600
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_empty_and_degenerate_targets_give_finite_losses(name):
     row = REGISTRY[name]
