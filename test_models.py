@@ -2768,6 +2768,8 @@ def test_yolo_letterbox_is_val_py_rect_batches():
     pasted, (moved, _), _ = yolo.letterbox([squares[0], image], [target, target], cfg, training=True)
     assert torch.equal(stacked, torch.stack(squares)) and torch.equal(pasted[0], stacked[0])
     assert frames == [(1.0, 0, 0)] * 2 and torch.equal(same["boxes"], moved["boxes"])
+    wide = torch.rand(3, 512, 672)  # the shape of 640 x 480's batch, but its long side is not 640: it is resized
+    assert yolo.letterbox([wide], None, cfg, training=False)[2][0][0] == 640 / 672
     stripes = torch.tensor([1.0, 0, 0]).repeat(3, 300, 100)  # columns 1, 0, 0, 1, 0, 0, ...: shrunk 3x to 100 px
     cfg = dataclasses.replace(cfg, image_size=100, letterbox_pad=0.0)  # training samples the middle 0 of each three
     assert (yolo.letterbox([stripes], None, cfg, training=True)[0] == 0).all()  # (v7.0's INTER_LINEAR)
