@@ -1235,6 +1235,10 @@ def resume_state(obj, state):
     keeps its groups' settings; a LambdaLR takes its step count and keeps its base lrs, and sets each group's lr for
     that step: the lr the new settings would have there (the run's own lr when no flag changed them)."""
     if isinstance(obj, torch.optim.Optimizer):
+        run = "Adam" if "betas" in state["param_groups"][0] else "SGD"  # (AdamW's state is Adam's)
+        if (run == "Adam") != ("betas" in obj.param_groups[0]):  # Adam's moments are no SGD momentum, nor the reverse
+            raise SystemExit(f"--resume: the run's optimizer state is {run}'s, not {type(obj).__name__}'s: resume "
+                             "with the run's --optimizer")
         state = {**state, "param_groups": [{**saved, **{k: v for k, v in group.items() if k != "params"}}
                                            for saved, group in zip(state["param_groups"], obj.param_groups)]}
     base_lrs = getattr(obj, "base_lrs", None)

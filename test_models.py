@@ -2039,6 +2039,10 @@ def test_resume_takes_the_runs_state_and_this_runs_settings(name):
         state = optimizer.state_dict()["state"]
         assert all(torch.equal(v, state[i][k]) for i, values in run[0]["state"].items() for k, v in values.items())
     assert settings(optimizer)[0]["lr"] != settings(built(6)[0])[0]["lr"]  # the new lr is another one
+    if "optimizer" in module.Config.__dataclass_fields__:  # (detr.py: AdamW always) --optimizer changed on --resume
+        other = "sgd" if tiny_config(name).optimizer != "sgd" else "adamw"
+        with pytest.raises(SystemExit, match=r"--resume: the run's optimizer state is \w+'s, not \w+'s: resume with"):
+            data.resume_state(built(0, optimizer=other)[0], run[0])
 
 
 @pytest.mark.parametrize("one_epoch", ["fcos"], indirect=True)  # the loop is the same in every file
