@@ -190,8 +190,7 @@ def letterbox(images: list, targets, cfg: Config, training: bool):
         aspect = [image.shape[-2] / image.shape[-1] for image in images]  # h / w
         shape = (max(aspect), 1.0) if max(aspect) < 1 else (1.0, 1 / min(aspect)) if min(aspect) > 1 else (1.0, 1.0)
         H, W = (math.ceil(x * s / stride + cfg.letterbox_pad) * stride for x in shape)
-    if max(H, W) == s and all(image.shape[-2:] == (H, W) for image in images):  # nothing to move (mosaic's squares):
-        # one operation, not 5 per image
+    if max(H, W) == s and all(image.shape[-2:] == (H, W) for image in images):  # mosaic's squares: as they are
         return torch.stack(images), targets, [(1.0, 0, 0)] * len(images)
     batch = images[0].new_full((len(images), 3, H, W), PAD_VALUE)  # [B, 3, H, W]
     frames, new_targets = [], []

@@ -1,7 +1,7 @@
 """Kernel-like operators of one DETR-R50 training step (forward, the official losses, backward), detr.py against
 facebookresearch/detr at 29901c51 with the same converted weights, batch B of 128 x 160 synthetic images, CPU:
     python records/2026-11-29-cpu-detr-ops/count_detr_ops.py 2 DETR_ROOT"""
-import collections
+import importlib.util
 import os
 import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -11,10 +11,10 @@ import torch
 import data
 import detr
 from make_reference import load_official, normalised_cxcywh
-NOT_KERNELS = {"empty", "empty_strided", "as_strided", "view", "_reshape_alias", "resize_", "lift_fresh", "to",
-               "detach", "alias", "t", "transpose", "expand", "unsqueeze", "select", "slice", "as_strided_",
-               "_unsafe_view", "permute", "split", "unbind", "chunk", "reshape", "squeeze", "narrow", "empty_like",
-               "detach_", "set_", "result_type", "_has_compatible_shallow_copy_type", "is_nonzero"}
+spec = importlib.util.spec_from_file_location(  # its kernel-like operators: the same count as the Faster R-CNN record
+    "count_waits_tv", os.path.join(ROOT, "records", "2026-11-29-cpu-frcnn-waits", "count_waits_tv.py"))
+counter = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(counter)
 B = int(sys.argv[1])
 cfg = detr.Config(**{**detr.OFFICIAL_CONFIG, "num_classes": 91, "min_size": 128, "max_size": 160})
 ds = data.SyntheticShapes(B, (128, 160), seed=0)
@@ -26,25 +26,13 @@ ours = detr.DETR(cfg, load_backbone=False)
 ours.load_state_dict(detr.convert_official(official.state_dict()))
 off_t = [{"labels": t["labels"], "boxes": normalised_cxcywh(t["boxes"], im.shape[-2:])}
          for t, im in zip(targets, images)]
-def count(fn):
-    fn()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    memo = {}
-    def kernel(e):
-        if id(e) not in memo:
-            op = e.name.startswith("aten::") and e.name[6:] not in NOT_KERNELS
-            memo[id(e)] = op and not any([kernel(c) for c in e.cpu_children])
-        return memo[id(e)]
-    names = collections.Counter(e.name[6:] for e in prof.events() if kernel(e))
-    return names
 def ours_train():
     ours.train(); sum(ours(images, targets).values()).backward()
 def off_train():
     official.train()
     losses = criterion(official([(im - mean) / std for im in images]), off_t)
     sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
-a, b = count(ours_train), count(off_train)
+a, b = counter.profile(ours_train)[0], counter.profile(off_train)[0]
 print(f"train batch {B}: ours {sum(a.values())} (nonzero {a['nonzero']}, item {a['_local_scalar_dense']}), "
       f"official {sum(b.values())} (nonzero {b['nonzero']}, item {b['_local_scalar_dense']})")
 diff = {k: a[k] - b[k] for k in set(a) | set(b) if a[k] != b[k]}
