@@ -1332,9 +1332,12 @@ def image_files(path, out=None):
         raise SystemExit(f"--out {out}: the folder of the images, whose drawings would replace them: choose another")
     if os.path.isfile(path):
         return [path]
-    return sorted(os.path.join(path, f) for f in os.listdir(path)
-                  if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"))
-                  and not f.startswith("."))
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"))
+                   and not f.startswith("."))
+    if not files:
+        raise SystemExit(f"{path}: no .jpg, .jpeg, .png, .bmp, .tif, .tiff or .webp file in this folder")
+    return files
 
 
 def _coco_image_dir(data_root, ann_file):
@@ -1457,6 +1460,12 @@ def parse_args(argv, config_class, presets, make_config):
         if getattr(args, name, least) < least:  # (numpy's generators take no negative seed; the others divide)
             parser.error(f"--{name.replace('_', '-')}: a number >= {least}")
     given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
+    if args.predict and not os.path.exists(args.predict):
+        parser.error(f"--predict {args.predict}: no such file or folder")
+    sized = [k for k in ("num_train", "num_val") if k in given]  # a real dataset is used whole: say so, not ignore them
+    if sized and (data := make_config(given, preset=args.preset).data) != "synthetic":
+        parser.error(f"--{sized[0].replace('_', '-')}: sizes the synthetic data only; --data {data} uses every image "
+                     "of its splits")
     for k in ("train_ann", "val_ann", "train_proposals", "val_proposals"):  # a file found from here: absolute, so
         if given.get(k) and os.path.exists(given[k]):  # that --eval and --resume find it from any folder
             given[k] = os.path.abspath(given[k])

@@ -1030,6 +1030,8 @@ def flags(values: dict) -> list:
     """Config values -> command-line flags."""
     out = []
     for k, v in values.items():
+        if v is None:  # left out
+            continue
         flag = "--" + k.replace("_", "-")
         items = v if isinstance(v, tuple) else (v,)
         out += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, *map(str, items)]
@@ -1871,6 +1873,23 @@ def test_command_line_fields(name):
         assert not module.make_config({"weights": "w.pt", "frozen_bn": False}).frozen_bn
 
 
+def test_command_line_refuses_what_it_would_ignore(tmp_path, capsys):
+    """Stopped by argparse before any model is built: --predict of a missing path, and --num-train / --num-val with a
+    real dataset (they size the synthetic data only; ignoring them silently trained on every image); a folder without
+    images stops instead of drawing nothing."""
+    module = REGISTRY["fcos"].module
+    for argv, message in (([f"--predict={tmp_path / 'x.jpg'}"], "x.jpg: no such file or folder"),
+                          (["--train", "--data", "voc", "--num-train", "50"], "--num-train: sizes the synthetic data"),
+                          (["--eval", "--preset", "coco", "--num-val", "9"], "--num-val: sizes the synthetic data")):
+        with pytest.raises(SystemExit):
+            parse_args(module, argv)
+        assert message in capsys.readouterr().err
+    assert parse_args(module, ["--train", "--num-train", "50"])[1] == {"num_train": 50}
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit, match="no .jpg, .jpeg, .png, .bmp, .tif, .tiff or .webp file in this folder"):
+        data.image_files(str(tmp_path), str(tmp_path / "out"))
+
+
 def test_files_found_from_the_working_folder_are_saved_absolute(tmp_path, monkeypatch):
     """--val-ann or a proposals file found from the working folder is saved as an absolute path: --eval and --resume
     of the run find it from any folder; an annotation file under --data-root stays as given (found there)."""
@@ -1920,8 +1939,8 @@ def test_fine_tune_from_weights_of_other_classes(one_epoch, tmp_path, monkeypatc
     fake_imagenet(monkeypatch, available=False)
     out = tmp_path / "fine_tuned"
     with pytest.warns(UserWarning, match="degenerate"):
-        output = run_main(name, "--train", *tiny(name), "--data", "voc", "--data-root", BCCD,
-                          "--epochs", "1", "--weights", one_epoch[1] / "last.pt", "--out", out)
+        output = run_main(name, "--train", *tiny(name, num_train=None, num_val=None), "--data", "voc", "--data-root",
+                          BCCD, "--epochs", "1", "--weights", one_epoch[1] / "last.pt", "--out", out)
     assert "left at their initialisation" in output
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["class_names"][1:] == ("Platelets", "RBC", "WBC")
