@@ -126,7 +126,7 @@ class Config:
     ema_decay: float = 0.0  # evaluate and save an exponential moving average of the weights (0: off)
     clip_grad_norm: float = 0.0  # clip the gradient norm to this (0: no clipping)
     amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling
-    channels_last: bool = False  # convolutions in channels-last memory layout (can be faster under AMP on a GPU)
+    channels_last: bool = False  # convolutions in channels-last memory layout (faster for some: GPU AMP, SSD on a CPU)
     # run
     workers: int = 4  # DataLoader worker processes
     device: str = ""  # cuda | cpu | cuda:1 ...; empty: cuda if available
