@@ -1,6 +1,6 @@
 #!/bin/bash
 # ssd.py's cpu preset (what a plain --train runs without CUDA) from nothing, with channels_last (2026-11-29), alone on
-# the 2-core AMD EPYC (AVX2 only) machine kind CI has.
+# a 2-core AMD EPYC with AVX-512 (env.txt).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.."
 R=records/2026-11-29-cpu-ssd-cl
