@@ -135,8 +135,8 @@ class Config:
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
 PRESETS = {
-    # ~10-15 minutes on 2 CPU cores: an eighth-width VGG16-BN from scratch (1/64 of the compute), AdamW, flips only;
-    # channels_last: its training step 1.45x faster on a CPU with AVX-512 (README)
+    # ~10 minutes on 2 CPU cores with AVX-512 (~19 AVX2-only, estimated): an eighth-width VGG16-BN from scratch (1/64
+    # of the compute), AdamW, flips only; channels_last: its training step 1.45x faster there (1.11x on AVX2; README)
     "cpu": dict(width=0.125, image_size=128, num_train=2500, num_val=200, batch_size=16, epochs=5, lr_steps=(4,),
                 lr=4e-3, warmup_iters=50, workers=1, channels_last=True),
     # torchvision's COCO recipe (ImageNet VGG16, 120 epochs of 4 images x 8 GPUs, SSD augmentation)
