@@ -23,3 +23,6 @@ run python detr.py --train --backbone-weights runs/dv/fcos_resnet18.pt --lr-back
 # 5. the official pre-norm transformer (--pre_norm; prenorm.py patches detr.py's layers), at lr 1e-4 and 4e-4
 run python $R/prenorm.py --train --epochs 2 --lr-steps 10 --out runs/dv/pre1 > $R/variant-pre1.log 2>&1
 run python $R/prenorm.py --train --epochs 2 --lr-steps 10 --lr 4e-4 --out runs/dv/pre4 > $R/variant-pre4.log 2>&1
+# 6. FCOS's backbone frozen whole, the pre-norm transformer at lr 4e-4: can the transformer alone route the class?
+run python $R/prenorm.py --train --epochs 2 --lr-steps 10 --backbone-weights runs/dv/fcos_resnet18.pt --lr-backbone 0 \
+    --lr 4e-4 --out runs/dv/fz4 > $R/variant-fz4.log 2>&1
