@@ -1332,11 +1332,10 @@ def image_files(path, out=None):
         raise SystemExit(f"--out {out}: the folder of the images, whose drawings would replace them: choose another")
     if os.path.isfile(path):
         return [path]
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"))
-                   and not f.startswith("."))
+    kinds = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(kinds) and f[0] != ".")
     if not files:
-        raise SystemExit(f"{path}: no .jpg, .jpeg, .png, .bmp, .tif, .tiff or .webp file in this folder")
+        raise SystemExit(f"{path}: no {', '.join(kinds[:-1])} or {kinds[-1]} file in this folder")
     return files
 
 

@@ -1,10 +1,10 @@
-import sys, torch, numpy as np, dataclasses
+import sys, torch, numpy as np
 import detr, data
 from torchvision.ops import box_iou
 torch.set_grad_enabled(False)
-ck = torch.load(sys.argv[1], map_location='cpu', weights_only=True)
-cfg = detr.Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ck['config'].items() if k in {f.name for f in dataclasses.fields(detr.Config)}})
-m = detr.DETR(cfg, load_backbone=False); m.load_state_dict(ck['model']); m.eval()
+state_dict, _, saved = detr.load_weights(sys.argv[1])
+cfg = detr.make_config({}, saved)
+m = detr.DETR(cfg, load_backbone=False); m.load_state_dict(state_dict); m.eval()
 ds = data.SyntheticShapes(64, cfg.image_size, seed=cfg.seed + 1)
 imgs, tg = zip(*[ds[i] for i in range(64)])
 batch, mask, sizes, _ = detr.preprocess(list(imgs), None, cfg, False)

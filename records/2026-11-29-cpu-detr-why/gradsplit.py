@@ -1,10 +1,10 @@
-import sys, torch, dataclasses
+import sys, torch
 import detr, data
 torch.manual_seed(0)
-ck = torch.load(sys.argv[1], map_location='cpu', weights_only=True)
-cfg = detr.Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ck['config'].items() if k in {f.name for f in dataclasses.fields(detr.Config)}})
+state_dict, _, saved = detr.load_weights(sys.argv[1])
+cfg = detr.make_config({}, saved)
 m = detr.DETR(cfg, load_backbone=False)
-if sys.argv[2] == 'trained': m.load_state_dict(ck['model'])
+if sys.argv[2] == 'trained': m.load_state_dict(state_dict)
 m.train()
 ds = data.SyntheticShapes(16, cfg.image_size, seed=0)
 imgs, tg = zip(*[ds[i] for i in range(16)])

@@ -1,15 +1,15 @@
-import sys, torch, numpy as np, dataclasses
+import sys, torch
 import detr, data
 torch.manual_seed(0)
-ck = torch.load(sys.argv[1], map_location='cpu', weights_only=True)
-cfg = detr.Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ck['config'].items() if k in {f.name for f in dataclasses.fields(detr.Config)}})
+state_dict, _, saved = detr.load_weights(sys.argv[1])
+cfg = detr.make_config({}, saved)
 m = detr.DETR(cfg, load_backbone=False)
-if sys.argv[2] == 'trained': m.load_state_dict(ck['model'])
+if sys.argv[2] == 'trained': m.load_state_dict(state_dict)
 if sys.argv[2] == 'fcos': print(m.backbone.body.load_state_dict(torch.load('runs/dv/fcos_resnet18.pt'), strict=False))
 m.eval()
 def feats(seed, n):
     ds = data.SyntheticShapes(n, cfg.image_size, seed=seed)
-    X, Y, Xm, Xd = [], [], [], []
+    X, Y, Xm = [], [], []
     with torch.no_grad():
         for s in range(0, n, 64):
             imgs, tg = zip(*[ds[i] for i in range(s, min(n, s + 64))])
@@ -18,7 +18,7 @@ def feats(seed, n):
             src = m.input_proj(f)
             mask2 = torch.zeros(f.shape[0], *f.shape[-2:], dtype=torch.bool)
             pos = detr.position_encoding_sine(mask2, cfg.hidden_dim // 2)
-            S_, B = src.shape[-2] * src.shape[-1], src.shape[0]
+            B = src.shape[0]
             mem = src.flatten(2).permute(2, 0, 1); p = pos.flatten(2).permute(2, 0, 1)
             for layer in m.transformer.encoder.layers:
                 mem = layer(mem, p, mask2.flatten(1))
