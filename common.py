@@ -569,7 +569,8 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor | None = None, score
     every box, or a list of one per box, instead of the class colours (one per class, fixed, so that a class looks the
     same in every picture). Line width and caption size follow the image size; a caption sits on a filled box of its
     class colour in black or white, whichever reads better, above its box (inside it at the top border), moved down
-    while it would cover an earlier caption, so that overlapping boxes keep readable captions."""
+    while it would cover an earlier caption, so that overlapping boxes keep readable captions. Boxes with a NaN or
+    infinite coordinate are not drawn; corners given the wrong way round (x2 < x1) are swapped."""
     if image.dtype != torch.uint8:
         image = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8)
     H, W = image.shape[-2:]
@@ -578,13 +579,17 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor | None = None, score
     width = width or max(1, round(max(H, W) / 320))
     font = ImageFont.load_default(size=max(11, round(max(H, W) / 40)))
     boxes = boxes.detach().cpu().float().tolist()
+    # PIL refuses x2 < x1 and fails on NaN or inf (a diverged model): order the corners, mark the rest None (skipped)
+    boxes = [[min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])] if all(map(math.isfinite, b))
+             else None for b in boxes]
     labels = labels.detach().cpu().tolist() if labels is not None else [None] * len(boxes)
     colours = color if isinstance(color, list) else [color or PALETTE[(l or 0) % len(PALETTE)] for l in labels]
     for box, colour in zip(boxes, colours):
-        draw.rectangle(box, outline=tuple(colour), width=width)
+        if box is not None:
+            draw.rectangle(box, outline=tuple(colour), width=width)
     placed = []  # caption rectangles drawn so far
     for i, (box, label, colour) in enumerate(zip(boxes, labels, colours)):
-        if label is None:
+        if label is None or box is None:
             continue
         caption = class_names[label] if class_names is not None else str(label)
         caption = f"{caption} {float(scores[i]):.2f}" if scores is not None else caption

@@ -16,8 +16,7 @@ Three datasets, one contract (torchvision's detection convention):
 
 Every dataset has `class_names` (index 0 "__background__"), `num_classes` (K + 1) and `coco_gt()`: the ground truth as
 a COCO-format dict in original image coordinates, built from the annotations without reading or rendering any image.
-Its `category_id` is the contiguous label 1..K (CocoDetection keeps `cat_ids` to map labels back to the json's ids when
-writing results).
+Its `category_id` is the contiguous label 1..K (CocoDetection keeps `cat_ids`, the json's id of each label).
 
 Bad input stops with an error naming the file and the field, at start-up: every image is decoded once and its size
 compared with the annotation's (in threads, cached beside the annotation file so that the next run is instant). The
@@ -127,11 +126,12 @@ def check_images(paths, sizes, source, where):
         if key is None:
             errors.append(f"{path}: {found}")
         elif size is not None and tuple(size) != tuple(found[:2]):
+            # only orientations 5..8 swap width and height; 1 is upright, 0 and 9+ are invalid (viewers ignore them)
             exif = f" (EXIF orientation {found[2]}: annotated turned, as viewers show it? Turn the file first, e.g. " \
-                   "with PIL.ImageOps.exif_transpose)" if found[2] != 1 else ""
+                   "with PIL.ImageOps.exif_transpose)" if 5 <= found[2] <= 8 else ""
             errors.append(f"{path}: image is {found[0]}x{found[1]} but {source} gives {name} 'width' {size[0]}, "
                           f"'height' {size[1]}{exif}")
-        elif found[2] != 1:
+        elif 2 <= found[2] <= 8:  # 2..8 turn or mirror the picture in a viewer
             turned.append(path)
     if turned:  # pixels as stored, as torchvision.io.read_image and DETR's loader read them
         warnings.warn(f"{source}: {len(turned)} images have an EXIF orientation (e.g. {turned[0]}): they are read as "
@@ -413,7 +413,7 @@ class CocoDetection(torch.utils.data.Dataset):
     """Any COCO-format detection json: images under `image_dir`, `file_name` relative to it.
 
     Category ids (any integers, possibly with gaps, as COCO's 1..90) become contiguous labels 1..K in sorted id order;
-    `class_names[label]` is the name and `cat_ids[label - 1]` the json's category id, used when writing results.
+    `class_names[label]` is the name and `cat_ids[label - 1]` the json's category id.
     With contiguous_labels=False the label is the category id itself (K = the largest id, gaps named "N/A"): the label
     space of torchvision's COCO weights (91 classes), for evaluating them without remapping.
     Crowd annotations are kept, flagged by `iscrowd` (evaluation ignores the detections they cover); drop_crowd=True,
@@ -442,7 +442,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(f"{ann_file}: field 'annotations' is not a list")
 
         try:
-            categories = sorted(data["categories"], key=lambda c: c["id"])
+            categories = sorted(data["categories"], key=lambda c: int(c["id"]))  # int: ids "2" < "10", as 2 < 10
             self.cat_ids = [int(c["id"]) for c in categories]
             self.class_names = ("__background__",) + tuple(str(c.get("name", c["id"])) for c in categories)
         except (KeyError, TypeError, ValueError) as e:
@@ -492,7 +492,12 @@ class CocoDetection(torch.utils.data.Dataset):
             if not isinstance(ann, dict) or ann.get("image_id") not in position:
                 raise ValueError(f"{ann_file}: annotation {ann_id}: 'image_id' "
                                  f"{ann.get('image_id') if isinstance(ann, dict) else None!r} is not in 'images'")
-            if ann.get("category_id") not in label_of:
+            try:  # int, as the ids of 'categories' are: some exports write both as strings ("1")
+                category_id = int(ann.get("category_id"))
+            except (TypeError, ValueError):
+                raise ValueError(f"{ann_file}: annotation {ann_id}: 'category_id' must be an integer, got "
+                                 f"{ann.get('category_id')!r}") from None
+            if category_id not in label_of:
                 raise ValueError(f"{ann_file}: annotation {ann_id}: 'category_id' {ann.get('category_id')!r} is not "
                                  f"in 'categories'")
             bbox = ann.get("bbox")
@@ -506,9 +511,13 @@ class CocoDetection(torch.utils.data.Dataset):
                 area = w * h
             elif not isinstance(area, (int, float)) or not math.isfinite(area):
                 raise ValueError(f"{ann_file}: annotation {ann_id}: 'area' must be a finite number, got {area!r}")
+            iscrowd = ann.get("iscrowd")
+            if iscrowd is None:  # absent or null: no crowd
+                iscrowd = 0
+            elif iscrowd not in (0, 1, "0", "1"):  # 0 == False == 0.0; not bool(): the string "0" would be a crowd
+                raise ValueError(f"{ann_file}: annotation {ann_id}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
             per_image[position[ann["image_id"]]].append(
-                ([x, y, x + w, y + h], label_of[ann["category_id"]], int(bool(ann.get("iscrowd", 0))), area,
-                 f"annotation {ann_id}"))
+                ([x, y, x + w, y + h], label_of[category_id], int(iscrowd), area, f"annotation {ann_id}"))
 
         counts = {}
         self.boxes, self.labels, self.iscrowd, self.areas = [], [], [], []
@@ -562,9 +571,13 @@ def _xml_text(node, field, xml_file, where):
 class VocDetection(torch.utils.data.Dataset):
     """Pascal VOC layout: root/Annotations/<id>.xml, root/JPEGImages/<id>.jpg, root/ImageSets/Main/<split>.txt.
 
+    A line of the split file is an id: the whole line (stripped) when Annotations/<line>.xml exists, so that ids may
+    hold spaces ("IMG 001"), else its first word, as in VOC's per-class split files ("000005 -1"). An id may name a
+    subfolder ("sub/d": Annotations/sub/d.xml, JPEGImages/sub/d.jpg, else the xml's 'filename' in JPEGImages/sub/).
     `difficult` objects are kept, flagged in the target (VOC AP ignores them). Class names: `class_names` if given, else
-    the 20 VOC classes if every name in Annotations/*.xml is one of them, else the sorted names found there, so every
-    split of one root gets the same labels. `image_id` is the position in the split file; `ids[i]` is the file stem.
+    the 20 VOC classes if every name in the xml files under Annotations/ (subfolders included) is one of them, else the
+    sorted names found there, so every split of one root gets the same labels. `image_id` is the position in the split
+    file; `ids[i]` is the id as in the split file.
     """
     proposals = None  # one float32 [R, 4] array per image, set by attach_proposals
 
@@ -573,10 +586,12 @@ class VocDetection(torch.utils.data.Dataset):
         split_file = self.source = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
         if not os.path.isfile(split_file):
             raise FileNotFoundError(f"{split_file}: split file not found (split {split!r})")
-        with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad's) is skipped
-            self.ids = [line.split()[0] for line in f if line.strip()]
         ann_dir = os.path.join(root, "Annotations")
-        records = [self._parse(os.path.join(ann_dir, f"{i}.xml")) for i in self.ids]
+        with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad's) is skipped
+            lines = [line.strip() for line in f if line.strip()]
+        # the whole line when it names an xml (ids with spaces), else the first word (per-class files: "000005 -1")
+        self.ids = [line if os.path.isfile(os.path.join(ann_dir, f"{line}.xml")) else line.split()[0] for line in lines]
+        records = [self._parse(os.path.join(ann_dir, f"{i}.xml"), i) for i in self.ids]
         sizes = check_images([rec["image"] for rec in records],  # some exports write <width>0</width>: the image's
                              [(rec["width"], rec["height"]) if rec["width"] > 0 and rec["height"] > 0 else None
                               for rec in records], split_file, [f"{rec['xml']} 'size'" for rec in records])
@@ -586,9 +601,11 @@ class VocDetection(torch.utils.data.Dataset):
         if class_names is None:
             found = {o[0] for rec in records for o in rec["objects"]}
             split_ids = set(self.ids)
-            for name in sorted(os.listdir(ann_dir)):  # all splits of this root, so that train and val share labels
-                if name.endswith(".xml") and name[:-4] not in split_ids:
-                    path = os.path.join(ann_dir, name)
+            # all splits of this root, subfolders too (ids "sub/d"), so that train and val share labels; sorted: the
+            # same first corrupt file on every machine
+            paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(ann_dir) for name in names)
+            for path in paths:
+                if path.endswith(".xml") and os.path.relpath(path, ann_dir)[:-4].replace(os.sep, "/") not in split_ids:
                     try:
                         objects = ET.parse(path).getroot().iter("object")
                         found.update((o.findtext("name") or "").strip() for o in objects)
@@ -624,22 +641,23 @@ class VocDetection(torch.utils.data.Dataset):
         self._image_paths = [rec["image"] for rec in records]
         warn_counts(split_file, counts, len(records))
 
-    def _parse(self, xml_file):
-        """An annotation file -> {"xml", "image", "width", "height", "objects": [(name, x1, y1, x2, y2, difficult)]}."""
+    def _parse(self, xml_file, image_id):
+        """An annotation file and its id (the split file's, e.g. "sub/d") -> {"xml", "image", "width", "height",
+        "objects": [(name, x1, y1, x2, y2, difficult)]}."""
         if not os.path.isfile(xml_file):
             raise FileNotFoundError(f"{xml_file}: annotation file not found")
         try:
             root = ET.parse(xml_file).getroot()
         except ET.ParseError as e:
             raise ValueError(f"{xml_file}: corrupt xml ({e})") from None
-        stem = os.path.splitext(os.path.basename(xml_file))[0]
-        image = os.path.join(self.root, "JPEGImages", f"{stem}.jpg")
-        if not os.path.isfile(image) and root.findtext("filename"):
-            image = os.path.join(self.root, "JPEGImages", root.findtext("filename").strip())  # e.g. PNG datasets
+        image = os.path.join(self.root, "JPEGImages", f"{image_id}.jpg")  # the id's subfolder, if any, kept
+        if not os.path.isfile(image) and root.findtext("filename"):  # e.g. PNG datasets; in the id's subfolder
+            image = os.path.join(self.root, "JPEGImages", os.path.dirname(image_id), root.findtext("filename").strip())
         if not os.path.isfile(image):
             raise FileNotFoundError(f"{xml_file}: image {image} not found (field 'filename')")
         try:
-            width, height = int(float(root.findtext("size/width", "0"))), int(float(root.findtext("size/height", "0")))
+            # an empty <width/> is a missing one (0): the image's own size, as without <size>
+            width, height = (int(float(root.findtext(f"size/{k}", "").strip() or 0)) for k in ("width", "height"))
         except ValueError:
             raise ValueError(f"{xml_file}: 'size/width' and 'size/height' must be numbers") from None
         objects = []
@@ -1048,7 +1066,7 @@ def hierarchical_grouping(regions, strategy, image_area):
 
 
 def image_keys(dataset):
-    """The name of each image of a dataset in a proposals file: a VOC image's id (its file stem, as in the split file),
+    """The name of each image of a dataset in a proposals file: a VOC image's id (as in the split file: "000005"),
     a COCO image's id (str), a synthetic image's index (str)."""
     if isinstance(dataset, VocDetection):
         return list(dataset.ids)
@@ -1158,13 +1176,14 @@ def _progress(dataset, results, tic, workers):
               end="\n" if len(results) == len(dataset) else "", file=sys.stderr, flush=True)
 
 
-def attach_proposals(dataset, given="", cache="", workers=0, collective=True, **kwargs):
+def attach_proposals(dataset, given="", cache="", workers=0, collective=True, search=True, **kwargs):
     """Give every item of a dataset its proposals: target["proposals"] float [R, 4] (image pixels, best first).
 
     given: a proposals file the dataset brings (load_proposals states the format). Otherwise selective_search(image,
     **kwargs) of every image, computed once in `workers` processes and kept in the file `cache` (an .npz, also in that
     format), which later runs reuse as long as it was made for the same images (keys, file names and sizes) with the
-    same settings. Under torch.distributed (collective), rank 0 computes and the other ranks wait, then read it."""
+    same settings. Under torch.distributed (collective), rank 0 computes and the other ranks wait, then read it.
+    search=False: none attached when there is no such file (the model then searches the images it is given)."""
     if given:
         dataset.proposals = load_proposals(given, dataset)
         return
@@ -1179,6 +1198,8 @@ def attach_proposals(dataset, given="", cache="", workers=0, collective=True, **
             fresh = "__meta__" in f.files and json.loads(str(f["__meta__"])) == json.loads(json.dumps(meta))
     except (OSError, ValueError):
         fresh = False
+    if not fresh and not search:
+        return
     if not fresh and not (distributed and torch.distributed.get_rank() != 0):
         boxes = compute_proposals(dataset, workers, **kwargs)
         save_proposals(cache, meta["images"], boxes, meta)
@@ -1188,6 +1209,19 @@ def attach_proposals(dataset, given="", cache="", workers=0, collective=True, **
 
 
 # --- Loaders ---
+
+def warmup_steps(cfg, steps_per_epoch):
+    """The linear warmup's steps: cfg.warmup_iters, at most a third of the run. Warns (rank 0) when it shortens them,
+    and when no epoch of cfg.lr_steps falls within the run: its lr would never drop."""
+    total = steps_per_epoch * cfg.epochs
+    warmup = min(cfg.warmup_iters, total // 3)
+    if int(os.environ.get("RANK", 0)) == 0:
+        if warmup < cfg.warmup_iters:
+            warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {total} steps: {warmup}")
+        if cfg.lr_steps and min(cfg.lr_steps) >= cfg.epochs:
+            warnings.warn(f"lr_steps {tuple(cfg.lr_steps)}: none within the {cfg.epochs} epochs, the lr never drops")
+    return warmup
+
 
 def collate_fn(batch):
     """[(image, target), ...] -> (list of images [3, H_i, W_i], list of targets): detection images differ in size."""
@@ -1340,29 +1374,38 @@ def image_files(path, out=None):
 
 
 def _coco_image_dir(data_root, ann_file):
-    """Images of annotations/instances_<name>.json: <root>/<name> (COCO 2017 layout), else <root>/JPEGImages, else
-    <root>/images, else <root>."""
+    """The images of a COCO json NAME.json: <root>/NAME without 'instances_' (instances_val2017 -> val2017, COCO 2017
+    layout), else <root>/<NAME's part after its last '_'> (person_keypoints_val2017 -> val2017), else <root>/JPEGImages,
+    else <root>/images, else the json's own folder unless it is <root>/annotations (Roboflow's
+    train/_annotations.coco.json sits beside its images), else <root>."""
     name = os.path.splitext(os.path.basename(ann_file))[0].removeprefix("instances_")
-    for folder in (name, "JPEGImages", "images"):
-        if os.path.isdir(os.path.join(data_root, folder)):
+    for folder in (name, name.rsplit("_", 1)[-1], "JPEGImages", "images"):
+        if folder and os.path.isdir(os.path.join(data_root, folder)):  # folder "": no name, not the root itself
             return os.path.join(data_root, folder)
-    return data_root
+    own = os.path.dirname(ann_file) or "."
+    if os.path.abspath(own) == os.path.abspath(os.path.join(data_root, "annotations")):
+        return data_root
+    return own
 
 
-def build_datasets(cfg, train_transforms=None, train=True):
+def build_datasets(cfg, train_transforms=None, train=True, search=True):
     """(train dataset, val dataset) for the data fields of every model file's Config (data, data_root, train_ann,
     val_ann, train_split, val_split, image_size, num_train, num_val, seed); (None, val dataset) when not train.
 
     synthetic: SyntheticShapes(num_train, image_size, seed) and (num_val, image_size, seed + 1), disjoint by seed.
     coco: data_root/annotations/instances_train2017.json (or instances_train.json) unless train_ann is given, images
-          in the folder named after the json (train2017/), else JPEGImages/, else images/, else data_root; likewise val.
+          in the folder named after the json without 'instances_' (train2017/), else after the json name's last '_'
+          (person_keypoints_val2017.json: val2017/), else JPEGImages/, else images/, else the json's own folder
+          unless it is annotations/ (Roboflow: train/_annotations.coco.json beside its images), else data_root;
+          likewise val.
           The training set leaves crowd boxes out (they are no object to learn; evaluation ignores what they cover).
     voc:  VocDetection(data_root, train_split) and (data_root, val_split); both take their class names from every
           xml under Annotations/, so that the splits agree.
     A training set without a single box stops with an error: there would be nothing to learn.
     A Config with a `proposals` field (R-CNN, Fast R-CNN: a selective search mode) also gets proposals in every target
     (attach_proposals): the files train_proposals / val_proposals where given, else selective search, cached in
-    out/proposals_train.npz and out/proposals_val.npz.
+    out/proposals_train.npz and out/proposals_val.npz; search=False (--show-targets, which draws a few images): the
+    files or a valid cache only, else no proposals (the model searches the images it draws).
     """
     train_set, val_set = _build_datasets(cfg, train_transforms, train)
     if getattr(cfg, "proposals", ""):
@@ -1370,7 +1413,7 @@ def build_datasets(cfg, train_transforms=None, train=True):
         for dataset, given, split in ((train_set, cfg.train_proposals, "train"), (val_set, cfg.val_proposals, "val")):
             if dataset is not None:
                 attach_proposals(dataset, given, os.path.join(cfg.out, f"proposals_{split}.npz"), cfg.workers,
-                                 **settings)
+                                 search=search, **settings)
     return train_set, val_set
 
 
@@ -1445,7 +1488,9 @@ def parse_args(argv, config_class, presets, make_config):
     modes.add_argument("--eval", action="store_true", help="print the 12 COCO numbers of --weights on the val split")
     modes.add_argument("--predict", metavar="IMG_OR_DIR", help="draw the detections of --weights into --out")
     modes.add_argument("--show-targets", action="store_true", help="draw ground truth and what the assignment marks")
-    parser.add_argument("--preset", default=preset, choices=["none", *presets], help=f"Config values: {presets}")
+    parser.add_argument("--preset", default=argparse.SUPPRESS, choices=["none", *presets],
+                        help=f"Config values (default: {preset}; named with --train: over the config of --weights or "
+                             f"--resume): {presets}")
     shown = make_config({}, preset=preset)
     comments = dict(re.findall(r"^\s+(\w+):[^=\n]*=[^#\n]*#\s*(.*)$", inspect.getsource(config_class), re.MULTILINE))
     fields = dataclasses.fields(config_class)
@@ -1455,6 +1500,7 @@ def parse_args(argv, config_class, presets, make_config):
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind, help=(
             f"{comments.get(f.name, '')} (default: {getattr(shown, f.name)!r})").replace("%", "%%"))
     args = parser.parse_args(argv)
+    args.preset_given, args.preset = hasattr(args, "preset"), getattr(args, "preset", preset)
     for name, least in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("log_every", 1)):
         if getattr(args, name, least) < least:  # (numpy's generators take no negative seed; the others divide)
             parser.error(f"--{name.replace('_', '-')}: a number >= {least}")
@@ -1468,7 +1514,19 @@ def parse_args(argv, config_class, presets, make_config):
     for k in ("train_ann", "val_ann", "train_proposals", "val_proposals"):  # a file found from here: absolute, so
         if given.get(k) and os.path.exists(given[k]):  # that --eval and --resume find it from any folder
             given[k] = os.path.abspath(given[k])
+    args.flags = set(given)  # (announce_preset)
+    if args.preset_given and args.train:  # a preset named for training outranks the config of --weights or --resume
+        given = {**presets.get(args.preset, {}), **given}
     return args, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
+def announce_preset(args, presets, saved):
+    """--train's first line (rank 0): the preset's values that the run takes, all but the flags given where it was
+    named, else (the one picked for this machine) those neither flags nor the checkpoint (--weights, --resume) set."""
+    used = {k: v for k, v in presets.get(args.preset, {}).items()
+            if k not in args.flags and (args.preset_given or k not in (saved or {}))}
+    if used and int(os.environ.get("RANK", 0)) == 0:
+        print(f"preset {args.preset} (--preset none for the Config defaults): {used}")
 
 
 # --- Main ---

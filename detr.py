@@ -55,7 +55,6 @@ import re
 import shlex
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -174,7 +173,7 @@ def resized_size(height: int, width: int, size: int, max_size: int) -> tuple:
     `size`, unless the long side would exceed max_size; the long side truncated with int(), as the official code."""
     short, long = float(min(height, width)), float(max(height, width))
     if max_size and long / short * size > max_size:
-        size = int(round(max_size * short / long))
+        size = max(1, int(round(max_size * short / long)))  # (the official formula gives a very thin image 0: fails)
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     return (int(size * height / width), size) if width < height else (size, int(size * width / height))
@@ -603,10 +602,7 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
     optimizer = torch.optim.AdamW([{"params": [p for n, p in params if not n.startswith("backbone.")]},
                                    {"params": [p for n, p in params if n.startswith("backbone.")],
                                     "lr": cfg.lr_backbone}], cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = min(cfg.warmup_iters, steps_per_epoch * cfg.epochs // 3)
-    if warmup < cfg.warmup_iters and int(os.environ.get("RANK", 0)) == 0:
-        warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {steps_per_epoch * cfg.epochs} steps: "
-                      f"{warmup}")
+    warmup = data.warmup_steps(cfg, steps_per_epoch)  # (warns if shortened, or if no lr step falls within the run)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
         cfg.warmup_factor + (1 - cfg.warmup_factor) * step / warmup if step < warmup else 1.0) * cfg.lr_gamma ** sum(
         step >= epoch * steps_per_epoch for epoch in cfg.lr_steps))
@@ -651,13 +647,14 @@ def load_weights(weights: str):
 
 
 def load_state(model: nn.Module, state_dict: dict, source: str, fine_tune: bool = False):
-    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries of another shape (the
-    class layers of another class count) stay at their initialisation."""
+    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries that differ in their
+    first dimension only (the class layers' outputs, of another class count) stay at their initialisation."""
     own = model.state_dict()
     other = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing, unexpected = model.load_state_dict({k: v for k, v in state_dict.items() if k not in other}, strict=False)
     if wrong := ([f"missing {k}" for k in missing if k not in other] + [f"unexpected {k}" for k in unexpected]
-                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other if not fine_tune]):
+                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other
+                    if not fine_tune or own[k].shape[1:] != state_dict[k].shape[1:]]):
         raise SystemExit(f"{source} does not fit this {DETECTOR.__name__}: {len(wrong)} keys ({', '.join(wrong[:3])})")
     if other and int(os.environ.get("RANK", 0)) == 0:
         print(f"{source}: left at their initialisation (another shape, e.g. class count): {', '.join(other)}")
@@ -831,12 +828,11 @@ def main(argv=None):
         saved = {k: v for k, v in saved.items() if k not in drop}
     cfg = make_config(given, saved, args.preset if args.train or saved is None else "none")  # presets size training
     if args.train:
-        if args.preset != "none" and not saved and int(os.environ.get("RANK", 0)) == 0:
-            print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
+        data.announce_preset(args, PRESETS, saved)  # the first line: the values of the preset this run takes
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
-        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
+        train_set = data.build_datasets(cfg, train_transforms(cfg), search=False)[0]  # (proposals: of these 8 only)
         data.seed_everything(cfg.seed)  # the random weights: the same pictures every time
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)

@@ -67,7 +67,6 @@ import pickle
 import shlex
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -275,6 +274,7 @@ class FastRCNNPredictor(nn.Module):
         self.register_buffer("bbox_stds", torch.ones(num_classes, 4))  # [K, 4]
         self.register_state_dict_post_hook(self._fold)
         self.register_load_state_dict_pre_hook(self._unfold)
+        self.loaded = False  # bbox_pred was read from a state dict (not of another shape: load_state leaves those out)
 
     def forward(self, x: Tensor):
         """[S, F] -> cls_logits [S, K], bbox_regression [S, K * 4] (normalised deltas)."""
@@ -295,6 +295,7 @@ class FastRCNNPredictor(nn.Module):
 
     @staticmethod
     def _unfold(module, state_dict, prefix, *args):
+        module.loaded = any(prefix + f"bbox_pred{kind}.weight" in state_dict for kind in ("", "_normalised"))
         if prefix + "bbox_pred_normalised.weight" in state_dict:
             for name in ("weight", "bias"):
                 state_dict[prefix + f"bbox_pred.{name}"] = state_dict.pop(prefix + f"bbox_pred_normalised.{name}")
@@ -305,7 +306,9 @@ class FastRCNNPredictor(nn.Module):
 
 def truncated_svd(layer: nn.Linear, rank: int) -> nn.Sequential:
     """Paper section 3.1: W [out, in] ~ U_t S_t V_t^T -> a layer without bias (S_t V_t^T [t, in]) and one with the
-    original bias (U_t [out, t]): t (in + out) multiplications instead of in x out."""
+    original bias (U_t [out, t]): t (in + out) multiplications instead of in x out. A rank beyond the layer's (its
+    smaller side) keeps every singular value: then the two layers give the layer's own outputs."""
+    rank = min(rank, *layer.weight.shape)
     U, S, Vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
     first, second = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features)
     first.weight.data.copy_(S[:rank, None] * Vh[:rank])
@@ -366,7 +369,7 @@ class FastRCNN(nn.Module):
         if target is not None and "proposals" in target:
             boxes = target["proposals"]
         else:
-            key = hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest()
+            key = (tuple(image.shape), hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest())
             if key not in self.proposal_cache:
                 if len(self.proposal_cache) >= 256:
                     self.proposal_cache.pop(next(iter(self.proposal_cache)))
@@ -457,7 +460,8 @@ class FastRCNN(nn.Module):
 
     def set_target_statistics(self, means: Tensor, stds: Tensor, keep_deltas: bool = False):
         """The box targets' per-class means and stds [K, 4] (bbox_target_statistics), said on rank 0. keep_deltas
-        (fine-tuning from --weights): the regressor is re-expressed in them, so that it still predicts what it did."""
+        (fine-tuning --weights of the same class count): the loaded regressor is re-expressed in them, so that it
+        still predicts what it did."""
         p = self.box_predictor
         means, stds = (torch.as_tensor(t).to(p.bbox_means).expand_as(p.bbox_means) for t in (means, stds))
         if keep_deltas:
@@ -646,14 +650,12 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
     at each of lr_steps. Sets the box targets' statistics from the training set (or 0 and 1; --resume: loaded)."""
     if isinstance(model, FastRCNN) and train_set is not None and not cfg.resume:
         stats = bbox_target_statistics(train_set, cfg) if cfg.normalize_targets else (0.0, 1.0)  # raw targets
-        model.set_target_statistics(*stats, keep_deltas=bool(cfg.weights))
+        loaded = bool(cfg.weights) and model.box_predictor.loaded  # (another class count: left at its initialisation)
+        model.set_target_statistics(*stats, keep_deltas=loaded)
     params, lr = caffe_param_groups(model, cfg.lr * world_size, cfg.weight_decay), cfg.lr * world_size
     optimizer = (torch.optim.SGD(params, lr, cfg.momentum, fused=next(model.parameters()).is_cuda)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr))
-    warmup = min(cfg.warmup_iters, steps_per_epoch * cfg.epochs // 3)
-    if warmup < cfg.warmup_iters and int(os.environ.get("RANK", 0)) == 0:
-        warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {steps_per_epoch * cfg.epochs} steps: "
-                      f"{warmup}")
+    warmup = data.warmup_steps(cfg, steps_per_epoch)  # (warns if shortened, or if no lr step falls within the run)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
         cfg.warmup_factor + (1 - cfg.warmup_factor) * step / warmup if step < warmup else 1.0) * cfg.lr_gamma ** sum(
         step >= epoch * steps_per_epoch for epoch in cfg.lr_steps))
@@ -697,13 +699,14 @@ def load_weights(weights: str):
 
 
 def load_state(model: nn.Module, state_dict: dict, source: str, fine_tune: bool = False):
-    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries of another shape (the
-    class layers of another class count) stay at their initialisation."""
+    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries that differ in their
+    first dimension only (the class layers' outputs, of another class count) stay at their initialisation."""
     own = model.state_dict()
     other = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing, unexpected = model.load_state_dict({k: v for k, v in state_dict.items() if k not in other}, strict=False)
     if wrong := ([f"missing {k}" for k in missing if k not in other] + [f"unexpected {k}" for k in unexpected]
-                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other if not fine_tune]):
+                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other
+                    if not fine_tune or own[k].shape[1:] != state_dict[k].shape[1:]]):
         raise SystemExit(f"{source} does not fit this {DETECTOR.__name__}: {len(wrong)} keys ({', '.join(wrong[:3])})")
     if other and int(os.environ.get("RANK", 0)) == 0:
         print(f"{source}: left at their initialisation (another shape, e.g. class count): {', '.join(other)}")
@@ -877,12 +880,11 @@ def main(argv=None):
         saved = {k: v for k, v in saved.items() if k not in drop}
     cfg = make_config(given, saved, args.preset if args.train or saved is None else "none")  # presets size training
     if args.train:
-        if args.preset != "none" and not saved and int(os.environ.get("RANK", 0)) == 0:
-            print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
+        data.announce_preset(args, PRESETS, saved)  # the first line: the values of the preset this run takes
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
-        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
+        train_set = data.build_datasets(cfg, train_transforms(cfg), search=False)[0]  # (proposals: of these 8 only)
         data.seed_everything(cfg.seed)  # the random weights: the same pictures every time
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)

@@ -64,7 +64,6 @@ import pickle
 import shlex
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -256,7 +255,7 @@ class RCNN(nn.Module):
         if target is not None and "proposals" in target:
             boxes = target["proposals"]
         else:  # on the fly (--predict, tests); remembered for images seen again
-            key = hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest()
+            key = (tuple(image.shape), hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest())
             if key not in self.proposal_cache:
                 if len(self.proposal_cache) >= 256:
                     self.proposal_cache.pop(next(iter(self.proposal_cache)))
@@ -292,15 +291,20 @@ class RCNN(nn.Module):
         return postprocess_detections(cls_scores, boxes, [len(p) for p in proposals],
                                       [image.shape[-2:] for image in images], cfg)
 
+    def fitted(self) -> bool:
+        """Stages 2 and 3 are fitted to this network: in training, after the run's last step (a run resumed with more
+        --epochs fine-tunes on: the SVMs fitted at its former end no longer apply); outside training, ever."""
+        return int(self.fitted_at) >= max(0, int(self.finetune_steps))
+
     def score(self, cls_logits: Tensor, fc7: Tensor) -> Tensor:
         """Class scores [S, K] of regions: SVM margins on scaled fc7 once stages 2-3 are fitted, else softmax."""
-        if self.cfg.scoring == "svm" and int(self.fitted_at) >= 0:
+        if self.cfg.scoring == "svm" and self.fitted():
             return fc7 * self.feature_scale[1] @ self.svm_weight.T + self.svm_bias
         return F.softmax(cls_logits, -1)
 
     def regress(self, pool5: Tensor, rois: Tensor) -> Tensor:
         """Stage 3 (rcnn_predict_bbox_regressor): pool5 [S, D5], rois [S, 4] -> boxes [S, K, 4], one per class."""
-        if not self.cfg.bbox_regression or int(self.fitted_at) < 0:
+        if not self.cfg.bbox_regression or not self.fitted():
             return rois[:, None].expand(-1, self.cfg.num_classes, 4)
         x = pool5 * self.feature_scale[0]
         y = torch.einsum("sd,kdc->skc", x, self.bbox_beta[:, :-1]) + self.bbox_beta[:, -1]  # [S, K, 4] whitened
@@ -706,7 +710,8 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
     model.svm_weight.copy_(weight[:, :-1].float())
     model.svm_bias.copy_((cfg.svm_bias * weight[:, -1]).float())
     model.feature_scale.copy_(scale)
-    # stage 3
+    # stage 3 (anew for every class: one without examples predicts no change, not another network's regression)
+    model.bbox_beta.zero_(), model.bbox_mean.zero_(), model.bbox_t_inv.copy_(torch.eye(4))
     bbox = {key: torch.cat(v) if v else None for key, v in state["bbox"].items()}
     for k in range(1, K):
         sel = torch.where(bbox["labels"] == k)[0] if bbox["labels"] is not None else []
@@ -758,10 +763,7 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
     params, lr = caffe_param_groups(model, cfg.lr * world_size, cfg.weight_decay), cfg.lr * world_size
     optimizer = (torch.optim.SGD(params, lr, cfg.momentum, fused=next(model.parameters()).is_cuda)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr))
-    warmup = min(cfg.warmup_iters, steps_per_epoch * cfg.epochs // 3)
-    if warmup < cfg.warmup_iters and int(os.environ.get("RANK", 0)) == 0:
-        warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {steps_per_epoch * cfg.epochs} steps: "
-                      f"{warmup}")
+    warmup = data.warmup_steps(cfg, steps_per_epoch)  # (warns if shortened, or if no lr step falls within the run)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
         cfg.warmup_factor + (1 - cfg.warmup_factor) * step / warmup if step < warmup else 1.0) * cfg.lr_gamma ** sum(
         step >= epoch * steps_per_epoch for epoch in cfg.lr_steps))
@@ -803,13 +805,14 @@ def load_weights(weights: str):
 
 
 def load_state(model: nn.Module, state_dict: dict, source: str, fine_tune: bool = False):
-    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries of another shape (the
-    class layers of another class count) stay at their initialisation."""
+    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries that differ in their
+    first dimension only (the class layers' outputs, of another class count) stay at their initialisation."""
     own = model.state_dict()
     other = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing, unexpected = model.load_state_dict({k: v for k, v in state_dict.items() if k not in other}, strict=False)
     if wrong := ([f"missing {k}" for k in missing if k not in other] + [f"unexpected {k}" for k in unexpected]
-                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other if not fine_tune]):
+                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other
+                    if not fine_tune or own[k].shape[1:] != state_dict[k].shape[1:]]):
         raise SystemExit(f"{source} does not fit this {DETECTOR.__name__}: {len(wrong)} keys ({', '.join(wrong[:3])})")
     if other and int(os.environ.get("RANK", 0)) == 0:
         print(f"{source}: left at their initialisation (another shape, e.g. class count): {', '.join(other)}")
@@ -983,12 +986,11 @@ def main(argv=None):
         saved = {k: v for k, v in saved.items() if k not in drop}
     cfg = make_config(given, saved, args.preset if args.train or saved is None else "none")  # presets size training
     if args.train:
-        if args.preset != "none" and not saved and int(os.environ.get("RANK", 0)) == 0:
-            print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
+        data.announce_preset(args, PRESETS, saved)  # the first line: the values of the preset this run takes
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
-        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
+        train_set = data.build_datasets(cfg, train_transforms(cfg), search=False)[0]  # (proposals: of these 8 only)
         data.seed_everything(cfg.seed)  # the random weights: the same pictures every time
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)

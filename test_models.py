@@ -3917,3 +3917,303 @@ def test_fast_rcnn_stride_8_dilates_the_last_stage():
     pooled = model.roi_features(features, torch.tensor([[16.0, 32, 72, 88]]), torch.zeros(1, dtype=torch.int64), [1.0])
     assert torch.equal(pooled, torchvision.ops.roi_pool(features[:, :, 4:12, 2:10], torch.tensor([[0.0, 0, 0, 7, 7]]),
                                                        (7, 7), 1.0))
+
+
+# --- Review fixes: ids, layouts and flags that exports write ---
+
+@pytest.mark.filterwarnings("ignore:.*without boxes")
+def test_voc_split_ids_with_spaces_and_per_class_files(tmp_path):
+    """A split line is the id when Annotations/<line>.xml exists ("IMG 001"), else its first word ("a -1" of VOC's
+    per-class split files)."""
+    root = make_voc(tmp_path, {"IMG 001": [("dog", 1, 1, 5, 5, 0)], "a": []})
+    split = os.path.join(root, "ImageSets", "Main", "train.txt")
+    open(split, "w").write("IMG 001\na -1\n")
+    ds = data.VocDetection(root, "train")
+    assert ds.ids == ["IMG 001", "a"] and ds.images[0]["file_name"] == "IMG 001.jpg"
+    assert ds[0][1]["boxes"].tolist() == [[0.0, 0.0, 5.0, 5.0]]
+
+
+def test_coco_images_beside_the_json_or_after_its_last_underscore(tmp_path):
+    """Roboflow's train/_annotations.coco.json sits beside its images; person_keypoints_val2017.json's are in val2017/;
+    a json in annotations/ still has its images in the root when no folder is named after it."""
+    for folder in ("annotations", "val2017", "train"):
+        (tmp_path / folder).mkdir()
+    root = str(tmp_path)
+    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "person_keypoints_val2017.json")) == \
+        os.path.join(root, "val2017")
+    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "instances_test.json")) == root
+    assert data._coco_image_dir(root, str(tmp_path / "train" / "_annotations.coco.json")) == str(tmp_path / "train")
+    image_dir, ann = make_coco(tmp_path / "train", [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]}])
+    os.rename(ann, tmp_path / "train" / "_annotations.coco.json")
+    cfg = types.SimpleNamespace(data="coco", data_root=root, train_ann="train/_annotations.coco.json",
+                                val_ann="train/_annotations.coco.json", seed=0)
+    train, val = data.build_datasets(cfg)
+    assert train.image_dir == image_dir and len(val) == 1 and val[0][0].shape == (3, 24, 32)
+
+
+def test_voc_ids_in_subfolders(tmp_path):
+    """An id "sub/d" reads Annotations/sub/d.xml and JPEGImages/sub/d.jpg ('filename' in JPEGImages/sub/ otherwise);
+    the class names of another split come from the xml files of subfolders too, so that the splits agree."""
+    root = make_voc(tmp_path, {"a": [("x", 1, 1, 5, 5, 0)]})
+    for sub in ("Annotations/sub", "JPEGImages/sub"):
+        os.makedirs(os.path.join(root, sub))
+    for stem, image in (("d", "d.jpg"), ("e", "e.png")):
+        write_image(os.path.join(root, "JPEGImages", "sub", image))
+        open(os.path.join(root, "Annotations", "sub", f"{stem}.xml"), "w").write(
+            f"<annotation><filename>{image}</filename><object><name>y</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+            f"<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+    open(os.path.join(root, "ImageSets", "Main", "val.txt"), "w").write("sub/d\nsub/e\n")
+    val, train = data.VocDetection(root, "val"), data.VocDetection(root, "train")
+    assert [img["file_name"] for img in val.images] == [os.path.join("sub", "d.jpg"), os.path.join("sub", "e.png")]
+    assert val.class_names == train.class_names == ("__background__", "x", "y")
+    assert val[1][1]["labels"].tolist() == [2] and train[0][1]["labels"].tolist() == [1]
+
+
+def test_coco_iscrowd_flags(tmp_path):
+    """iscrowd "0" is no crowd (bool("0") is True); 0/1, false/true, "0"/"1", 0.0/1.0 are read, anything else stops."""
+    flags = [0, 1, False, True, "0", "1", 0.0, 1.0, None]
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": f} for f in flags])
+    assert data.CocoDetection(image_dir, ann)[0][1]["iscrowd"].tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0]
+    for bad in ("yes", 2, "true"):
+        make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                  [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                   {"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": bad}])
+        with pytest.raises(ValueError, match=rf"instances.json: annotation 2: 'iscrowd' must be 0 or 1, got {bad!r}"):
+            data.CocoDetection(image_dir, ann)
+
+
+def test_voc_empty_size_is_the_images(tmp_path):
+    """<width/> or <height></height> (some exports) is no size: the image's own, as without <size>."""
+    root = make_voc(tmp_path, {"a": [("dog", 1, 1, 5, 5, 0)]})
+    xml = os.path.join(root, "Annotations", "a.xml")
+    text = open(xml).read()
+    open(xml, "w").write(text.replace("<width>32</width>", "<width/>").replace("<height>24</height>",
+                                                                              "<height> </height>"))
+    ds = data.VocDetection(root, "train")
+    assert (ds.images[0]["width"], ds.images[0]["height"]) == (32, 24)
+
+
+def test_exif_orientation_outside_2_to_8_is_not_named(tmp_path):
+    """EXIF orientation 0 and 9+ are invalid (viewers show the image as stored): no warning; and only 5..8 swap width
+    and height, so only they get the 'annotated turned?' hint in a size error."""
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}, {"id": 2, "file_name": "y.jpg"}],
+                               [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                                {"image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    exif = Image.Exif()
+    for orientation in (0, 9):
+        exif[0x0112] = orientation
+        Image.new("RGB", (32, 24), 128).save(tmp_path / "y.jpg", exif=exif)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            data.CocoDetection(image_dir, ann)
+    exif[0x0112] = 3  # turned 180 degrees: a viewer shows the same size, so a wrong size is no turning
+    Image.new("RGB", (24, 32), 128).save(tmp_path / "y.jpg", exif=exif)
+    with pytest.raises(ValueError, match=r"y.jpg: image is 24x32 but .* 'height' 24$"):
+        data.CocoDetection(image_dir, ann)
+
+
+def test_coco_string_category_ids(tmp_path):
+    """Category ids written as strings in 'categories' and in annotations ("10") are read as the integers they are,
+    sorted as integers; a category_id that is no integer stops naming the annotation."""
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": "10", "bbox": [1, 1, 5, 5]},
+                                {"image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]}],
+                               categories=(("10", "b"), ("9", "a")))
+    ds = data.CocoDetection(image_dir, ann)
+    assert ds.cat_ids == [9, 10] and ds.class_names == ("__background__", "a", "b")
+    assert ds[0][1]["labels"].tolist() == [2, 1]
+    make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}], [{"image_id": 1, "category_id": "b", "bbox": [1, 1, 5, 5]}],
+              categories=(("10", "b"), ("9", "a")))
+    with pytest.raises(ValueError, match=r"annotation 1: 'category_id' must be an integer, got 'b'"):
+        data.CocoDetection(image_dir, ann)
+
+
+def test_draw_boxes_skips_non_finite_boxes_and_orders_corners():
+    """A diverged model's NaN or infinite boxes are left out, corners the wrong way round are swapped: PIL refuses
+    both."""
+    image = torch.full((3, 60, 80), 0.5)
+    good = torch.tensor([[5.0, 5.0, 40.0, 50.0]])
+    expected = common.draw_boxes(image, good, torch.tensor([1]), torch.tensor([0.9]), ["bg", "cat", "dog"])
+    boxes = torch.tensor([[40.0, 50.0, 5.0, 5.0], [float("nan"), 1, 10, 10], [1, 1, float("inf"), 10]])
+    drawn = common.draw_boxes(image, boxes, torch.tensor([1, 2, 2]), torch.tensor([0.9, 0.8, 0.7]),
+                              ["bg", "cat", "dog"])
+    assert torch.equal(drawn, expected)
+
+
+# --- Found by review (2026-11-29): edge cases of the model files ---
+
+
+def test_very_thin_images_are_resized_to_at_least_a_pixel():
+    """A 2 x 300 image: YOLO's long-side resize and DETR's short-side resize (the official formula gives 0 there)
+    keep every side >= 1 pixel instead of failing in F.interpolate."""
+    image = torch.rand(3, 2, 300)
+    resized, r = yolo.resize_long_side(image, 64, antialias=True)
+    assert resized.shape == (3, 1, 64) and r == 64 / 300
+    h, w = detr.resized_size(1, 300, 128, 128)
+    assert min(h, w) >= 1
+    model = detr.DETR(tiny_config("detr")).eval()
+    with torch.no_grad():
+        assert len(model([torch.rand(3, 1, 300)])[0]["boxes"]) == model.cfg.num_queries
+
+
+def test_yolo_backbone_weights_from_a_checkpoint_of_this_file(tmp_path):
+    """--backbone-weights best.pt (a checkpoint of yolo.py: the state dict under "model") loads its backbone; a file
+    without one stops with a line that says so, not a traceback of missing keys."""
+    torch.manual_seed(0)
+    source = yolo.YOLO(tiny_config("yolo"))
+    torch.save({"detector": "YOLO", "model": source.state_dict()}, tmp_path / "best.pt")
+    model = yolo.YOLO(tiny_config("yolo", backbone_weights=str(tmp_path / "best.pt")))
+    assert all(torch.equal(v, source.backbone.state_dict()[k]) for k, v in model.backbone.state_dict().items())
+    torch.save({"head.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="no backbone in it"):
+        yolo.YOLO(tiny_config("yolo", backbone_weights=str(tmp_path / "other.pt")))
+
+
+def test_truncated_svd_beyond_the_layers_rank_keeps_its_outputs():
+    """--svd-fc6 1024 on a 256-wide fc6 (the cpu preset's): every singular value kept, the layer's own outputs, not a
+    shape error."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 24)
+    x = torch.randn(5, 40)
+    factored = fast_rcnn.truncated_svd(layer, 1024)
+    assert factored[0].out_features == 24
+    torch.testing.assert_close(factored(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rcnn", "fast_rcnn"])
+def test_proposals_on_the_fly_are_remembered_by_shape_and_bytes(name):
+    """Two images with the same bytes but transposed sizes (40 x 80 and 80 x 40) get their own selective search."""
+    module = REGISTRY[name].module
+    model = module.DETECTOR(tiny_config(name))
+    wide = data.SyntheticShapes(1, 80, seed=0)[0][0][:, :40]  # [3, 40, 80]
+    tall = wide.reshape(3, 80, 40)  # the same bytes
+    expected = data.selective_search(tall, model.cfg.proposals, model.cfg.proposal_side, model.cfg.proposal_min_size)
+    model.proposals_of(wide)
+    tall_boxes = model.proposals_of(tall)
+    n = min(len(expected), model.cfg.proposals_per_image)
+    torch.testing.assert_close(tall_boxes, torchvision.ops.clip_boxes_to_image(expected[:n].float(), (80, 40)))
+
+
+def test_rcnn_stage_3_fits_every_class_afresh(tmp_path):
+    """Stages 2-3 of a model whose regressors were fitted before (a checkpoint trained on): a class without examples
+    this time predicts no change, not the old network's regression."""
+    cfg, model, dataset = stage2_setup(tmp_path, n=1)
+    model.bbox_beta.fill_(7.0), model.bbox_mean.fill_(3.0), model.bbox_t_inv.fill_(2.0)
+    rcnn.train_svms_and_regressors(model, dataset, "cpu")
+    absent = sorted(set(range(1, cfg.num_classes)) - set(dataset[0][1]["labels"].tolist()))
+    assert absent  # (classes 3, 4, 5 here)
+    for k in absent:
+        assert not model.bbox_beta[k].any() and not model.bbox_mean[k].any()
+        assert torch.equal(model.bbox_t_inv[k], torch.eye(4))
+
+
+def test_rcnn_scores_with_softmax_until_its_svms_fit_this_run():
+    """A run resumed with more --epochs fine-tunes on: its evaluations before the new last step score with the
+    softmax (and keep the proposals' boxes), not with the SVMs and regressors fitted at the run's former end."""
+    model = rcnn.RCNN(tiny_config("rcnn")).eval()
+    model.svm_weight.normal_(), model.bbox_beta.normal_()
+    fc7, logits = torch.randn(4, model.svm_weight.shape[1]), torch.randn(4, model.cfg.num_classes)
+    pool5, rois = torch.randn(4, model.bbox_beta.shape[1] - 1), torch.tensor([[2.0, 3.0, 20.0, 30.0]]).expand(4, 4)
+    model.fitted_at.fill_(100)  # fitted at step 100, the end of the run before
+    assert model.fitted() and not torch.allclose(model.score(logits, fc7), logits.softmax(-1))
+    model.start_finetuning(300)  # the resumed run: 300 steps; --resume then restores steps and fitted_at
+    model.steps.fill_(150), model.fitted_at.fill_(100)
+    assert not model.fitted()
+    torch.testing.assert_close(model.score(logits, fc7), logits.softmax(-1))
+    assert torch.equal(model.regress(pool5, rois), rois[:, None].expand(-1, model.cfg.num_classes, 4))
+    model.fitted_at.fill_(300)  # refitted after its last step
+    assert model.fitted()
+
+
+def test_fast_rcnn_fine_tuning_to_other_classes_keeps_the_fresh_regressor_as_initialised(monkeypatch):
+    """--weights of another class count: bbox_pred is left at its initialisation, N(0, 0.001) with zero bias, and the
+    new targets' statistics do not rescale it; with the same class count the loaded regressor is re-expressed."""
+    cfg = tiny_config("fast_rcnn", weights="w.pt", normalize_targets=True)
+    monkeypatch.setattr(fast_rcnn, "bbox_target_statistics", lambda *args: (0.5, 0.1))
+    other = fast_rcnn.FastRCNN(tiny_config("fast_rcnn", num_classes=cfg.num_classes + 2)).state_dict()
+    for classes, rescaled in ((cfg.num_classes + 2, False), (cfg.num_classes, True)):
+        torch.manual_seed(0)
+        model = fast_rcnn.FastRCNN(cfg)
+        before = model.box_predictor.bbox_pred.weight.clone()
+        fast_rcnn.load_state(model, model.state_dict() if rescaled else other, "w.pt", fine_tune=True)
+        fast_rcnn.make_optimizer(model, cfg, 10, 1, train_set=[])
+        assert torch.equal(model.box_predictor.bbox_pred.weight, before) != rescaled
+        assert model.box_predictor.bbox_means.eq(0.5).all()
+
+
+def test_ssd_vgg16_bn_imagenet_weights_need_imagenet_normalisation():
+    """torchvision's VGG16_BN was trained on [0, 1] images normalised by ImageNet's statistics: with the default Caffe
+    normalisation (0..255 minus the mean) it stops with the flags to give, before anything is downloaded."""
+    with pytest.raises(SystemExit, match="--image-std 0.229 0.224 0.225"):
+        ssd.SSD(tiny_config("ssd", backbone="vgg16_bn", backbone_weights="imagenet"))
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn", "retinanet", "fcos", "ssd"])
+def test_the_lr_scales_with_accumulated_batches_under_adamw(name):
+    """cfg.lr is for a global batch of 16 (SSD: 32) images; --accumulate 2 doubles the batch: SGD's summed gradients
+    double its step, AdamW (blind to the gradients' scale) gets twice the lr."""
+    module, model = REGISTRY[name].module, torch.nn.Linear(2, 2)
+    lrs = {}
+    for optimizer in ("sgd", "adamw"):
+        for accumulate in (1, 2):
+            cfg = module.Config(optimizer=optimizer, accumulate=accumulate, batch_size=8, warmup_iters=0)
+            lrs[optimizer, accumulate] = module.make_optimizer(model, cfg, 10, 1)[0].param_groups[0]["lr"]
+    assert lrs["sgd", 2] == lrs["sgd", 1] and lrs["adamw", 2] == pytest.approx(2 * lrs["adamw", 1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fine_tuning_refuses_weights_of_another_architecture(name):
+    """Fine-tuning leaves at their initialisation only entries that differ in their first dimension (the class layers'
+    outputs); weights of another width (yolov5n's into yolov5s, say) stop with one line instead of all starting afresh."""
+    module = REGISTRY[name].module
+    model = module.DETECTOR(tiny_config(name))
+    state_dict = model.state_dict()
+    key = next(k for k, v in state_dict.items() if v.ndim >= 2)  # the first convolution or layer
+    wider = {**state_dict, key: torch.zeros(state_dict[key].shape[0], state_dict[key].shape[1] + 1,
+                                            *state_dict[key].shape[2:])}
+    with pytest.raises(SystemExit, match=f"1 keys .{re.escape(key)} of shape"):
+        module.load_state(model, wider, "x", fine_tune=True)
+
+
+def test_a_preset_named_for_training_outranks_the_checkpoint_and_is_announced(tmp_path, monkeypatch):
+    """--train --weights CKPT --preset coco trains with the coco preset (before, the checkpoint's run config won and
+    the run stayed on synthetic data without a word); flags outrank both. The first line names the preset's values
+    the run takes: without --preset, those of the machine's preset that neither the checkpoint nor a flag sets."""
+    module, runs = REGISTRY["fcos"].module, []
+    monkeypatch.setattr(module, "train", runs.append)
+    cfg = tiny_config("fcos")
+    torch.save({"detector": "FCOS", "file": "fcos.py", "model": module.FCOS(cfg).state_dict(),
+                "class_names": ["__background__", *"abcdef"], "config": dataclasses.asdict(cfg)}, tmp_path / "w.pt")
+    output = run_main("fcos", "--train", "--weights", tmp_path / "w.pt", "--preset", "coco", "--epochs", "2")
+    assert runs[-1].data == "coco" and runs[-1].epochs == 2
+    assert output.startswith("preset coco") and "'data': 'coco'" in output and "'epochs'" not in output
+    output = run_main("fcos", "--train", "--weights", tmp_path / "w.pt")  # the machine's preset (cpu) is under it
+    assert runs[-1].data == "synthetic" and runs[-1].image_size == cfg.image_size
+    assert "image_size" not in output and ("workers" in output) == ("workers" in module.PRESETS["cpu"])
+    torch.save(torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4)
+               .state_dict(), tmp_path / "tv.pth")  # reference weights: their model, the preset's run sizes
+    output = run_main("fcos", "--train", "--weights", tmp_path / "tv.pth")
+    assert output.startswith("preset cpu") and "'num_train'" in output and "'min_size'" not in output
+    assert runs[-1].num_train == module.PRESETS["cpu"]["num_train"]
+
+
+def test_schedule_warns_when_no_lr_step_falls_within_the_run():
+    """--epochs 5 with lr_steps (14, 18): the lr would never drop; said once at the start."""
+    cfg = fcos.Config(epochs=5, lr_steps=(14, 18), warmup_iters=0)
+    with pytest.warns(UserWarning, match=r"lr_steps \(14, 18\): none within the 5 epochs"):
+        fcos.make_optimizer(torch.nn.Linear(2, 2), cfg, 10, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fcos.make_optimizer(torch.nn.Linear(2, 2), fcos.Config(epochs=20, lr_steps=(14, 18), warmup_iters=0), 10, 1)
+
+
+@pytest.mark.parametrize("name", ["rcnn", "fast_rcnn"])
+def test_show_targets_searches_only_the_images_it_draws(name, tmp_path):
+    """--show-targets draws 8 training images: selective search runs on those, not on both splits (2,200 images
+    at the GPU defaults); a proposals cache already there is used."""
+    out = tmp_path / "targets"
+    output = run_main(name, "--show-targets", *tiny(name), "--num-train", "3", "--out", out)
+    assert "wrote 3 pictures" in output and len(list(out.glob("targets_*.png"))) == 3
+    assert not list(out.glob("proposals_*.npz"))

@@ -171,7 +171,7 @@ def resize_long_side(image: Tensor, size: int, antialias: bool):
     size / max(h, w)). Bilinear; antialias: when shrinking, as v7.0's INTER_AREA for evaluation (training: LINEAR)."""
     h, w = image.shape[-2:]
     r = size / max(h, w)
-    new_size = (int(h * r), int(w * r))
+    new_size = (max(1, int(h * r)), max(1, int(w * r)))  # a side of a very thin image: at least a pixel
     if new_size != (h, w):
         image = F.interpolate(image[None], new_size, mode="bilinear", antialias=antialias and r < 1)[0]
     return image, r
@@ -358,8 +358,12 @@ class YOLO(nn.Module):
         self.backbone = CSPDarknet(channels, [max(round(n * depth), 1) for n in (3, 6, 9, 3)])
         if load_backbone and cfg.backbone_weights != "none":  # a state dict of this model or of v7.0's (converted)
             state_dict = torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True)
+            state_dict = state_dict.get("model", state_dict)  # a checkpoint of this file (best.pt) holds it there
             state_dict = convert_yolov5(state_dict) if "model.0.conv.weight" in state_dict else state_dict
-            self.backbone.load_state_dict({k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")})
+            if not (backbone := {k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")}):
+                raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: no backbone in it (a state dict or "
+                                 "checkpoint of yolo.py, or v7.0's converted by convert_yolov5)")
+            self.backbone.load_state_dict(backbone)
         self.neck = PAN(channels, max(round(3 * depth), 1))
         self.head = Detect(channels[2:], cfg.num_classes - 1, cfg.anchors)
         for module in self.modules():  # yolov5's initialize_weights (conv weights keep PyTorch's default init)
@@ -890,13 +894,14 @@ def load_weights(weights: str):
 
 
 def load_state(model: nn.Module, state_dict: dict, source: str, fine_tune: bool = False):
-    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries of another shape (the
-    class layers of another class count) stay at their initialisation."""
+    """model.load_state_dict, stopping with one line when they do not fit. fine_tune: entries that differ in their
+    first dimension only (the class layers' outputs, of another class count) stay at their initialisation."""
     own = model.state_dict()
     other = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing, unexpected = model.load_state_dict({k: v for k, v in state_dict.items() if k not in other}, strict=False)
     if wrong := ([f"missing {k}" for k in missing if k not in other] + [f"unexpected {k}" for k in unexpected]
-                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other if not fine_tune]):
+                 + [f"{k} of shape {tuple(state_dict[k].shape)}" for k in other
+                    if not fine_tune or own[k].shape[1:] != state_dict[k].shape[1:]]):
         raise SystemExit(f"{source} does not fit this {DETECTOR.__name__}: {len(wrong)} keys ({', '.join(wrong[:3])})")
     if other and int(os.environ.get("RANK", 0)) == 0:
         print(f"{source}: left at their initialisation (another shape, e.g. class count): {', '.join(other)}")
@@ -1070,12 +1075,11 @@ def main(argv=None):
         saved = {k: v for k, v in saved.items() if k not in drop}
     cfg = make_config(given, saved, args.preset if args.train or saved is None else "none")  # presets size training
     if args.train:
-        if args.preset != "none" and not saved and int(os.environ.get("RANK", 0)) == 0:
-            print(f"preset {args.preset} (--preset none for the Config defaults): {PRESETS[args.preset]}")
+        data.announce_preset(args, PRESETS, saved)  # the first line: the values of the preset this run takes
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
-        train_set = data.build_datasets(cfg, train_transforms(cfg))[0]
+        train_set = data.build_datasets(cfg, train_transforms(cfg), search=False)[0]  # (proposals: of these 8 only)
         data.seed_everything(cfg.seed)  # the random weights: the same pictures every time
         model = DETECTOR(dataclasses.replace(cfg, num_classes=train_set.num_classes), load_backbone=False)
         state_dict is None or load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
