@@ -650,8 +650,8 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
     at each of lr_steps. Sets the box targets' statistics from the training set (or 0 and 1; --resume: loaded)."""
     if isinstance(model, FastRCNN) and train_set is not None and not cfg.resume:
         stats = bbox_target_statistics(train_set, cfg) if cfg.normalize_targets else (0.0, 1.0)  # raw targets
-        loaded = bool(cfg.weights) and model.box_predictor.loaded  # (another class count: left at its initialisation)
-        model.set_target_statistics(*stats, keep_deltas=loaded)
+        # a regressor loaded from --weights is re-expressed; one of another class count was left at its initialisation
+        model.set_target_statistics(*stats, keep_deltas=model.box_predictor.loaded)
     params, lr = caffe_param_groups(model, cfg.lr * world_size, cfg.weight_decay), cfg.lr * world_size
     optimizer = (torch.optim.SGD(params, lr, cfg.momentum, fused=next(model.parameters()).is_cuda)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr))

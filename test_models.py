@@ -3919,7 +3919,7 @@ def test_fast_rcnn_stride_8_dilates_the_last_stage():
                                                        (7, 7), 1.0))
 
 
-# --- Review fixes: ids, layouts and flags that exports write ---
+# --- Real datasets: ids, layouts and flags that exports write ---
 
 @pytest.mark.filterwarnings("ignore:.*without boxes")
 def test_voc_split_ids_with_spaces_and_per_class_files(tmp_path):
@@ -4042,7 +4042,7 @@ def test_draw_boxes_skips_non_finite_boxes_and_orders_corners():
     assert torch.equal(drawn, expected)
 
 
-# --- Found by review (2026-11-29): edge cases of the model files ---
+# --- Edge cases of the model files: thin images, weights, R-CNN's stages, the schedule ---
 
 
 def test_very_thin_images_are_resized_to_at_least_a_pixel():
