@@ -1318,9 +1318,13 @@ def make_loader(dataset, batch_size, train, workers=4, seed=0, epoch=0, start_st
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size, workers, device, class_names=None):
+def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=None):
     """The 12 COCO numbers (common.coco_evaluate) of a detector on a dataset, plus on a VocDetection VOC's mAP@0.5
     (VOC_mAP50) and each class's AP@0.5 (VOC_AP50_<name>).
+
+    out: a folder to write the detections to as well, out/detections.json in COCO's results format with the json's
+    own image and category ids (what pycocotools' loadRes and COCO's test-dev server read); for a dataset that is not
+    a COCO json (VOC, synthetic), its ground truth in COCO format beside it (out/ground_truth.json) for them to refer to.
 
     model(images) -> detections as in every model file, run in fp32 (exact numbers). class_names: the
     model's, when they are not the dataset's (e.g. torchvision's 91 COCO classes on a COCO json with labels 1..K):
@@ -1348,6 +1352,16 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None):
                 if (label := label_map.get(label) if label_map is not None else label) is not None:
                     results.append({"image_id": target["image_id"], "category_id": label, "bbox": box, "score": score})
     gt = dataset.coco_gt()  # its category_id is the dataset's label 1..K
+    if out:
+        os.makedirs(out, exist_ok=True)
+        cat_ids = getattr(dataset, "cat_ids", range(1, dataset.num_classes))  # the json's id of each label
+        with open(os.path.join(out, "detections.json"), "w") as f:
+            json.dump([{**r, "category_id": cat_ids[r["category_id"] - 1]} for r in results], f)
+        if not isinstance(dataset, CocoDetection):
+            with open(os.path.join(out, "ground_truth.json"), "w") as f:
+                json.dump(gt, f)
+        print(f"wrote {len(results)} detections to {os.path.join(out, 'detections.json')}"
+              + ("" if gt["annotations"] else f" ({dataset.source} has no boxes: the numbers below are -1)"))
     stats = coco_evaluate(gt, results)  # COCO's rules: VOC's difficult objects count as plain ground truth here ...
     stats.pop("per_class", None)
     if isinstance(dataset, VocDetection):  # ... and VOC's own metric, mAP at IoU 0.5, ignores them; and per class

@@ -849,7 +849,7 @@ def main(argv=None):
     if args.eval:
         val_set = data.build_datasets(cfg, train=False)[1]
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
-        stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names)
+        stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names, cfg.out)
         return print("\n".join(f"{k:>9} {v:.4f}" for k, v in stats.items()))
     for path in data.image_files(args.predict, cfg.out):  # (refused: an --out that would overwrite them)
         image, out = data.load_image(path), os.path.join(cfg.out, os.path.basename(path))  # its name, as YOLOv5's

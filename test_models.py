@@ -1597,6 +1597,10 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     # the same numbers as the evaluation logged after the epoch: same weights, same val split
     logged = [json.loads(line) for line in open(out / "metrics.jsonl") if '"AP"' in line][-1]
     assert all(abs(float(numbers[k]) - logged[k]) < 1e-4 for k in COCO_NAMES)
+    # and the detections it scored, in COCO's results format, with the ground truth they refer to
+    dets, gt = (json.load(open(tmp_path / "eval" / f)) for f in ("detections.json", "ground_truth.json"))
+    assert f"wrote {len(dets)} detections to {tmp_path / 'eval' / 'detections.json'}" in output
+    assert common.coco_evaluate(gt, dets) == pytest.approx({k: float(numbers[k]) for k in COCO_NAMES}, abs=1e-4)
 
     images = tmp_path / "images"
     images.mkdir()
@@ -2090,6 +2094,28 @@ def test_evaluate_takes_numbers_as_names_for_labels():
     assert data.evaluate(oracle, dataset, 2, 0, "cpu", numbers)["AP"] == 1.0
     with pytest.warns(UserWarning, match="no class of the model is named"):
         assert data.evaluate(oracle, dataset, 2, 0, "cpu", ("__background__", *"abcdefgh"))["AP"] == 0.0
+
+
+def test_evaluate_writes_coco_results_with_the_jsons_ids(tmp_path):
+    """evaluate(out=...) writes the detections with the json's own image and category ids (here 1 and 7, labels 1
+    and 2): what pycocotools' loadRes and COCO's test-dev server read, scored against the json as written."""
+    images = [{"id": 10, "file_name": "x.jpg"}, {"id": 20, "file_name": "y.jpg"}]
+    anns = [{"image_id": 10, "category_id": 7, "bbox": [1, 1, 9, 8], "area": 72},
+            {"image_id": 20, "category_id": 1, "bbox": [4, 3, 12, 10], "area": 120},
+            {"image_id": 20, "category_id": 7, "bbox": [20, 10, 6, 9], "area": 54}]
+    dataset = data.CocoDetection(*make_coco(tmp_path, images, anns))
+    found = [dataset[i][1] for i in range(len(dataset))]
+
+    def oracle(images):  # the ground truth as detections, one label swapped for a miss
+        return [{"boxes": t["boxes"], "labels": t["labels"].flip(0), "scores": torch.ones(len(t["boxes"]))}
+                for t in found[:len(images)]]
+
+    oracle.eval = lambda: None
+    stats = data.evaluate(oracle, dataset, 2, 0, "cpu", out=tmp_path / "eval")
+    dets = json.load(open(tmp_path / "eval" / "detections.json"))
+    assert sorted((d["image_id"], d["category_id"]) for d in dets) == [(10, 7), (20, 1), (20, 7)]
+    assert not os.path.exists(tmp_path / "eval" / "ground_truth.json")  # the json itself is the ground truth
+    assert common.coco_evaluate(json.load(open(dataset.source)), dets) == stats and 0 < stats["AP"] < 1
 
 
 @pytest.mark.filterwarnings("ignore:.*degenerate")
