@@ -1389,11 +1389,13 @@ def image_files(path, out=None):
 
 def _coco_image_dir(data_root, ann_file):
     """The images of a COCO json NAME.json: <root>/NAME without 'instances_' (instances_val2017 -> val2017, COCO 2017
-    layout), else <root>/<NAME's part after its last '_'> (person_keypoints_val2017 -> val2017), else <root>/JPEGImages,
+    layout), else <root>/<NAME's part after its last '_'> (person_keypoints_val2017 -> val2017; image_info_test-dev2017
+    -> test-dev2017, else test2017, where COCO keeps test-dev's images), else <root>/JPEGImages,
     else <root>/images, else the json's own folder unless it is <root>/annotations (Roboflow's
     train/_annotations.coco.json sits beside its images), else <root>."""
     name = os.path.splitext(os.path.basename(ann_file))[0].removeprefix("instances_")
-    for folder in (name, name.rsplit("_", 1)[-1], "JPEGImages", "images"):
+    last = name.rsplit("_", 1)[-1]
+    for folder in (name, last, last.replace("test-dev", "test"), "JPEGImages", "images"):
         if folder and os.path.isdir(os.path.join(data_root, folder)):  # folder "": no name, not the root itself
             return os.path.join(data_root, folder)
     own = os.path.dirname(ann_file) or "."

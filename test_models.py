@@ -3961,12 +3961,15 @@ def test_voc_split_ids_with_spaces_and_per_class_files(tmp_path):
 
 def test_coco_images_beside_the_json_or_after_its_last_underscore(tmp_path):
     """Roboflow's train/_annotations.coco.json sits beside its images; person_keypoints_val2017.json's are in val2017/;
-    a json in annotations/ still has its images in the root when no folder is named after it."""
-    for folder in ("annotations", "val2017", "train"):
+    a json in annotations/ still has its images in the root when no folder is named after it; COCO's test-dev image
+    list, image_info_test-dev2017.json, has its images in test2017/."""
+    for folder in ("annotations", "val2017", "train", "test2017"):
         (tmp_path / folder).mkdir()
     root = str(tmp_path)
     assert data._coco_image_dir(root, str(tmp_path / "annotations" / "person_keypoints_val2017.json")) == \
         os.path.join(root, "val2017")
+    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "image_info_test-dev2017.json")) == \
+        os.path.join(root, "test2017")
     assert data._coco_image_dir(root, str(tmp_path / "annotations" / "instances_test.json")) == root
     assert data._coco_image_dir(root, str(tmp_path / "train" / "_annotations.coco.json")) == str(tmp_path / "train")
     image_dir, ann = make_coco(tmp_path / "train", [{"id": 1, "file_name": "x.jpg"}],
