@@ -36,6 +36,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -1283,6 +1284,41 @@ def resume_state(obj, state):
             group["lr"] = base_lr * lr_lambda(obj.last_epoch)
 
 
+def load_checkpoint(path, flag="--weights"):
+    """torch.load of a checkpoint or state dict file (weights only, to the CPU); None where there is no such file (a
+    name: torchvision's weights), a pickled object that is not plain tensors (a released yolov5s.pt) or an empty one.
+    Stops with one line naming `flag` for a file cut short or empty, and for --resume anything but a model file's."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, pickle.UnpicklingError):  # the caller says what it is
+        checkpoint = None
+    except Exception as e:  # cut short (a copy or download that stopped), empty: torch's words, shortened
+        raise SystemExit(f"{flag} {path}: not a whole file of torch.save ({repr(e)[:150]})") from None
+    if flag == "--resume" and not (isinstance(checkpoint, dict) and "detector" in checkpoint):
+        raise SystemExit(f"--resume {path}: {'not' if os.path.exists(path) else 'no'} last.pt of a run")
+    return checkpoint if isinstance(checkpoint, dict) and checkpoint else None
+
+
+def check_out_folder(out, resume):
+    """Stops with one line when a run would start in a folder that holds another run's last.pt (never replaced)."""
+    if not resume and os.path.isfile(last := os.path.join(out, "last.pt")):
+        raise SystemExit(f"--out {out} holds a run: to go on with it, --resume {last}; to start over, another --out or "
+                         "delete that last.pt")
+
+
+def check_resume(checkpoint, path, batch, steps):
+    """Stops with one line when --resume's checkpoint cannot go on exactly here: weights only (a best.pt), another
+    number of images per step (--batch-size x processes) or of steps per epoch (another dataset or --num-train)."""
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"--resume {path}: weights only (best.pt?): resume from last.pt")
+    if (was := checkpoint["config"]["batch_size"] * checkpoint["world_size"]) != batch:
+        raise SystemExit(f"--resume {path}: trained {was} images per step (--batch-size x processes), here {batch}: "
+                         "resume with as many")
+    if checkpoint.get("steps", steps) != steps:  # (a checkpoint before 2026-11-29 does not say)
+        raise SystemExit(f"--resume {path}: epochs of {checkpoint['steps']} steps, here {steps}: resume on the same "
+                         "data")
+
+
 def steps_per_epoch(dataset, batch_size, world_size=1):
     return math.ceil(len(dataset) / (batch_size * world_size))
 
@@ -1324,7 +1360,7 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
 
     out: a folder to write the detections to as well, out/detections.json in COCO's results format with the json's
     own image and category ids (what pycocotools' loadRes and COCO's test-dev server read); for a dataset that is not
-    a COCO json (VOC, synthetic), its ground truth in COCO format beside it (out/ground_truth.json) for them to refer to.
+    a COCO json (VOC, synthetic), its ground truth in COCO format beside it (out/ground_truth.json) to refer to.
 
     model(images) -> detections as in every model file, run in fp32 (exact numbers). class_names: the
     model's, when they are not the dataset's (e.g. torchvision's 91 COCO classes on a COCO json with labels 1..K):

@@ -1626,10 +1626,30 @@ def test_checkpoint_of_another_detector_is_refused_in_one_line(one_epoch):
     name, out, _ = one_epoch
     other = NAMES[(NAMES.index(name) + 1) % len(NAMES)]
     for args in (["--eval", "--weights", str(out / "best.pt")], ["--train", "--resume", str(out / "last.pt")]):
-        with pytest.raises(SystemExit, match=rf"a {REGISTRY[name].module.DETECTOR.__name__} checkpoint: use {name}.py"):
+        with pytest.raises(SystemExit, match=rf"^{args[1]} .*: a {REGISTRY[name].module.DETECTOR.__name__} checkpoint: "
+                                             rf"use {name}.py"):
             REGISTRY[other].module.main(args)
     with pytest.raises(SystemExit, match=r"best.pt: weights only \(best.pt\?\): resume from last.pt"):
         REGISTRY[name].module.main(["--train", "--resume", str(out / "best.pt")])
+
+
+def test_unreadable_checkpoints_are_refused_in_one_line(one_epoch, tmp_path):
+    """A checkpoint cut short (a copy that stopped), an empty file, a state dict or no file at all given to --resume:
+    one line that names the flag and the file, not torch's traceback or a KeyError later."""
+    name, out, _ = one_epoch
+    main = REGISTRY[name].module.main
+    data_ = open(out / "last.pt", "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data_[:len(data_) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(torch.load(out / "best.pt", weights_only=True)["model"], tmp_path / "state_dict.pt")
+    for flag, mode in (("--weights", "--eval"), ("--resume", "--train")):
+        for bad in ("cut.pt", "empty.pt"):
+            with pytest.raises(SystemExit, match=rf"^{flag} .*{bad}: not a whole file of torch.save \(\w+Error"):
+                main([mode, flag, str(tmp_path / bad)])
+    with pytest.raises(SystemExit, match=r"^--resume .*state_dict.pt: not last.pt of a run$"):
+        main(["--train", "--resume", str(tmp_path / "state_dict.pt")])
+    with pytest.raises(SystemExit, match=r"^--resume .*nothing.pt: no last.pt of a run$"):
+        main(["--train", "--resume", str(tmp_path / "nothing.pt")])
 
 
 def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monkeypatch, capsys):
@@ -1695,6 +1715,48 @@ def test_a_stop_in_an_epochs_last_step_stops_after_its_evaluation(tmp_path, monk
     assert records == ["1/4", "2/4", "3/4", "4/4", None]  # epoch 0's steps and evaluation
 
 
+def test_a_stop_during_an_evaluation_stops_at_that_epochs_end(tmp_path, monkeypatch):
+    """Ctrl-C while epoch 0 of 2 is evaluated: the run stops at the epoch's end, not a step into epoch 1. Then its
+    folder is not taken by a new run (its last.pt would be replaced), and --resume on data of another size (other
+    steps per epoch: the schedule and the data order would not go on) is refused; both in one line."""
+    evaluate = data.evaluate
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(data, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        run_main("yolo", "--train", *tiny("yolo"), "--epochs", "2", "--out", tmp_path)
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert stopped.value.code == 130 and (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
+    log, saved = open(tmp_path / "metrics.jsonl").read(), (tmp_path / "last.pt").read_bytes()
+    assert [r.get("step") for r in map(json.loads, log.splitlines())] == ["1/4", "2/4", "3/4", "4/4", None]
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=rf"^--out {re.escape(str(tmp_path))} holds a run: to go on with it, --resume "):
+        run_main("yolo", "--train", *tiny("yolo"), "--out", tmp_path)
+    with pytest.raises(SystemExit, match=r"last.pt: epochs of 4 steps, here 2: resume on the same data$"):
+        run_main("yolo", "--train", "--resume", tmp_path / "last.pt", "--num-train", "4")
+    assert open(tmp_path / "metrics.jsonl").read() == log and (tmp_path / "last.pt").read_bytes() == saved
+
+
+def test_a_stop_in_the_runs_last_step_ends_it_done(tmp_path, monkeypatch):
+    """SIGTERM in the last step of the last epoch: the run is complete, so it ends as one (done, exit 0), not with a
+    command to resume what has nothing left to do."""
+    forward, calls = yolo.DETECTOR.forward, []
+
+    def terminated_in_step_4(self, *args, **kwargs):
+        if self.training:
+            calls.append(1)
+            if len(calls) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(yolo.DETECTOR, "forward", terminated_in_step_4)
+    output = run_main("yolo", "--train", *tiny("yolo"), "--epochs", "1", "--out", tmp_path)
+    assert output.splitlines()[-1].startswith("done: best AP") and "stopped" not in output
+
+
 def test_best_pt_goes_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
     """An AP that stays the same (0 early on; -1 without validation ground truth) gives best.pt the later epoch's
     weights, as YOLOv5 does, not the first epoch's."""
@@ -1757,6 +1819,7 @@ def test_ddp_two_processes_with_a_worker_resume(name, tmp_path):
     assert codes == [130, 130], outputs
     stopped = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     assert stopped["epoch"] == 0 and 0 < stopped["step"] < 6 and stopped["world_size"] == 2
+    assert f"to go on:\n    torchrun --nproc_per_node 2 {name}.py --train --resume " in outputs[0]
     outputs, codes = ddp_run(name, tmp_path / "resumed", "--train", "--resume", tmp_path / "a" / "last.pt")
     assert codes == [0, 0], outputs
     assert "cpu x 2" in outputs[0] and "resumed from" in outputs[0] and "resumed from" not in outputs[1]

@@ -49,7 +49,6 @@ import datetime
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shlex
@@ -879,17 +878,15 @@ def draw_targets(model: YOLO, image: Tensor, target: dict, class_names, path: st
 
 # TRY NOT TO MODIFY: from here to the end of the file, the same in every model file
 
-def load_weights(weights: str):
+def load_weights(weights: str, flag: str = "--weights"):
     """--weights PATH (a checkpoint of this file, or the reference implementation's weights) or a name (torchvision)
-    -> (state dict, class names, the config they go with: the training run's, or the reference model's)."""
-    try:
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, pickle.UnpicklingError):  # reference_weights says what it is
-        return reference_weights(weights)
-    if "detector" not in checkpoint:  # not written by a model file of this repo: the reference implementation's
-        return reference_weights(weights, checkpoint)
+    -> (state dict, class names, the config they go with: the training run's, or the reference model's). flag
+    "--resume": a checkpoint of this file only."""
+    checkpoint = data.load_checkpoint(weights, flag)  # None: no such file, a name, or not a state dict
+    if checkpoint is None or "detector" not in checkpoint:  # not written by a model file: the reference's weights?
+        return reference_weights(weights, checkpoint)  # (it says what it cannot read)
     if checkpoint["detector"] != DETECTOR.__name__:
-        raise SystemExit(f"--weights {weights}: a {checkpoint['detector']} checkpoint: use {checkpoint['file']}")
+        raise SystemExit(f"{flag} {weights}: a {checkpoint['detector']} checkpoint: use {checkpoint['file']}")
     return checkpoint["model"], tuple(checkpoint["class_names"]), checkpoint["config"]
 
 
@@ -923,6 +920,7 @@ def train(cfg: Config):
     ctx = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.backends.cudnn.benchmark = cfg.data == "synthetic"  # one input size: cuDNN picks its fastest kernels once
+    data.check_out_folder(cfg.out, cfg.resume)  # a run's last.pt is never replaced by another run's
     train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
     cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
     resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
@@ -942,9 +940,7 @@ def train(cfg: Config):
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
     epoch, step, best = 0, 0, {"AP": -math.inf}
     if resume:
-        if (batch := resume["config"]["batch_size"] * resume.get("world_size", 0)) != cfg.batch_size * world_size:
-            raise SystemExit(f"--resume {cfg.resume}: " + (f"trained {batch} images per step; resume with as many"
-                             if batch else "weights only (best.pt?): resume from last.pt"))
+        data.check_resume(resume, cfg.resume, cfg.batch_size * world_size, steps)  # that it can go on exactly
         raw_model.load_state_dict(resume["raw_model"] or resume["model"])
         for name, obj in (("model", ema), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             obj is None or not resume[name] or data.resume_state(obj, resume[name])  # a scaler saved off: {}
@@ -1033,12 +1029,14 @@ def train(cfg: Config):
                 save(weights, "best.pt")
             save({**weights, "raw_model": ema and raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                  "world_size": world_size}, "last.pt")
-        ddp and dist.barrier()  # the other ranks wait for rank 0's checkpoint, also before they stop
-        if step or stopping:  # interrupted mid-epoch, or in the epoch's last step (stopping: on every rank)
+                  "world_size": world_size, "steps": steps}, "last.pt")
+        asked = torch.tensor(float(bool(stop)), device=device)  # also during the evaluation; on any rank: on all
+        ddp and dist.all_reduce(asked)  # (and the other ranks wait for rank 0's checkpoint)
+        if step or (asked and epoch < cfg.epochs):  # stopped mid-epoch, or at an epoch's end (not the run's)
             if main_process:
                 print(f"stopped at epoch {epoch} step {step}/{steps}, saved in {cfg.out}/last.pt; to go on:\n    "
-                      f"python {os.path.basename(__file__)} --train --resume {shlex.quote(cfg.out + '/last.pt')}")
+                      + ("python" if world_size == 1 else f"torchrun --nproc_per_node {world_size}")
+                      + f" {os.path.basename(__file__)} --train --resume {shlex.quote(cfg.out + '/last.pt')}")
             raise SystemExit(130)
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
@@ -1068,7 +1066,7 @@ def main(argv=None):
     args, given = data.parse_args(argv, Config, PRESETS, make_config)  # modes, --preset, a flag per field
     saved = state_dict = None
     if args.train and given.get("resume"):  # the run's config (flags still override); its folder: where last.pt is
-        saved = {**load_weights(given["resume"])[2], "out": os.path.dirname(os.path.abspath(given["resume"]))}
+        saved = {**load_weights(path := given["resume"], "--resume")[2], "out": os.path.dirname(os.path.abspath(path))}
     elif given.get("weights"):  # the config the weights go with: their model and preprocessing, not their run's paths
         state_dict, class_names, saved = load_weights(given["weights"])  # (fine-tuning freezes batch norm)
         drop = ("device", "workers", "out", "resume", "weights") + (("frozen_bn",) if args.train else ())
