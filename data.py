@@ -51,7 +51,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import scipy.ndimage
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common import box_xyxy_to_xywh, coco_evaluate, voc_evaluate
 
@@ -61,16 +61,18 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 
 # --- Images and boxes ---
 
-def load_image(path):
+def load_image(path, upright=False):
     """Any image file PIL reads -> float [3, H, W] RGB in [0, 1].
 
     Grayscale, palette, RGBA (alpha dropped), CMYK ... are converted to RGB; 16-bit grayscale ('I;16*', and 'I' as PIL
     opens 16-bit PNGs) is scaled by 65535 rather than truncated to 8 bits. EXIF orientation is not applied, as in
-    torchvision.io.read_image: annotations refer to the stored pixels.
+    torchvision.io.read_image: annotations refer to the stored pixels. upright (--predict, where no annotation refers
+    to them): applied, so that a phone's portrait photo is seen and drawn as a photo viewer shows it.
     """
     try:
         with Image.open(path) as im:
             im.load()
+            im = ImageOps.exif_transpose(im) if upright else im
             if im.mode.startswith("I;16") or im.mode == "I":
                 gray = np.asarray(im, dtype=np.float32) / 65535.0  # [H, W]
                 return torch.from_numpy(np.clip(gray, 0.0, 1.0)).unsqueeze(0).expand(3, -1, -1).contiguous()
@@ -1411,9 +1413,10 @@ def image_files(path, out=None):
     folder their drawings go to under the same names; SystemExit if it is theirs (the drawings would replace them)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    if out is not None and os.path.realpath(out) == os.path.realpath(folder):
-        raise SystemExit(f"--out {out}: the folder of the images, whose drawings would replace them: choose another")
+    folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    if out is not None and os.path.commonpath([os.path.realpath(out), folder]) == os.path.realpath(out):
+        raise SystemExit(f"--out {out}: the folder of the images or one above it, where drawings of the same name "
+                         "could replace images: choose another")
     if os.path.isfile(path):
         return [path]
     kinds = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -1421,6 +1424,47 @@ def image_files(path, out=None):
     if not files:
         raise SystemExit(f"{path}: no {', '.join(kinds[:-1])} or {kinds[-1]} file in this folder")
     return files
+
+
+def predict_inputs(path, out):
+    """--predict PATH: (file, image upright as a photo viewer shows it (load_image), out/<its name> to draw to) for each
+    image file of image_files(path, out); a file that cannot be read is skipped with a warning that names it."""
+    for file in image_files(path, out):
+        try:
+            image = load_image(file, upright=True)
+        except ValueError as e:  # load_image's: names the file and what PIL said
+            warnings.warn(f"{e}: skipped")
+            continue
+        yield file, image, os.path.join(out, os.path.basename(file))
+
+
+def warn_other_classes(theirs, ours, source):
+    """Fine-tuning: weights with as many classes as the data but other ones, or the same in another order, have their
+    class layers taken by position: a warning says so. Numbers as names (a reference's state dict) name nothing."""
+    unnamed = list(theirs[1:]) == [str(k) for k in range(1, len(theirs))]
+    if len(theirs) == len(ours) and tuple(theirs) != tuple(ours) and not unnamed:
+        order = " (the same, in another order)" if sorted(theirs) == sorted(ours) else ""
+        warnings.warn(f"{source}: its classes {', '.join(theirs[1:])} are taken by position as this data's "
+                      f"{', '.join(ours[1:])}{order}: what they learned of each class starts on another one")
+
+
+def load_backbone_weights(module, path, convert=None):
+    """--backbone-weights PATH: module.load_state_dict of the file's state dict (convert(state dict), where given),
+    stopping with one line when it is no state dict or does not fit: the count and the first of the keys that do not."""
+    state_dict = load_checkpoint(path, "--backbone-weights")
+    state_dict = convert(state_dict) if convert and state_dict is not None else state_dict
+    if not state_dict:
+        what = f"no weights for its {type(module).__name__} in it" if os.path.exists(path) else "no such file"
+        raise SystemExit(f"--backbone-weights {path}: {what}; to start from random weights: --backbone-weights none")
+    own, step = module.state_dict(), "num_batches_tracked"  # (batch norm's step count: load_state_dict sees to it)
+    wrong = ([f"missing {k}" for k in own if k not in state_dict and not k.endswith(step)]
+             + [f"unexpected {k}" for k in state_dict if k not in own and not k.endswith(step)]
+             + [f"{k} of shape {tuple(getattr(v, 'shape', ()))}" for k, v in state_dict.items()
+                if k in own and getattr(v, "shape", None) != own[k].shape])
+    if wrong:
+        raise SystemExit(f"--backbone-weights {path} does not fit this {type(module).__name__}: {len(wrong)} keys "
+                         f"({', '.join(wrong[:3])})")
+    module.load_state_dict(state_dict)
 
 
 def _coco_image_dir(data_root, ann_file):

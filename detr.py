@@ -222,7 +222,7 @@ class Backbone(nn.Module):
         body = getattr(torchvision.models, cfg.backbone)(weights=weights, norm_layer=norm_layer,
                                                          replace_stride_with_dilation=[False, False, cfg.dilation])
         if cfg.backbone_weights not in ("imagenet", "none") and load_backbone:
-            body.load_state_dict(torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True))
+            data.load_backbone_weights(body, cfg.backbone_weights)
         del body.avgpool, body.fc
         for name, parameter in body.named_parameters():  # lr_backbone 0: all frozen (backbone.py's train_backbone)
             parameter.requires_grad_(cfg.lr_backbone > 0 and (not cfg.frozen_bn or name.startswith(
@@ -683,8 +683,10 @@ def train(cfg: Config):
     except OSError as e:  # no internet for the ImageNet weights, or no file at --backbone-weights PATH
         raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: cannot load them ({e}); to train from random "
                          f"weights instead: --backbone-weights none") from None
-    if cfg.weights and not resume:
-        load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
+    if cfg.weights and not resume:  # fine-tuning: class layers of another class count start afresh, others fit
+        state_dict, class_names = load_weights(cfg.weights)[:2]
+        load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
+        data.warn_other_classes(class_names, train_set.class_names, f"--weights {cfg.weights}")
     cfg.channels_last and raw_model.to(memory_format=torch.channels_last)
     steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
     optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
@@ -841,7 +843,7 @@ def main(argv=None):
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
-        raise SystemExit("--eval and --predict need --weights PATH|torchvision")
+        raise SystemExit("--eval and --predict need --weights (a run's best.pt, or what --help names)")
     model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
     if args.eval:
@@ -849,8 +851,7 @@ def main(argv=None):
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
         stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names, cfg.out)
         return print("\n".join(f"{k:>9} {v:.4f}" for k, v in stats.items()))
-    for path in data.image_files(args.predict, cfg.out):  # (refused: an --out that would overwrite them)
-        image, out = data.load_image(path), os.path.join(cfg.out, os.path.basename(path))  # its name, as YOLOv5's
+    for path, image, out in data.predict_inputs(args.predict, cfg.out):  # out: its name in --out, as YOLOv5's
         with torch.no_grad():
             det = model([image.to(device)])[0]
         keep = det["scores"] >= cfg.draw_thresh

@@ -165,10 +165,10 @@ def preprocess(images: list, targets, cfg: Config):
     resized, new_targets = [], []
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
-        # the same scale and interpolation call as torchvision, so that pixels agree exactly
-        scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
-        image = F.interpolate(((image - mean) / std)[None], scale_factor=scale, mode="bilinear",
-                              recompute_scale_factor=True, align_corners=False)[0]  # [3, h', w']
+        # the size torchvision's scale gives (F.interpolate's recompute_scale_factor): the same pixels; here >= 1
+        scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))  # (a 1 x 2000 image: 0.6 rows there, 1 here)
+        size = [max(int(h * scale), 1), max(int(w * scale), 1)]
+        image = F.interpolate(((image - mean) / std)[None], size, mode="bilinear", align_corners=False)[0]  # [3, *size]
         resized.append(image)
         if targets is not None:
             new_targets.append({**targets[i], "boxes": resize_boxes(targets[i]["boxes"], (h, w), image.shape[-2:])})
@@ -225,7 +225,7 @@ class Backbone(nn.Module):
         weights = "IMAGENET1K_V1" if cfg.backbone_weights == "imagenet" and load_backbone else None
         body = getattr(torchvision.models, cfg.backbone)(weights=weights, norm_layer=norm_layer)
         if cfg.backbone_weights not in ("imagenet", "none") and load_backbone:
-            body.load_state_dict(torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True))
+            data.load_backbone_weights(body, cfg.backbone_weights)
         del body.avgpool, body.fc
         trainable = cfg.trainable_backbone_layers if cfg.frozen_bn else 5
         layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1", "bn1"][: trainable + (trainable == 5)]
@@ -618,8 +618,10 @@ def train(cfg: Config):
     except OSError as e:  # no internet for the ImageNet weights, or no file at --backbone-weights PATH
         raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: cannot load them ({e}); to train from random "
                          f"weights instead: --backbone-weights none") from None
-    if cfg.weights and not resume:
-        load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
+    if cfg.weights and not resume:  # fine-tuning: class layers of another class count start afresh, others fit
+        state_dict, class_names = load_weights(cfg.weights)[:2]
+        load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
+        data.warn_other_classes(class_names, train_set.class_names, f"--weights {cfg.weights}")
     cfg.channels_last and raw_model.to(memory_format=torch.channels_last)
     steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
     optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
@@ -776,7 +778,7 @@ def main(argv=None):
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
-        raise SystemExit("--eval and --predict need --weights PATH|torchvision")
+        raise SystemExit("--eval and --predict need --weights (a run's best.pt, or what --help names)")
     model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
     if args.eval:
@@ -784,8 +786,7 @@ def main(argv=None):
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
         stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names, cfg.out)
         return print("\n".join(f"{k:>9} {v:.4f}" for k, v in stats.items()))
-    for path in data.image_files(args.predict, cfg.out):  # (refused: an --out that would overwrite them)
-        image, out = data.load_image(path), os.path.join(cfg.out, os.path.basename(path))  # its name, as YOLOv5's
+    for path, image, out in data.predict_inputs(args.predict, cfg.out):  # out: its name in --out, as YOLOv5's
         with torch.no_grad():
             det = model([image.to(device)])[0]
         keep = det["scores"] >= cfg.draw_thresh

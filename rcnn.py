@@ -194,7 +194,7 @@ class RCNN(nn.Module):
         weights = "IMAGENET1K_V1" if cfg.backbone_weights == "imagenet" and load_backbone else None
         net = getattr(torchvision.models, cfg.backbone)(weights=weights)
         if cfg.backbone_weights not in ("imagenet", "none") and load_backbone:
-            net.load_state_dict(torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True))
+            data.load_backbone_weights(net, cfg.backbone_weights)
         if cfg.backbone == "alexnet":  # conv1-5 -> pool5 [9216] -> fc6 -> fc7 [4096], ImageNet's fc6/fc7 kept
             self.body = nn.Sequential(net.features, net.avgpool)  # [S, 256, 6, 6]
             net.classifier[0].p = net.classifier[3].p = cfg.dropout
@@ -841,8 +841,10 @@ def train(cfg: Config):
     except OSError as e:  # no internet for the ImageNet weights, or no file at --backbone-weights PATH
         raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: cannot load them ({e}); to train from random "
                          f"weights instead: --backbone-weights none") from None
-    if cfg.weights and not resume:
-        load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
+    if cfg.weights and not resume:  # fine-tuning: class layers of another class count start afresh, others fit
+        state_dict, class_names = load_weights(cfg.weights)[:2]
+        load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
+        data.warn_other_classes(class_names, train_set.class_names, f"--weights {cfg.weights}")
     cfg.channels_last and raw_model.to(memory_format=torch.channels_last)
     steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
     optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
@@ -999,7 +1001,7 @@ def main(argv=None):
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
-        raise SystemExit("--eval and --predict need --weights PATH|torchvision")
+        raise SystemExit("--eval and --predict need --weights (a run's best.pt, or what --help names)")
     model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
     if args.eval:
@@ -1007,8 +1009,7 @@ def main(argv=None):
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
         stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names, cfg.out)
         return print("\n".join(f"{k:>9} {v:.4f}" for k, v in stats.items()))
-    for path in data.image_files(args.predict, cfg.out):  # (refused: an --out that would overwrite them)
-        image, out = data.load_image(path), os.path.join(cfg.out, os.path.basename(path))  # its name, as YOLOv5's
+    for path, image, out in data.predict_inputs(args.predict, cfg.out):  # out: its name in --out, as YOLOv5's
         with torch.no_grad():
             det = model([image.to(device)])[0]
         keep = det["scores"] >= cfg.draw_thresh

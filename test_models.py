@@ -424,12 +424,28 @@ def test_predict_folder_skips_hidden_files_and_huge_images_are_named(tmp_path, m
         (tmp_path / name).write_bytes(b"\0\5")
     assert data.image_files(str(tmp_path)) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
     for path in (tmp_path, tmp_path / "a.jpg"):  # drawings under the images' names into their folder: refused
-        with pytest.raises(SystemExit, match="the folder of the images, whose drawings would replace them"):
+        with pytest.raises(SystemExit, match="the folder of the images or one above it, where drawings of the same"):
             data.image_files(str(path), str(tmp_path / "sub" / ".."))
+    (tmp_path / "sub").mkdir(), write_image(tmp_path / "sub" / "b.png")  # ... and into a folder above theirs, where
+    with pytest.raises(SystemExit, match="the folder of the images or one above it"):  # b.png is another image
+        data.image_files(str(tmp_path / "sub"), str(tmp_path))
     assert data.image_files(str(tmp_path / "a.jpg"), str(tmp_path / "out")) == [str(tmp_path / "a.jpg")]
     monkeypatch.setattr(data.Image, "MAX_IMAGE_PIXELS", 100)  # PIL's decompression-bomb limit (~179 Mpx) at 200 px
     with pytest.raises(ValueError, match=r"a.jpg: cannot read image \(DecompressionBombError"):
         data.load_image(str(tmp_path / "a.jpg"))
+
+
+def test_predict_inputs_skip_what_cannot_be_read_and_turn_photos_upright(tmp_path):
+    """--predict on a folder: a file that is no image is skipped with a warning naming it (the others are still
+    predicted); a photo with an EXIF orientation is read as a photo viewer shows it (for training, as stored)."""
+    write_image(tmp_path / "a.jpg"), (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 32 wide and 24 high, shown turned 90 degrees: 24 wide and 32 high
+    Image.new("RGB", (32, 24), 128).save(tmp_path / "c.jpg", exif=exif)
+    with pytest.warns(UserWarning, match=r"b.jpg: cannot read image .*: skipped"):
+        found = list(data.predict_inputs(str(tmp_path), str(tmp_path / "out")))
+    assert [(f, o) for f, _, o in found] == [(str(tmp_path / n), str(tmp_path / "out" / n)) for n in ("a.jpg", "c.jpg")]
+    assert found[1][1].shape == (3, 32, 24) and data.load_image(str(tmp_path / "c.jpg")).shape == (3, 24, 32)
 
 
 def test_draw_boxes_writes_png(tmp_path):
@@ -2140,6 +2156,26 @@ def test_a_new_lr_given_with_resume_is_applied(one_epoch, tmp_path):
                  "--out", tmp_path / str(lr))
         lrs[lr] = [r["lr"] for r in map(json.loads, open(tmp_path / str(lr) / "metrics.jsonl")) if "lr" in r]
     assert len(lrs[0.01]) == 4 and lrs[0.03] == pytest.approx([3 * lr for lr in lrs[0.01]])
+
+
+@pytest.mark.parametrize("one_epoch", ["fcos"], indirect=True)  # the loop is the same in every file
+def test_fine_tuning_on_other_classes_of_the_same_count_says_so(one_epoch, tmp_path):
+    """--weights trained on the same classes in another order (VOC sorts names, a COCO json by id), or on others of
+    the same count: the class layers fit, and are taken by position; a warning says so. The same classes in the same
+    order, or numbers as names (a reference's state dict), give none."""
+    name, out, _ = one_epoch
+    checkpoint = torch.load(out / "best.pt", weights_only=True)
+    names = checkpoint["class_names"]
+    for k, (their_names, warned) in enumerate([(names[:1] + names[1:][::-1], "the same, in another order"),
+                                               (names[:1] + tuple(f"c{i}" for i in names[1:]), "what they learned"),
+                                               (tuple(map(str, range(len(names)))), None), (names, None)]):
+        torch.save({**checkpoint, "class_names": their_names}, tmp_path / f"{k}.pt")
+        args = ("--train", *tiny(name), "--epochs", "1", "--weights", tmp_path / f"{k}.pt", "--out", tmp_path / str(k))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_main(name, *args)
+        said = [str(w.message) for w in caught if "taken by position" in str(w.message)]
+        assert (said and warned in said[0]) if warned else not said, (their_names, said)
 
 
 def test_evaluate_takes_numbers_as_names_for_labels():
@@ -4148,6 +4184,13 @@ def test_very_thin_images_are_resized_to_at_least_a_pixel():
     model = detr.DETR(tiny_config("detr")).eval()
     with torch.no_grad():
         assert len(model([torch.rand(3, 1, 300)])[0]["boxes"]) == model.cfg.num_queries
+    for module in (faster_rcnn, retinanet, fcos):  # torchvision's resize gives 0 rows to a 1 x 300 image: 1 here
+        cfg = tiny_config(module.__name__)
+        batch, sizes, _ = module.preprocess([torch.rand(3, 1, 300), torch.rand(3, 30, 40)], None, cfg)
+        scale = min(cfg.min_size / 30, cfg.max_size / 40)  # torchvision's, for an ordinary image
+        assert sizes[0][0] == 1 and sizes[1] == (int(30 * scale), int(40 * scale))
+        with torch.no_grad():
+            module.DETECTOR(cfg).eval()([torch.rand(3, 1, 300)])
 
 
 def test_yolo_backbone_weights_from_a_checkpoint_of_this_file(tmp_path):
@@ -4159,8 +4202,36 @@ def test_yolo_backbone_weights_from_a_checkpoint_of_this_file(tmp_path):
     model = yolo.YOLO(tiny_config("yolo", backbone_weights=str(tmp_path / "best.pt")))
     assert all(torch.equal(v, source.backbone.state_dict()[k]) for k, v in model.backbone.state_dict().items())
     torch.save({"head.weight": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="no backbone in it"):
+    with pytest.raises(SystemExit, match="other.pt: no weights for its CSPDarknet in it; to start from random weights"):
         yolo.YOLO(tiny_config("yolo", backbone_weights=str(tmp_path / "other.pt")))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backbone_weights_that_do_not_fit_are_refused_in_one_line(name, tmp_path):
+    """--backbone-weights PATH that is missing, no torch.save file, or another network's state dict: one line, not
+    torch's traceback or load_state_dict's hundreds of keys."""
+    module, cfg = REGISTRY[name].module, tiny_config(name)
+    (tmp_path / "text.pt").write_text("hello\n")
+    torch.save({"x.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    for file, message in (("missing.pt", "no such file"), ("text.pt", r"not a whole file of torch.save \(KeyError"),
+                          ("other.pt", r"(does not fit this \w+: \d+ keys \(.*\)|no weights for its \w+ in it)")):
+        with pytest.raises(SystemExit, match=rf"^--backbone-weights .*{file}:? {message}"):
+            module.DETECTOR(dataclasses.replace(cfg, backbone_weights=str(tmp_path / file)))
+
+
+def test_load_backbone_weights_names_what_does_not_fit(tmp_path):
+    """A ResNet state dict with batch norm (its step counts) loads into one with frozen batch norm (none); a conv of
+    other outputs and a key of another network are named, with their count."""
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), tmp_path / "r18.pt")
+    frozen = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+    data.load_backbone_weights(frozen, str(tmp_path / "r18.pt"))
+    assert torch.equal(frozen.conv1.weight, source.conv1.weight)
+    cut = {**source.state_dict(), "conv1.weight": source.conv1.weight[:-1], "head.weight": torch.zeros(1)}
+    torch.save(cut, tmp_path / "cut.pt")
+    with pytest.raises(SystemExit, match=r"cut.pt does not fit this ResNet: 2 keys \(unexpected head.weight, "
+                                         r"conv1.weight of shape \(63, 3, 7, 7\)\)$"):
+        data.load_backbone_weights(frozen, str(tmp_path / "cut.pt"))
 
 
 def test_truncated_svd_beyond_the_layers_rank_keeps_its_outputs():

@@ -356,13 +356,11 @@ class YOLO(nn.Module):
         channels = [math.ceil(c * width / 8) * 8 for c in (64, 128, 256, 512, 1024)]  # yolov5's make_divisible
         self.backbone = CSPDarknet(channels, [max(round(n * depth), 1) for n in (3, 6, 9, 3)])
         if load_backbone and cfg.backbone_weights != "none":  # a state dict of this model or of v7.0's (converted)
-            state_dict = torch.load(cfg.backbone_weights, map_location="cpu", weights_only=True)
-            state_dict = state_dict.get("model", state_dict)  # a checkpoint of this file (best.pt) holds it there
-            state_dict = convert_yolov5(state_dict) if "model.0.conv.weight" in state_dict else state_dict
-            if not (backbone := {k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")}):
-                raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: no backbone in it (a state dict or "
-                                 "checkpoint of yolo.py, or v7.0's converted by convert_yolov5)")
-            self.backbone.load_state_dict(backbone)
+            def backbone_of(state_dict):  # a checkpoint of this file (best.pt) holds it under "model"
+                state_dict = state_dict.get("model", state_dict)
+                state_dict = convert_yolov5(state_dict) if "model.0.conv.weight" in state_dict else state_dict
+                return {k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+            data.load_backbone_weights(self.backbone, cfg.backbone_weights, backbone_of)
         self.neck = PAN(channels, max(round(3 * depth), 1))
         self.head = Detect(channels[2:], cfg.num_classes - 1, cfg.anchors)
         for module in self.modules():  # yolov5's initialize_weights (conv weights keep PyTorch's default init)
@@ -930,8 +928,10 @@ def train(cfg: Config):
     except OSError as e:  # no internet for the ImageNet weights, or no file at --backbone-weights PATH
         raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: cannot load them ({e}); to train from random "
                          f"weights instead: --backbone-weights none") from None
-    if cfg.weights and not resume:
-        load_state(model, load_weights(cfg.weights)[0], f"--weights {cfg.weights}", fine_tune=True)
+    if cfg.weights and not resume:  # fine-tuning: class layers of another class count start afresh, others fit
+        state_dict, class_names = load_weights(cfg.weights)[:2]
+        load_state(model, state_dict, f"--weights {cfg.weights}", fine_tune=True)
+        data.warn_other_classes(class_names, train_set.class_names, f"--weights {cfg.weights}")
     cfg.channels_last and raw_model.to(memory_format=torch.channels_last)
     steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
     optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
@@ -1088,7 +1088,7 @@ def main(argv=None):
                          train_set.class_names, f"{cfg.out}/targets_{i}.png")
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
-        raise SystemExit("--eval and --predict need --weights PATH|torchvision")
+        raise SystemExit("--eval and --predict need --weights (a run's best.pt, or what --help names)")
     model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
     if args.eval:
@@ -1096,8 +1096,7 @@ def main(argv=None):
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
         stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names, cfg.out)
         return print("\n".join(f"{k:>9} {v:.4f}" for k, v in stats.items()))
-    for path in data.image_files(args.predict, cfg.out):  # (refused: an --out that would overwrite them)
-        image, out = data.load_image(path), os.path.join(cfg.out, os.path.basename(path))  # its name, as YOLOv5's
+    for path, image, out in data.predict_inputs(args.predict, cfg.out):  # out: its name in --out, as YOLOv5's
         with torch.no_grad():
             det = model([image.to(device)])[0]
         keep = det["scores"] >= cfg.draw_thresh
