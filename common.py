@@ -88,6 +88,17 @@ def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
     return boxes * ratios[[1, 0, 1, 0]].to(boxes.device, non_blocking=True)  # (no waiting for a GPU)
 
 
+def check_images(images: list):
+    """What every model takes: a non-empty list of float [3, H, W] tensors in [0, 1]. Anything else stops here, named
+    (a uint8 image would pass through as values up to 255; torchvision refuses it likewise)."""
+    if not isinstance(images, (list, tuple)) or not images:
+        raise TypeError(f"images: a non-empty list of float [3, H, W] tensors, got {type(images).__name__}")
+    for image in images:
+        if not isinstance(image, Tensor) or not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3:
+            what = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
+            raise TypeError(f"images: a list of float [3, H, W] tensors in [0, 1], got a {what}")
+
+
 def pad_targets(targets: list):
     """B target dicts -> gt_boxes [B, M, 4], gt_labels [B, M], gt_valid [B, M] with M = max(1, most boxes in an image),
     so that assignment runs for the whole batch at once. Padding and degenerate boxes (zero width or height, which have

@@ -55,9 +55,6 @@ from PIL import Image, ImageOps
 
 from common import box_xyxy_to_xywh, coco_evaluate, voc_evaluate
 
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-
 
 # --- Images and boxes ---
 
@@ -413,7 +410,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
 # --- COCO ---
 
 class CocoDetection(torch.utils.data.Dataset):
-    """Any COCO-format detection json: images under `image_dir`, `file_name` relative to it.
+    """Any COCO-format detection json: images under `image_dir`, `file_name` relative to it (a list of folders: the
+    first that holds the first image).
 
     Category ids (any integers, possibly with gaps, as COCO's 1..90) become contiguous labels 1..K in sorted id order;
     `class_names[label]` is the name and `cat_ids[label - 1]` the json's category id.
@@ -465,6 +463,10 @@ class CocoDetection(torch.utils.data.Dataset):
             self.class_names, self.cat_ids = tuple(names), list(range(1, len(names)))
         self.num_classes = len(self.class_names)
 
+        if not isinstance(image_dir, (str, os.PathLike)):  # candidates: the first that holds the first image
+            first = data["images"][0].get("file_name") if data["images"] and isinstance(data["images"][0], dict) else ""
+            self.image_dir = image_dir = next((d for d in image_dir if isinstance(first, str)
+                                               and os.path.isfile(os.path.join(d, first))), image_dir[0])
         self.images = []  # {"id", "file_name", "width", "height"} in json order
         position = {}
         for k, img in enumerate(data["images"]):
@@ -578,8 +580,8 @@ class VocDetection(torch.utils.data.Dataset):
     hold spaces ("IMG 001"), else its first word, as in VOC's per-class split files ("000005 -1"). An id may name a
     subfolder ("sub/d": Annotations/sub/d.xml, JPEGImages/sub/d.jpg, else the xml's 'filename' in JPEGImages/sub/).
     `difficult` objects are kept, flagged in the target (VOC AP ignores them). Class names: `class_names` if given, else
-    the 20 VOC classes if every name in the xml files under Annotations/ (subfolders included) is one of them, else the
-    sorted names found there, so every split of one root gets the same labels. `image_id` is the position in the split
+    the names in the xml files under Annotations/ (subfolders included), sorted (VOC's 20 thus in VOC's order), so
+    that every split of one root gets the same labels. `image_id` is the position in the split
     file; `ids[i]` is the id as in the split file.
     """
     proposals = None  # one float32 [R, 4] array per image, set by attach_proposals
@@ -615,7 +617,7 @@ class VocDetection(torch.utils.data.Dataset):
                     except ET.ParseError as e:
                         raise ValueError(f"{path}: corrupt xml ({e})") from None
             found.discard("")
-            class_names = VOC_CLASSES if found <= set(VOC_CLASSES) else sorted(found)
+            class_names = sorted(found)  # (VOC's 20 sorted are in VOC's order: aeroplane ... tvmonitor)
         class_names = [c for c in class_names if c != "__background__"]
         self.class_names = ("__background__",) + tuple(class_names)
         self.num_classes = len(self.class_names)
@@ -1468,20 +1470,20 @@ def load_backbone_weights(module, path, convert=None):
 
 
 def _coco_image_dir(data_root, ann_file):
-    """The images of a COCO json NAME.json: <root>/NAME without 'instances_' (instances_val2017 -> val2017, COCO 2017
-    layout), else <root>/<NAME's part after its last '_'> (person_keypoints_val2017 -> val2017; image_info_test-dev2017
-    -> test-dev2017, else test2017, where COCO keeps test-dev's images), else <root>/JPEGImages,
-    else <root>/images, else the json's own folder unless it is <root>/annotations (Roboflow's
-    train/_annotations.coco.json sits beside its images), else <root>."""
+    """Where the images of a COCO json NAME.json may be, in this order (CocoDetection takes the first that holds its
+    first image): <root>/NAME without 'instances_' (instances_val2017 -> val2017, COCO 2017 layout), <root>/<NAME's
+    part after its last '_'> (person_keypoints_val2017 -> val2017; image_info_test-dev2017 -> test-dev2017, else
+    test2017, where COCO keeps test-dev's images), <root>/JPEGImages, <root>/images, where they exist; then the json's
+    own folder unless it is <root>/annotations (Roboflow's train/_annotations.coco.json sits beside its images), and
+    <root> (Label Studio's result.json names images/a.jpg)."""
     name = os.path.splitext(os.path.basename(ann_file))[0].removeprefix("instances_")
     last = name.rsplit("_", 1)[-1]
-    for folder in (name, last, last.replace("test-dev", "test"), "JPEGImages", "images"):
-        if folder and os.path.isdir(os.path.join(data_root, folder)):  # folder "": no name, not the root itself
-            return os.path.join(data_root, folder)
+    folders = [os.path.join(data_root, folder) for folder in (name, last, last.replace("test-dev", "test"),
+               "JPEGImages", "images") if folder and os.path.isdir(os.path.join(data_root, folder))]  # "": no name
     own = os.path.dirname(ann_file) or "."
-    if os.path.abspath(own) == os.path.abspath(os.path.join(data_root, "annotations")):
-        return data_root
-    return own
+    if os.path.abspath(own) != os.path.abspath(os.path.join(data_root, "annotations")):
+        folders.append(own)
+    return list(dict.fromkeys(folders + [data_root]))
 
 
 def build_datasets(cfg, train_transforms=None, train=True, search=True):
@@ -1549,6 +1551,10 @@ def _build_datasets(cfg, train_transforms, train):
         train_set = VocDetection(data_root, cfg.train_split, train_transforms)
     if not any(len(boxes) for boxes in train_set.boxes):
         raise ValueError(f"{train_set.source}: no box in any of the {len(train_set)} training images: nothing to learn")
+    seen = set(np.concatenate(train_set.labels).tolist())
+    if unseen := [name for k, name in enumerate(train_set.class_names) if k and k not in seen]:  # e.g. Roboflow's
+        warnings.warn(f"{train_set.source}: no training box of class {', '.join(unseen[:5])}"  # category 0
+                      + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "") + ": it is learnt as never there")
     return train_set, val_set
 
 
@@ -1597,8 +1603,9 @@ def parse_args(argv, config_class, presets, make_config):
             f"{comments.get(f.name, '')} (default: {getattr(shown, f.name)!r})").replace("%", "%%"))
     args = parser.parse_args(argv)
     args.preset_given, args.preset = hasattr(args, "preset"), getattr(args, "preset", preset)
-    for name, least in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("log_every", 1)):
-        if getattr(args, name, least) < least:  # (numpy's generators take no negative seed; the others divide)
+    for name, least in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("log_every", 1),
+                        ("lr", 0), ("workers", 0)):  # (numpy's generators take no negative seed; some divide; the
+        if getattr(args, name, least) < least:  # optimizer would name a negative lr after its scaling, not as given)
             parser.error(f"--{name.replace('_', '-')}: a number >= {least}")
     given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
     if args.predict and not os.path.exists(args.predict):

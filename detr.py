@@ -54,6 +54,7 @@ import re
 import shlex
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,7 +68,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.transforms import v2
 
 import data
-from common import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, draw_boxes, elementwise_generalized_box_iou,
+from common import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, check_images, draw_boxes, elementwise_generalized_box_iou,
                     resize_boxes)
 
 # --- Config ---
@@ -183,9 +184,10 @@ def preprocess(images: list, targets, cfg: Config, training: bool):
     from train_min_sizes (torch's RNG), else min_size. Returns the batch [B, 3, H, W] zero-padded to the largest
     height and width, mask [B, H, W] (True on padding), image_sizes [(h, w)] after resizing, and targets with their
     boxes resized (a copy; None stays None)."""
+    check_images(images)  # float [3, h, w]; mean and std take their dtype (a model cast to bf16 runs on bf16 images)
     # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
-    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
+    mean = torch.tensor(cfg.image_mean, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
+    std = torch.tensor(cfg.image_std, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
     sizes = cfg.train_min_sizes if training and cfg.train_min_sizes else (cfg.min_size,)
     resized, new_targets = [], []
     for i, image in enumerate(images):
@@ -201,9 +203,9 @@ def preprocess(images: list, targets, cfg: Config, training: bool):
     H, W = max(s[0] for s in image_sizes), max(s[1] for s in image_sizes)  # no rounding up: the official batching
     batch = resized[0].new_zeros(len(resized), 3, H, W)  # [B, 3, H, W]
     mask = torch.ones(len(resized), H, W, dtype=torch.bool, device=batch.device)  # [B, H, W]
-    for image, out, m in zip(resized, batch, mask):
-        out[:, : image.shape[1], : image.shape[2]].copy_(image)
-        m[: image.shape[1], : image.shape[2]] = False
+    for i, image in enumerate(resized):  # (indexed, not views of unbind: images may require grad)
+        batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
+        mask[i, : image.shape[1], : image.shape[2]] = False
     return batch, mask, image_sizes, (new_targets if targets is not None else None)
 
 
@@ -357,6 +359,8 @@ class DETR(nn.Module):
 
     def __init__(self, cfg: Config, load_backbone: bool = True):
         super().__init__()
+        if cfg.num_queries < 1:
+            raise ValueError(f"num_queries {cfg.num_queries}: DETR needs at least one query")
         self.cfg = cfg
         self.backbone = Backbone(cfg, load_backbone)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, cfg.hidden_dim, kernel_size=1)
@@ -377,6 +381,9 @@ class DETR(nn.Module):
             pred_logits, pred_boxes = pred_logits[-1:], pred_boxes[-1:]  # L = 1
         gt_boxes, gt_labels, num_gt = prepare_targets(targets, image_sizes)  # [B, M, 4], [B, M], B counts
         matched = hungarian_match(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, self.cfg)
+        if int(gt_labels.max()) >= self.cfg.num_classes:  # (the matching already waited for the GPU: no new wait)
+            raise ValueError(f"labels up to {int(gt_labels.max())}: num_classes {self.cfg.num_classes} holds labels up "
+                             f"to {self.cfg.num_classes - 1} (num_classes is K + 1; K + 1 would train as no object)")
         return set_loss(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, matched, self.cfg)
 
     def predict(self, batch: Tensor, mask: Tensor):
@@ -531,6 +538,15 @@ def hungarian_match(pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, g
     return [torch.as_tensor(idx, dtype=torch.int64, device=pred_logits.device) for idx in matched]
 
 
+def warn_crowded(dataset, num_queries: int):
+    """Each query is matched to one object at most: in an image with more objects than queries, those beyond are
+    never matched (and still count in the loss's normaliser); recall there stays below 1. A warning counts them."""
+    counts = [len(boxes) for boxes in getattr(dataset, "boxes", ())]  # COCO, VOC (synthetic: max_objects, 6)
+    if (crowded := sum(n > num_queries for n in counts)) and int(os.environ.get("RANK", 0)) == 0:
+        warnings.warn(f"{crowded} training images have more objects than --num-queries {num_queries} (up to "
+                      f"{max(counts)}): those beyond are never matched: raise --num-queries")
+
+
 # --- Loss ---
 
 
@@ -575,8 +591,9 @@ def set_loss(pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, gt_label
 def postprocess(pred_logits: Tensor, pred_boxes: Tensor, original_sizes: list) -> list:
     """The official PostProcess. pred_logits [B, Q, K + 1], pred_boxes [B, Q, 4] of the last decoder layer -> B dicts
     with every query: scores [Q] and labels [Q], the most probable class other than no object, boxes [Q, 4] xyxy in
-    the input image's pixels. No NMS: the set loss teaches the queries not to duplicate each other; no threshold: COCO
-    evaluation takes the 100 best (--predict draws those above draw_thresh)."""
+    the input image's pixels, in query order and not clipped to the image (as the official code gives them). No NMS:
+    the set loss teaches the queries not to duplicate each other; no threshold: COCO evaluation takes the 100 best
+    (--predict draws those above draw_thresh)."""
     prob = F.softmax(pred_logits, -1)
     scores, labels = prob[..., :-1].max(-1)  # [B, Q]
     size = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32, device=pred_boxes.device)
@@ -602,6 +619,7 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_si
                                    {"params": [p for n, p in params if n.startswith("backbone.")],
                                     "lr": cfg.lr_backbone}], cfg.lr, weight_decay=cfg.weight_decay)
     warmup = data.warmup_steps(cfg, steps_per_epoch)  # (warns if shortened, or if no lr step falls within the run)
+    warn_crowded(train_set, cfg.num_queries)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
         cfg.warmup_factor + (1 - cfg.warmup_factor) * step / warmup if step < warmup else 1.0) * cfg.lr_gamma ** sum(
         step >= epoch * steps_per_epoch for epoch in cfg.lr_steps))

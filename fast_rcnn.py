@@ -77,7 +77,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_align, roi_pool
 
 import data
-from common import clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets
+from common import check_images, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets
 
 # --- Config ---
 
@@ -325,9 +325,10 @@ def scale_factor(size: tuple, target_size: int, max_size: int) -> float:
 def preprocess(images: list, scales: list, cfg: Config):
     """Normalise, resize and zero-pad (test.py _get_image_blob): images B x [3, h_i, w_i] in [0, 1], one target size
     per image -> batch [B, 3, H, W] and the scale factor of each image (its boxes x this = boxes on the batch)."""
+    check_images(images)  # float [3, h, w]; mean and std take their dtype (a model cast to bf16 runs on bf16 images)
     # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
-    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
+    mean = torch.tensor(cfg.image_mean, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
+    std = torch.tensor(cfg.image_std, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
     resized, factors = [], []
     for image, target_size in zip(images, scales):
         h, w = image.shape[-2:]
@@ -338,8 +339,8 @@ def preprocess(images: list, scales: list, cfg: Config):
         factors.append(factor)
     H, W = max(r.shape[1] for r in resized), max(r.shape[2] for r in resized)
     batch = resized[0].new_zeros(len(resized), 3, H, W)  # [B, 3, H, W]: the mean, after normalisation
-    for image, out in zip(resized, batch):
-        out[:, : image.shape[1], : image.shape[2]].copy_(image)
+    for i, image in enumerate(resized):  # (indexed, not views of unbind: images may require grad)
+        batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
     return batch, factors
 
 

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
 import data
-from common import box_area, clip_boxes_to_image, draw_boxes, pad_targets, resize_boxes
+from common import box_area, check_images, clip_boxes_to_image, draw_boxes, pad_targets, resize_boxes
 
 # --- Config ---
 
@@ -159,9 +159,10 @@ def preprocess(images: list, targets, cfg: Config):
     """Normalise, resize and pad a list of [3, h_i, w_i] images in [0, 1] (torchvision's GeneralizedRCNNTransform).
     Returns the batch [B, 3, H, W], image_sizes [(h, w)] after resizing (before padding), and targets with their boxes
     resized (a copy; None stays None)."""
+    check_images(images)  # float [3, h, w]; mean and std take their dtype (a model cast to bf16 runs on bf16 images)
     # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
-    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
+    mean = torch.tensor(cfg.image_mean, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
+    std = torch.tensor(cfg.image_std, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
     resized, new_targets = [], []
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
@@ -177,8 +178,8 @@ def preprocess(images: list, targets, cfg: Config):
     H = int(math.ceil(max(s[0] for s in image_sizes) / stride) * stride)
     W = int(math.ceil(max(s[1] for s in image_sizes) / stride) * stride)
     batch = resized[0].new_zeros(len(resized), 3, H, W)  # [B, 3, H, W]
-    for image, out in zip(resized, batch):
-        out[:, : image.shape[1], : image.shape[2]].copy_(image)
+    for i, image in enumerate(resized):  # (indexed, not views of unbind: images may require grad)
+        batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
     return batch, image_sizes, (new_targets if targets is not None else None)
 
 

@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 import data
-from common import box_iou, clip_boxes_to_image, draw_boxes
+from common import box_iou, check_images, clip_boxes_to_image, draw_boxes
 
 # --- Config ---
 
@@ -349,9 +349,10 @@ def proposal_settings(cfg: Config) -> dict:
 def normalise(images: list, cfg: Config) -> list:
     """B x [3, h, w] in [0, 1] -> B x [3, h, w] with ImageNet's mean and std: the mean is 0 then, so the zero canvas of
     warp_regions is the mean colour."""
+    check_images(images)  # float [3, h, w]; mean and std take their dtype (a model cast to bf16 runs on bf16 images)
     # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
-    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
+    mean = torch.tensor(cfg.image_mean, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
+    std = torch.tensor(cfg.image_std, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
     return [(image - mean) / std for image in images]
 
 

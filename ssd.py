@@ -60,7 +60,7 @@ from torchvision.ops import nms
 from torchvision.transforms import v2
 
 import data
-from common import (PALETTE, BoxCoder, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
+from common import (PALETTE, BoxCoder, check_images, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
                     resize_boxes)
 
 # --- Config ---
@@ -163,9 +163,10 @@ def preprocess(images: list, targets, cfg: Config):
     """Normalise and resize a list of [3, h_i, w_i] images in [0, 1] to the batch [B, 3, S, S] (torchvision's
     GeneralizedRCNNTransform with fixed_size: normalise first, then bilinear resize without antialiasing); targets with
     their boxes resized (a copy; None stays None)."""
+    check_images(images)  # float [3, h, w]; mean and std take their dtype (a model cast to bf16 runs on bf16 images)
     # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
-    mean = torch.tensor(cfg.image_mean).to(images[0].device, non_blocking=True)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(cfg.image_std).to(images[0].device, non_blocking=True)[:, None, None]
+    mean = torch.tensor(cfg.image_mean, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
+    std = torch.tensor(cfg.image_std, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
     batch = torch.cat([F.interpolate(((image - mean) / std)[None], size=(cfg.size, cfg.size), mode="bilinear",
                                      align_corners=False) for image in images])  # [B, 3, S, S]
     if targets is not None:

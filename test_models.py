@@ -583,10 +583,10 @@ def test_voc_xml_coordinates_are_converted(tmp_path):
     # A VOC box xmin=1..xmax=10 covers pixel columns 0..9, i.e. continuous [0, 10].
     root = make_voc(tmp_path, {"a": [("dog", 1, 2, 10, 20, 1)]})
     ds = data.VocDetection(root, "train")
-    assert ds.class_names == ("__background__",) + data.VOC_CLASSES  # all names are VOC names: the 20 classes
+    assert ds.class_names == ("__background__", "dog")  # the names found, not VOC's 20 (a VOC name is no VOC dataset)
     _, target = ds[0]
     assert target["boxes"].tolist() == [[0.0, 1.0, 10.0, 20.0]]
-    assert target["labels"].tolist() == [data.VOC_CLASSES.index("dog") + 1]
+    assert target["labels"].tolist() == [1]
     assert target["difficult"].tolist() == [1]
     ds = data.VocDetection(root, "train", class_names=["cat", "dog"])
     assert ds.class_names == ("__background__", "cat", "dog") and ds[0][1]["labels"].tolist() == [2]
@@ -1925,9 +1925,10 @@ def test_help_shows_what_a_plain_train_uses(name, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args(module, ["--train", "--data", "cocoo"])
     assert "invalid choice: 'cocoo'" in capsys.readouterr().err
-    for flag, least in (("--seed", 0), ("--epochs", 1), ("--batch-size", 1), ("--log-every", 1)):
-        with pytest.raises(SystemExit):  # numpy's generators take no negative seed; 0 epochs would save nothing
-            parse_args(module, ["--train", flag, str(least - 1)])
+    for flag, least in (("--seed", 0), ("--epochs", 1), ("--batch-size", 1), ("--log-every", 1), ("--lr", 0),
+                        ("--workers", 0)):  # numpy takes no negative seed; 0 epochs would save nothing
+        with pytest.raises(SystemExit):
+            parse_args(module, ["--train", flag, str(least - 1) if flag != "--lr" else "-.5"])
         assert f"{flag}: a number >= {least}" in capsys.readouterr().err
 
 
@@ -1940,8 +1941,8 @@ def test_command_line_fields(name):
     args, given = parse_args(module, ["--train", f"--{first.replace('_', '-')}", "8", "16", "--no-amp", "--lr", "0.01",
                                       f"--{second.replace('_', '-')}"])
     assert given == {first: (8, 16), "amp": False, "lr": 0.01, second: ()}
-    negative = parse_args(module, ["--eval", "--draw-thresh", "-1e-3", "--lr", "-.5"])[1]
-    assert negative == {"draw_thresh": -1e-3, "lr": -.5}
+    negative = parse_args(module, ["--eval", "--draw-thresh", "-1e-3", "--seed", "0"])[1]
+    assert negative == {"draw_thresh": -1e-3, "seed": 0}
     paper = next(p for p in module.PRESETS if p != "cpu")  # coco, or voc (R-CNN)
     assert module.make_config(given, preset=paper).data == paper
     assert getattr(module.make_config(given), first) == (8, 16)
@@ -4065,12 +4066,12 @@ def test_coco_images_beside_the_json_or_after_its_last_underscore(tmp_path):
     for folder in ("annotations", "val2017", "train", "test2017"):
         (tmp_path / folder).mkdir()
     root = str(tmp_path)
-    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "person_keypoints_val2017.json")) == \
+    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "person_keypoints_val2017.json"))[0] == \
         os.path.join(root, "val2017")
-    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "image_info_test-dev2017.json")) == \
+    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "image_info_test-dev2017.json"))[0] == \
         os.path.join(root, "test2017")
-    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "instances_test.json")) == root
-    assert data._coco_image_dir(root, str(tmp_path / "train" / "_annotations.coco.json")) == str(tmp_path / "train")
+    assert data._coco_image_dir(root, str(tmp_path / "annotations" / "instances_test.json"))[0] == root
+    assert data._coco_image_dir(root, str(tmp_path / "train" / "_annotations.coco.json"))[0] == str(tmp_path / "train")
     image_dir, ann = make_coco(tmp_path / "train", [{"id": 1, "file_name": "x.jpg"}],
                                [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]}])
     os.rename(ann, tmp_path / "train" / "_annotations.coco.json")
@@ -4078,6 +4079,76 @@ def test_coco_images_beside_the_json_or_after_its_last_underscore(tmp_path):
                                 val_ann="train/_annotations.coco.json", seed=0)
     train, val = data.build_datasets(cfg)
     assert train.image_dir == image_dir and len(val) == 1 and val[0][0].shape == (3, 24, 32)
+    # Label Studio: result.json beside images/, its file_name "images/a.jpg" relative to the json's folder
+    studio = tmp_path / "studio"
+    (studio / "images").mkdir(parents=True)
+    make_coco(studio / "images", [{"id": 1, "file_name": "a.jpg"}], [{"image_id": 1, "category_id": 1,
+                                                                         "bbox": [2, 2, 10, 10]}])
+    text = json.load(open(studio / "images" / "instances.json"))
+    text["images"][0]["file_name"] = "images/a.jpg"
+    json.dump(text, open(studio / "result.json", "w"))
+    cfg = types.SimpleNamespace(data="coco", data_root=str(studio), train_ann="result.json", val_ann="result.json",
+                                seed=0)
+    train, val = data.build_datasets(cfg)
+    assert train.image_dir == str(studio) and val[0][0].shape == (3, 24, 32)
+
+
+def test_classes_without_a_training_box_are_named(tmp_path):
+    """A category with no box in the training json (Roboflow's exports list their dataset's name as category 0, with
+    none) is a class the model learns as never present: a warning names it."""
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": 7, "bbox": [2, 2, 10, 10]}])  # categories 1 "a", 7 "b"
+    cfg = types.SimpleNamespace(data="coco", data_root=str(tmp_path), train_ann=ann, val_ann=ann, seed=0)
+    with pytest.warns(UserWarning, match=r"instances.json: no training box of class a: it is learnt as never there"):
+        data.build_datasets(cfg)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
+    """model(images[, targets]) as a user's project calls it: images that require grad (saliency, a learnable module
+    in front) get gradients in training and evaluation; a model cast to bf16 detects on bf16 images; uint8 images
+    (values up to 255) are refused with what was given, as torchvision refuses them."""
+    module = REGISTRY[name].module
+    torch.manual_seed(0)
+    model = module.DETECTOR(tiny_config(name, num_classes=3))
+    images = [torch.rand(3, 64, 64, requires_grad=True), torch.rand(3, 48, 80, requires_grad=True)]
+    targets = [{"boxes": torch.tensor([[5.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 4.0, 70.0, 30.0]]), "labels": torch.tensor([2])}]
+    if name in ("rcnn", "fast_rcnn"):  # trained on the dataset's proposals
+        targets = [{**t, "proposals": torch.tensor([[4.0, 4.0, 42.0, 44.0], [0.0, 0.0, 30.0, 30.0]])} for t in targets]
+    sum(model.train()(images, targets).values()).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in images)
+    with pytest.raises(TypeError, match=r"images: a list of float \[3, H, W\] tensors in \[0, 1\], got a torch.uint8"):
+        model.eval()([(images[0] * 255).to(torch.uint8)])
+    if name not in ("retinanet", "fcos", "ssd"):  # a CPU has no bf16 roi_align nor antialiased resize (YOLO, DETR);
+        return  # selective search and the SVMs are numpy (bf16 autocast works in all: test_bf16_autocast_...)
+    with torch.no_grad():
+        found = model.eval().to(torch.bfloat16)([x.detach().bfloat16() for x in images])
+    assert len(found) == 2 and all(torch.isfinite(d["boxes"].float()).all() for d in found)
+
+
+def test_detr_refuses_a_label_that_would_be_no_object():
+    """DETR's last logit is "no object": a label num_classes (num_classes = K + 1 given as K) would silently train as
+    no object; it is refused. The other files fail on it by themselves (an index out of range)."""
+    model = detr.DETR(tiny_config("detr", num_classes=3)).train()
+    target = {"boxes": torch.tensor([[5.0, 5.0, 40.0, 40.0]]), "labels": torch.tensor([3])}
+    with pytest.raises(ValueError, match=r"labels up to 3: num_classes 3 holds labels up to 2"):
+        model([torch.rand(3, 64, 64)], [target])
+
+
+def test_detr_says_when_images_hold_more_objects_than_queries():
+    """Each query is matched to one object: images with more objects than queries are counted in a warning; no
+    query at all is refused."""
+    dataset = types.SimpleNamespace(boxes=[np.zeros((5, 4)), np.zeros((2, 4)), np.zeros((3, 4))])
+    with pytest.warns(UserWarning, match=r"^1 training images have more objects than --num-queries 3 \(up to 5\)"):
+        detr.warn_crowded(dataset, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detr.warn_crowded(dataset, 5), detr.warn_crowded(data.SyntheticShapes(2, 64), 5)
+    with pytest.raises(ValueError, match="num_queries 0: DETR needs at least one query"):
+        detr.DETR(tiny_config("detr", num_queries=0))
+    with pytest.raises(ValueError, match="image_size 0: not a positive multiple of 32"):
+        yolo.YOLO(tiny_config("yolo", image_size=0))
 
 
 def test_voc_ids_in_subfolders(tmp_path):

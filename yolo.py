@@ -66,7 +66,7 @@ from scipy.cluster.vq import kmeans
 from torch import Tensor, nn
 
 import data
-from common import box_cxcywh_to_xyxy, clip_boxes_to_image, draw_boxes
+from common import box_cxcywh_to_xyxy, check_images, clip_boxes_to_image, draw_boxes
 
 # --- Config ---
 
@@ -182,6 +182,7 @@ def letterbox(images: list, targets, cfg: Config, training: bool):
     the batch's range of aspect ratios, image_size on the long side, + letterbox_pad strides, rounded up to a multiple
     of 32. Returns the batch, targets with their boxes moved onto it (a copy where they move; None stays None), and
     per image (scale, left, top) to map detections back."""
+    check_images(images)
     s, stride = cfg.image_size, STRIDES[-1]
     if training:
         H = W = s
@@ -348,8 +349,9 @@ class YOLO(nn.Module):
 
     def __init__(self, cfg: Config, load_backbone: bool = True):
         super().__init__()
-        if cfg.image_size % STRIDES[-1]:
-            raise ValueError(f"image_size {cfg.image_size}: not a multiple of {STRIDES[-1]} (the coarsest stride)")
+        if cfg.image_size % STRIDES[-1] or cfg.image_size <= 0:
+            raise ValueError(f"image_size {cfg.image_size}: not a positive multiple of {STRIDES[-1]} (the coarsest "
+                             "stride)")
         self.cfg = cfg
         depth = cfg.depth_multiple or SCALES[cfg.backbone][0]
         width = cfg.width_multiple or SCALES[cfg.backbone][1]
