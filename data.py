@@ -100,7 +100,7 @@ def check_images(paths, sizes, source, where):
     except (OSError, ValueError):
         cache = {}
 
-    def check(path):  # -> (stat key, [width, height]) or (None, error message)
+    def check(path):  # -> (stat key, [width, height, EXIF orientation]) or (None, error message)
         try:
             stat = os.stat(path)
             key = f"{stat.st_size}:{stat.st_mtime_ns}"
@@ -1290,11 +1290,12 @@ def resume_state(obj, state):
 
 def load_checkpoint(path, flag="--weights"):
     """torch.load of a checkpoint or state dict file (weights only, to the CPU); None where there is no such file (a
-    name: torchvision's weights), a pickled object that is not plain tensors (a released yolov5s.pt) or an empty one.
-    Stops with one line naming `flag` for a file cut short or empty, and for --resume anything but a model file's."""
+    name: torchvision's weights), a pickled object that is not plain tensors (a released yolov5s.pt), another kind of
+    file (text: KeyError) or an empty dict. Stops with one line naming `flag` for a file cut short or empty, and for
+    --resume anything but a model file's."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, pickle.UnpicklingError):  # the caller says what it is
+    except (FileNotFoundError, IsADirectoryError, pickle.UnpicklingError, KeyError):  # the caller says what it is
         checkpoint = None
     except Exception as e:  # cut short (a copy or download that stopped), empty: torch's words, shortened
         raise SystemExit(f"{flag} {path}: not a whole file of torch.save ({repr(e)[:150]})") from None
@@ -1304,8 +1305,10 @@ def load_checkpoint(path, flag="--weights"):
 
 
 def check_out_folder(out, resume):
-    """Stops with one line when a run would start in a folder that holds another run's last.pt (never replaced)."""
-    if not resume and os.path.isfile(last := os.path.join(out, "last.pt")):
+    """Stops with one line when a run would write into a folder that holds another run's last.pt (never replaced): a
+    new run, or a resumed one whose --out is not where its last.pt is."""
+    last = os.path.join(out, "last.pt")
+    if os.path.isfile(last) and not (resume and os.path.realpath(resume) == os.path.realpath(last)):
         raise SystemExit(f"--out {out} holds a run: to go on with it, --resume {last}; to start over, another --out or "
                          "delete that last.pt")
 
@@ -1395,8 +1398,9 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
     if out:
         os.makedirs(out, exist_ok=True)
         cat_ids = getattr(dataset, "cat_ids", range(1, dataset.num_classes))  # the json's id of each label
-        with open(os.path.join(out, "detections.json"), "w") as f:
-            json.dump([{**r, "category_id": cat_ids[r["category_id"] - 1]} for r in results], f)
+        with open(os.path.join(out, "detections.json"), "w") as f:  # (labels 1..K: not RetinaNet's and FCOS's 0)
+            json.dump([{**r, "category_id": cat_ids[r["category_id"] - 1]} for r in results
+                       if 1 <= r["category_id"] <= len(cat_ids)], f)
         if not isinstance(dataset, CocoDetection):
             with open(os.path.join(out, "ground_truth.json"), "w") as f:
                 json.dump(gt, f)
@@ -1435,6 +1439,8 @@ def predict_inputs(path, out):
         try:
             image = load_image(file, upright=True)
         except ValueError as e:  # load_image's: names the file and what PIL said
+            if os.path.isfile(path):  # the one input given
+                raise SystemExit(str(e)) from None
             warnings.warn(f"{e}: skipped")
             continue
         yield file, image, os.path.join(out, os.path.basename(file))
@@ -1442,9 +1448,10 @@ def predict_inputs(path, out):
 
 def warn_other_classes(theirs, ours, source):
     """Fine-tuning: weights with as many classes as the data but other ones, or the same in another order, have their
-    class layers taken by position: a warning says so. Numbers as names (a reference's state dict) name nothing."""
-    unnamed = list(theirs[1:]) == [str(k) for k in range(1, len(theirs))]
-    if len(theirs) == len(ours) and tuple(theirs) != tuple(ours) and not unnamed:
+    class layers taken by position: a warning (rank 0's) says so. Numbers as names (a reference's state dict) name
+    nothing."""
+    unnamed, rank = list(theirs[1:]) == [str(k) for k in range(1, len(theirs))], int(os.environ.get("RANK", 0))
+    if len(theirs) == len(ours) and tuple(theirs) != tuple(ours) and not unnamed and rank == 0:
         order = " (the same, in another order)" if sorted(theirs) == sorted(ours) else ""
         warnings.warn(f"{source}: its classes {', '.join(theirs[1:])} are taken by position as this data's "
                       f"{', '.join(ours[1:])}{order}: what they learned of each class starts on another one")

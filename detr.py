@@ -380,10 +380,10 @@ class DETR(nn.Module):
         if not self.cfg.aux_loss:
             pred_logits, pred_boxes = pred_logits[-1:], pred_boxes[-1:]  # L = 1
         gt_boxes, gt_labels, num_gt = prepare_targets(targets, image_sizes)  # [B, M, 4], [B, M], B counts
-        matched = hungarian_match(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, self.cfg)
-        if int(gt_labels.max()) >= self.cfg.num_classes:  # (the matching already waited for the GPU: no new wait)
+        if int(gt_labels.max()) >= self.cfg.num_classes:  # (a wait for the GPU, as the matching's below)
             raise ValueError(f"labels up to {int(gt_labels.max())}: num_classes {self.cfg.num_classes} holds labels up "
                              f"to {self.cfg.num_classes - 1} (num_classes is K + 1; K + 1 would train as no object)")
+        matched = hungarian_match(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, self.cfg)
         return set_loss(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, matched, self.cfg)
 
     def predict(self, batch: Tensor, mask: Tensor):
@@ -698,7 +698,7 @@ def train(cfg: Config):
     data.seed_everything(cfg.seed)  # the initial weights: the same on every rank
     try:  # with --weights or --resume every weight is overwritten: no backbone weights are read
         model = raw_model = DETECTOR(cfg, load_backbone=not (cfg.weights or resume)).to(device)
-    except OSError as e:  # no internet for the ImageNet weights, or no file at --backbone-weights PATH
+    except OSError as e:  # no internet for the ImageNet weights
         raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: cannot load them ({e}); to train from random "
                          f"weights instead: --backbone-weights none") from None
     if cfg.weights and not resume:  # fine-tuning: class layers of another class count start afresh, others fit

@@ -616,7 +616,7 @@ def train(cfg: Config):
     data.seed_everything(cfg.seed)  # the initial weights: the same on every rank
     try:  # with --weights or --resume every weight is overwritten: no backbone weights are read
         model = raw_model = DETECTOR(cfg, load_backbone=not (cfg.weights or resume)).to(device)
-    except OSError as e:  # no internet for the ImageNet weights, or no file at --backbone-weights PATH
+    except OSError as e:  # no internet for the ImageNet weights
         raise SystemExit(f"--backbone-weights {cfg.backbone_weights}: cannot load them ({e}); to train from random "
                          f"weights instead: --backbone-weights none") from None
     if cfg.weights and not resume:  # fine-tuning: class layers of another class count start afresh, others fit

@@ -446,6 +446,8 @@ def test_predict_inputs_skip_what_cannot_be_read_and_turn_photos_upright(tmp_pat
         found = list(data.predict_inputs(str(tmp_path), str(tmp_path / "out")))
     assert [(f, o) for f, _, o in found] == [(str(tmp_path / n), str(tmp_path / "out" / n)) for n in ("a.jpg", "c.jpg")]
     assert found[1][1].shape == (3, 32, 24) and data.load_image(str(tmp_path / "c.jpg")).shape == (3, 24, 32)
+    with pytest.raises(SystemExit, match=r"b.jpg: cannot read image"):  # the one file given: nothing to skip to
+        list(data.predict_inputs(str(tmp_path / "b.jpg"), str(tmp_path / "out")))
 
 
 def test_draw_boxes_writes_png(tmp_path):
@@ -1753,6 +1755,10 @@ def test_a_stop_during_an_evaluation_stops_at_that_epochs_end(tmp_path, monkeypa
         run_main("yolo", "--train", *tiny("yolo"), "--out", tmp_path)
     with pytest.raises(SystemExit, match=r"last.pt: epochs of 4 steps, here 2: resume on the same data$"):
         run_main("yolo", "--train", "--resume", tmp_path / "last.pt", "--num-train", "4")
+    (tmp_path / "other").mkdir()  # a resumed run written into another run's folder: refused too
+    shutil.copy(tmp_path / "last.pt", tmp_path / "other" / "last.pt")
+    with pytest.raises(SystemExit, match=r"other holds a run: to go on with it, --resume .*other/last.pt"):
+        run_main("yolo", "--train", "--resume", tmp_path / "last.pt", "--out", tmp_path / "other")
     assert open(tmp_path / "metrics.jsonl").read() == log and (tmp_path / "last.pt").read_bytes() == saved
 
 
@@ -2206,12 +2212,14 @@ def test_evaluate_writes_coco_results_with_the_jsons_ids(tmp_path):
     dataset = data.CocoDetection(*make_coco(tmp_path, images, anns))
     found = [dataset[i][1] for i in range(len(dataset))]
 
-    def oracle(images):  # the ground truth as detections, one label swapped for a miss
-        return [{"boxes": t["boxes"], "labels": t["labels"].flip(0), "scores": torch.ones(len(t["boxes"]))}
-                for t in found[:len(images)]]
+    def oracle(images):  # the ground truth as detections, one label swapped for a miss; and labels 0 (RetinaNet's and
+        return [{"boxes": torch.cat([t["boxes"], t["boxes"][:1], t["boxes"][:1]]),  # FCOS's decoding keep that class)
+                 "labels": torch.cat([t["labels"].flip(0), torch.tensor([0, 5])]),  # and 5 (a state dict's "5")
+                 "scores": torch.ones(len(t["boxes"]) + 2)} for t in found[:len(images)]]
 
     oracle.eval = lambda: None
-    stats = data.evaluate(oracle, dataset, 2, 0, "cpu", out=tmp_path / "eval")
+    numbers = tuple(map(str, range(10)))  # a reference's state dict names its classes "1".."9"
+    stats = data.evaluate(oracle, dataset, 2, 0, "cpu", numbers, out=tmp_path / "eval")
     dets = json.load(open(tmp_path / "eval" / "detections.json"))
     assert sorted((d["image_id"], d["category_id"]) for d in dets) == [(10, 7), (20, 1), (20, 7)]
     assert not os.path.exists(tmp_path / "eval" / "ground_truth.json")  # the json itself is the ground truth
@@ -4134,6 +4142,8 @@ def test_detr_refuses_a_label_that_would_be_no_object():
     target = {"boxes": torch.tensor([[5.0, 5.0, 40.0, 40.0]]), "labels": torch.tensor([3])}
     with pytest.raises(ValueError, match=r"labels up to 3: num_classes 3 holds labels up to 2"):
         model([torch.rand(3, 64, 64)], [target])
+    with pytest.raises(ValueError, match=r"labels up to 7: num_classes 3"):  # beyond: refused before the matching
+        model([torch.rand(3, 64, 64)], [{**target, "labels": torch.tensor([7])}])
 
 
 def test_detr_says_when_images_hold_more_objects_than_queries():
@@ -4284,7 +4294,7 @@ def test_backbone_weights_that_do_not_fit_are_refused_in_one_line(name, tmp_path
     module, cfg = REGISTRY[name].module, tiny_config(name)
     (tmp_path / "text.pt").write_text("hello\n")
     torch.save({"x.weight": torch.zeros(1)}, tmp_path / "other.pt")
-    for file, message in (("missing.pt", "no such file"), ("text.pt", r"not a whole file of torch.save \(KeyError"),
+    for file, message in (("missing.pt", "no such file"), ("text.pt", r"no weights for its \w+ in it"),
                           ("other.pt", r"(does not fit this \w+: \d+ keys \(.*\)|no weights for its \w+ in it)")):
         with pytest.raises(SystemExit, match=rf"^--backbone-weights .*{file}:? {message}"):
             module.DETECTOR(dataclasses.replace(cfg, backbone_weights=str(tmp_path / file)))
