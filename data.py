@@ -1306,9 +1306,9 @@ def load_checkpoint(path, flag="--weights"):
 
 def check_out_folder(out, resume):
     """Stops with one line when a run would write into a folder that holds another run's last.pt (never replaced): a
-    new run, or a resumed one whose --out is not where its last.pt is."""
+    new run, or a resumed one whose --out is not the folder of the checkpoint it resumes."""
     last = os.path.join(out, "last.pt")
-    if os.path.isfile(last) and not (resume and os.path.realpath(resume) == os.path.realpath(last)):
+    if os.path.isfile(last) and not (resume and os.path.realpath(os.path.dirname(resume)) == os.path.realpath(out)):
         raise SystemExit(f"--out {out} holds a run: to go on with it, --resume {last}; to start over, another --out or "
                          "delete that last.pt")
 
