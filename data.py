@@ -590,7 +590,10 @@ class VocDetection(torch.utils.data.Dataset):
         self.root, self.split, self.transforms = root, split, transforms
         split_file = self.source = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
         if not os.path.isfile(split_file):
-            raise FileNotFoundError(f"{split_file}: split file not found (split {split!r})")
+            there = sorted(f[:-4] for f in os.listdir(os.path.dirname(split_file)) if f.endswith(".txt")) \
+                if os.path.isdir(os.path.dirname(split_file)) else []
+            raise FileNotFoundError(f"{split_file}: split file not found (split {split!r}; there: "
+                                    f"{', '.join(there) or 'none'})")
         ann_dir = os.path.join(root, "Annotations")
         with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad's) is skipped
             lines = [line.strip() for line in f if line.strip()]
@@ -1222,7 +1225,8 @@ def warmup_steps(cfg, steps_per_epoch):
     warmup = min(cfg.warmup_iters, total // 3)
     if int(os.environ.get("RANK", 0)) == 0:
         if warmup < cfg.warmup_iters:
-            warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {total} steps: {warmup}")
+            warnings.warn(f"warmup_iters {cfg.warmup_iters} is over a third of the {total} steps: shortened to "
+                          f"{warmup}")
         if cfg.lr_steps and min(cfg.lr_steps) >= cfg.epochs:
             warnings.warn(f"lr_steps {tuple(cfg.lr_steps)}: none within the {cfg.epochs} epochs, the lr never drops")
     return warmup
@@ -1309,15 +1313,19 @@ def check_out_folder(out, resume):
     new run, or a resumed one whose --out is not the folder of the checkpoint it resumes."""
     last = os.path.join(out, "last.pt")
     if os.path.isfile(last) and not (resume and os.path.realpath(os.path.dirname(resume)) == os.path.realpath(out)):
-        raise SystemExit(f"--out {out} holds a run: to go on with it, --resume {last}; to start over, another --out or "
-                         "delete that last.pt")
+        raise SystemExit(f"{out} holds a run already (--out): to go on with it, --train --resume {last}; to start "
+                         "over, --out ANOTHER_FOLDER or delete that last.pt")
 
 
-def check_resume(checkpoint, path, batch, steps):
+def check_resume(checkpoint, path, batch, steps, epochs):
     """Stops with one line when --resume's checkpoint cannot go on exactly here: weights only (a best.pt), another
-    number of images per step (--batch-size x processes) or of steps per epoch (another dataset or --num-train)."""
+    number of images per step (--batch-size x processes) or of steps per epoch (another dataset or --num-train), or
+    nothing left to do (a run that ended: --epochs more to go on)."""
     if "optimizer" not in checkpoint:
         raise SystemExit(f"--resume {path}: weights only (best.pt?): resume from last.pt")
+    if checkpoint["epoch"] >= epochs:
+        raise SystemExit(f"--resume {path}: the run is complete ({checkpoint['epoch']} of {epochs} epochs): --epochs "
+                         "N, more, to train on")
     if (was := checkpoint["config"]["batch_size"] * checkpoint["world_size"]) != batch:
         raise SystemExit(f"--resume {path}: trained {was} images per step (--batch-size x processes), here {batch}: "
                          "resume with as many")
@@ -1609,6 +1617,7 @@ def parse_args(argv, config_class, presets, make_config):
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind, help=(
             f"{comments.get(f.name, '')} (default: {getattr(shown, f.name)!r})").replace("%", "%%"))
     args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # a command line: no source lines
     args.preset_given, args.preset = hasattr(args, "preset"), getattr(args, "preset", preset)
     for name, least in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("log_every", 1),
                         ("lr", 0), ("workers", 0)):  # (numpy's generators take no negative seed; some divide; the
@@ -1621,6 +1630,9 @@ def parse_args(argv, config_class, presets, make_config):
     if sized and (data := make_config(given, preset=args.preset).data) != "synthetic":
         parser.error(f"--{sized[0].replace('_', '-')}: sizes the synthetic data only; --data {data} uses every image "
                      "of its splits")
+    if args.train and "data_root" in given and not {"resume", "weights"} & set(given) and make_config(
+            given, preset=args.preset).data == "synthetic":  # (the data of a checkpoint is not known here)
+        parser.error("--data-root: for --data coco or voc; without --data the data is synthetic")
     for k in ("train_ann", "val_ann", "train_proposals", "val_proposals"):  # a file found from here: absolute, so
         if given.get(k) and os.path.exists(given[k]):  # that --eval and --resume find it from any folder
             given[k] = os.path.abspath(given[k])

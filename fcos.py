@@ -631,7 +631,7 @@ def train(cfg: Config):
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
     epoch, step, best = 0, 0, {"AP": -math.inf}
     if resume:
-        data.check_resume(resume, cfg.resume, cfg.batch_size * world_size, steps)  # that it can go on exactly
+        data.check_resume(resume, cfg.resume, cfg.batch_size * world_size, steps, cfg.epochs)  # it can go on exactly
         raw_model.load_state_dict(resume["raw_model"] or resume["model"])
         for name, obj in (("model", ema), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             obj is None or not resume[name] or data.resume_state(obj, resume[name])  # a scaler saved off: {}
@@ -792,7 +792,8 @@ def main(argv=None):
             det = model([image.to(device)])[0]
         keep = det["scores"] >= cfg.draw_thresh
         draw_boxes(image, det["boxes"][keep], det["labels"][keep], det["scores"][keep], class_names, out)
-        print(f"{path}: {int(keep.sum())} detections scoring >= {cfg.draw_thresh} -> {out}")
+        best = f" (the best {float(det['scores'].max()):.3g}: --draw-thresh)" if len(keep) and not keep.any() else ""
+        print(f"{path}: {int(keep.sum())} detections scoring >= {cfg.draw_thresh}{best} -> {out}")
 
 
 if __name__ == "__main__":

@@ -755,7 +755,8 @@ def test_voc_missing_xml(tmp_path):
     os.remove(os.path.join(root, "Annotations", "a.xml"))
     with pytest.raises(FileNotFoundError, match=r"Annotations/a.xml: annotation file not found"):
         data.VocDetection(root, "train")
-    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/test.txt: split file not found"):
+    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/test.txt: split file not found \(split 'test'; "
+                                                r"there: train\)"):
         data.VocDetection(root, "test")
 
 
@@ -1631,6 +1632,10 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     assert sorted(os.listdir(tmp_path / "pred")) == ["img0.jpg", "img0.png"] and "detections scoring >= 0.0" in output
     drawn = torchvision.io.read_image(str(tmp_path / "pred" / "img0.png"))
     detected = int(re.search(r"img0.png: (\d+) detections", output)[1])
+    if detected:  # none above a threshold: the best score is named, to set it by
+        output = run_main(name, "--predict", images / "img0.png", "--weights", out / "best.pt", "--out",
+                          tmp_path / "pred2", "--draw-thresh", "1000")
+        assert re.search(r"img0.png: 0 detections scoring >= 1000.0 \(the best -?[\d.e+-]+: --draw-thresh\)", output)
     assert drawn.shape == (3, 64, 64) and torch.equal(drawn, (dataset[1][0] * 255).to(torch.uint8)) == (detected == 0)
     for out in ("t", "t2"):
         run_main(name, "--show-targets", *tiny(name), "--num-train", "3", "--out", tmp_path / out)
@@ -1751,13 +1756,15 @@ def test_a_stop_during_an_evaluation_stops_at_that_epochs_end(tmp_path, monkeypa
     log, saved = open(tmp_path / "metrics.jsonl").read(), (tmp_path / "last.pt").read_bytes()
     assert [r.get("step") for r in map(json.loads, log.splitlines())] == ["1/4", "2/4", "3/4", "4/4", None]
     monkeypatch.undo()
-    with pytest.raises(SystemExit, match=rf"^--out {re.escape(str(tmp_path))} holds a run: to go on with it, --resume "):
+    with pytest.raises(SystemExit, match=rf"^{re.escape(str(tmp_path))} holds a run already \(--out\): to go on with "
+                                         r"it, --train --resume "):
         run_main("yolo", "--train", *tiny("yolo"), "--out", tmp_path)
     with pytest.raises(SystemExit, match=r"last.pt: epochs of 4 steps, here 2: resume on the same data$"):
         run_main("yolo", "--train", "--resume", tmp_path / "last.pt", "--num-train", "4")
     (tmp_path / "other").mkdir()  # a resumed run written into another run's folder: refused too
     shutil.copy(tmp_path / "last.pt", tmp_path / "other" / "last.pt")
-    with pytest.raises(SystemExit, match=r"other holds a run: to go on with it, --resume .*other/last.pt"):
+    with pytest.raises(SystemExit, match=r"other holds a run already \(--out\): to go on with it, --train --resume "
+                                         r".*other/last.pt"):
         run_main("yolo", "--train", "--resume", tmp_path / "last.pt", "--out", tmp_path / "other")
     assert open(tmp_path / "metrics.jsonl").read() == log and (tmp_path / "last.pt").read_bytes() == saved
 
@@ -1777,6 +1784,16 @@ def test_a_stop_in_the_runs_last_step_ends_it_done(tmp_path, monkeypatch):
     monkeypatch.setattr(yolo.DETECTOR, "forward", terminated_in_step_4)
     output = run_main("yolo", "--train", *tiny("yolo"), "--epochs", "1", "--out", tmp_path)
     assert output.splitlines()[-1].startswith("done: best AP") and "stopped" not in output
+    with pytest.raises(SystemExit, match=r"last.pt: the run is complete \(1 of 1 epochs\): --epochs N, more, to "):
+        run_main("yolo", "--train", "--resume", tmp_path / "last.pt")
+
+
+def test_data_root_without_data_is_refused(capsys):
+    """--data-root without --data would train on the synthetic shapes, the folder unread: refused, naming --data."""
+    with pytest.raises(SystemExit):
+        parse_args(yolo, ["--train", "--data-root", BCCD])
+    assert "--data-root: for --data coco or voc; without --data the data is synthetic" in capsys.readouterr().err
+    assert parse_args(yolo, ["--train", "--data", "voc", "--data-root", BCCD])[1]["data"] == "voc"
 
 
 def test_best_pt_goes_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
@@ -2102,7 +2119,7 @@ def test_torchvision_state_dict_file(name, tmp_path, monkeypatch):
 def test_warmup_longer_than_a_third_of_the_run_is_shortened(name):
     module = REGISTRY[name].module
     model = torch.nn.Linear(2, 2)
-    with pytest.warns(UserWarning, match="warmup_iters 1000 is over a third of the 60 steps: 20"):
+    with pytest.warns(UserWarning, match="warmup_iters 1000 is over a third of the 60 steps: shortened to 20"):
         optimizer, scheduler = module.make_optimizer(model, module.Config(epochs=6, warmup_iters=1000), 10, 1)
     lrs = []
     for _ in range(30):
