@@ -1406,13 +1406,14 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
     if out:
         os.makedirs(out, exist_ok=True)
         cat_ids = getattr(dataset, "cat_ids", range(1, dataset.num_classes))  # the json's id of each label
-        with open(os.path.join(out, "detections.json"), "w") as f:  # (labels 1..K: not RetinaNet's and FCOS's 0)
-            json.dump([{**r, "category_id": cat_ids[r["category_id"] - 1]} for r in results
-                       if 1 <= r["category_id"] <= len(cat_ids)], f)
+        written = [{**r, "category_id": cat_ids[r["category_id"] - 1]} for r in results
+                   if 1 <= r["category_id"] <= len(cat_ids)]  # labels 1..K: not RetinaNet's and FCOS's class 0
+        with open(os.path.join(out, "detections.json"), "w") as f:
+            json.dump(written, f)
         if not isinstance(dataset, CocoDetection):
             with open(os.path.join(out, "ground_truth.json"), "w") as f:
                 json.dump(gt, f)
-        print(f"wrote {len(results)} detections to {os.path.join(out, 'detections.json')}"
+        print(f"wrote {len(written)} detections to {os.path.join(out, 'detections.json')}"
               + ("" if gt["annotations"] else f" ({dataset.source} has no boxes: the numbers below are -1)"))
     stats = coco_evaluate(gt, results)  # COCO's rules: VOC's difficult objects count as plain ground truth here ...
     stats.pop("per_class", None)
@@ -1424,11 +1425,12 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
 
 def image_files(path, out=None):
     """An image file -> [it]; a folder -> its image files, sorted, hidden ones (macOS's ._x.jpg) left out. out: the
-    folder their drawings go to under the same names; SystemExit if it is theirs (the drawings would replace them)."""
+    folder their drawings go to under the same names; SystemExit if it is theirs or one above it (a drawing could
+    replace an image of its name)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-    if out is not None and os.path.commonpath([os.path.realpath(out), folder]) == os.path.realpath(out):
+    if out is not None and os.path.commonpath([real := os.path.realpath(out), folder]) == real:
         raise SystemExit(f"--out {out}: the folder of the images or one above it, where drawings of the same name "
                          "could replace images: choose another")
     if os.path.isfile(path):
@@ -1506,11 +1508,8 @@ def build_datasets(cfg, train_transforms=None, train=True, search=True):
     val_ann, train_split, val_split, image_size, num_train, num_val, seed); (None, val dataset) when not train.
 
     synthetic: SyntheticShapes(num_train, image_size, seed) and (num_val, image_size, seed + 1), disjoint by seed.
-    coco: data_root/annotations/instances_train2017.json (or instances_train.json) unless train_ann is given, images
-          in the folder named after the json without 'instances_' (train2017/), else after the json name's last '_'
-          (person_keypoints_val2017.json: val2017/), else JPEGImages/, else images/, else the json's own folder
-          unless it is annotations/ (Roboflow: train/_annotations.coco.json beside its images), else data_root;
-          likewise val.
+    coco: data_root/annotations/instances_train2017.json (or instances_train.json) unless train_ann is given, its
+          images in the first folder of _coco_image_dir (train2017/ ...) that holds the first; likewise val.
           The training set leaves crowd boxes out (they are no object to learn; evaluation ignores what they cover).
     voc:  VocDetection(data_root, train_split) and (data_root, val_split); both take their class names from every
           xml under Annotations/, so that the splits agree.
@@ -1627,11 +1626,12 @@ def parse_args(argv, config_class, presets, make_config):
     if args.predict and not os.path.exists(args.predict):
         parser.error(f"--predict {args.predict}: no such file or folder")
     sized = [k for k in ("num_train", "num_val") if k in given]  # a real dataset is used whole: say so, not ignore them
-    if sized and (data := make_config(given, preset=args.preset).data) != "synthetic":
+    # the data these flags give (a checkpoint's config is not known here), built only when asked: a Config may refuse
+    data = make_config(given, preset=args.preset).data if sized or "data_root" in given else None  # some flags alone
+    if sized and data != "synthetic":
         parser.error(f"--{sized[0].replace('_', '-')}: sizes the synthetic data only; --data {data} uses every image "
                      "of its splits")
-    if args.train and "data_root" in given and not {"resume", "weights"} & set(given) and make_config(
-            given, preset=args.preset).data == "synthetic":  # (the data of a checkpoint is not known here)
+    if args.train and "data_root" in given and not {"resume", "weights"} & set(given) and data == "synthetic":
         parser.error("--data-root: for --data coco or voc; without --data the data is synthetic")
     for k in ("train_ann", "val_ann", "train_proposals", "val_proposals"):  # a file found from here: absolute, so
         if given.get(k) and os.path.exists(given[k]):  # that --eval and --resume find it from any folder

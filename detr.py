@@ -380,8 +380,8 @@ class DETR(nn.Module):
         if not self.cfg.aux_loss:
             pred_logits, pred_boxes = pred_logits[-1:], pred_boxes[-1:]  # L = 1
         gt_boxes, gt_labels, num_gt = prepare_targets(targets, image_sizes)  # [B, M, 4], [B, M], B counts
-        if int(gt_labels.max()) >= self.cfg.num_classes:  # (a wait for the GPU, as the matching's below)
-            raise ValueError(f"labels up to {int(gt_labels.max())}: num_classes {self.cfg.num_classes} holds labels up "
+        if (most := int(gt_labels.max())) >= self.cfg.num_classes:  # (a wait for the GPU, as the matching's below)
+            raise ValueError(f"labels up to {most}: num_classes {self.cfg.num_classes} holds labels up "
                              f"to {self.cfg.num_classes - 1} (num_classes is K + 1; K + 1 would train as no object)")
         matched = hungarian_match(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, self.cfg)
         return set_loss(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, matched, self.cfg)
@@ -694,7 +694,7 @@ def train(cfg: Config):
     data.check_out_folder(cfg.out, cfg.resume)  # a run's last.pt is never replaced by another run's
     train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
     cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
-    resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
+    resume = data.load_checkpoint(cfg.resume, "--resume") if cfg.resume else None
     data.seed_everything(cfg.seed)  # the initial weights: the same on every rank
     try:  # with --weights or --resume every weight is overwritten: no backbone weights are read
         model = raw_model = DETECTOR(cfg, load_backbone=not (cfg.weights or resume)).to(device)

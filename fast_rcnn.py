@@ -729,7 +729,7 @@ def train(cfg: Config):
     data.check_out_folder(cfg.out, cfg.resume)  # a run's last.pt is never replaced by another run's
     train_set, val_set = data.build_datasets(cfg, train_transforms(cfg))
     cfg = dataclasses.replace(cfg, num_classes=train_set.num_classes)  # K comes from the data
-    resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
+    resume = data.load_checkpoint(cfg.resume, "--resume") if cfg.resume else None
     data.seed_everything(cfg.seed)  # the initial weights: the same on every rank
     try:  # with --weights or --resume every weight is overwritten: no backbone weights are read
         model = raw_model = DETECTOR(cfg, load_backbone=not (cfg.weights or resume)).to(device)

@@ -1717,19 +1717,25 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
     assert steps == [(0, "1/4"), (0, "2/4"), (0, "3/4"), (0, "4/4"), (0, None)]
 
 
-def test_a_stop_in_an_epochs_last_step_stops_after_its_evaluation(tmp_path, monkeypatch):
-    """SIGTERM in the last step of epoch 0 of 2: the epoch is evaluated and saved, and the run stops there instead of
-    training on into epoch 1."""
+def terminate_in_step(monkeypatch, n):
+    """yolo's training forward sends this process SIGTERM in its n-th step; returns the list that counts the steps."""
     forward, calls = yolo.DETECTOR.forward, []
 
-    def terminated_in_step_4(self, *args, **kwargs):
+    def terminated(self, *args, **kwargs):
         if self.training:
             calls.append(1)
-            if len(calls) == 4:
+            if len(calls) == n:
                 os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(yolo.DETECTOR, "forward", terminated_in_step_4)
+    monkeypatch.setattr(yolo.DETECTOR, "forward", terminated)
+    return calls
+
+
+def test_a_stop_in_an_epochs_last_step_stops_after_its_evaluation(tmp_path, monkeypatch):
+    """SIGTERM in the last step of epoch 0 of 2: the epoch is evaluated and saved, and the run stops there instead of
+    training on into epoch 1."""
+    calls = terminate_in_step(monkeypatch, 4)
     with pytest.raises(SystemExit) as stopped:
         run_main("yolo", "--train", *tiny("yolo"), "--epochs", "2", "--out", tmp_path)
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -1772,16 +1778,7 @@ def test_a_stop_during_an_evaluation_stops_at_that_epochs_end(tmp_path, monkeypa
 def test_a_stop_in_the_runs_last_step_ends_it_done(tmp_path, monkeypatch):
     """SIGTERM in the last step of the last epoch: the run is complete, so it ends as one (done, exit 0), not with a
     command to resume what has nothing left to do."""
-    forward, calls = yolo.DETECTOR.forward, []
-
-    def terminated_in_step_4(self, *args, **kwargs):
-        if self.training:
-            calls.append(1)
-            if len(calls) == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(yolo.DETECTOR, "forward", terminated_in_step_4)
+    terminate_in_step(monkeypatch, 4)
     output = run_main("yolo", "--train", *tiny("yolo"), "--epochs", "1", "--out", tmp_path)
     assert output.splitlines()[-1].startswith("done: best AP") and "stopped" not in output
     with pytest.raises(SystemExit, match=r"last.pt: the run is complete \(1 of 1 epochs\): --epochs N, more, to "):
