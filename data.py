@@ -53,7 +53,7 @@ import scipy.ndimage
 import torch
 from PIL import Image, ImageOps
 
-from common import box_xyxy_to_xywh, coco_evaluate, voc_evaluate
+from common import box_xyxy_to_xywh, coco_evaluate, draw_boxes, voc_evaluate
 
 
 # --- Images and boxes ---
@@ -1456,6 +1456,31 @@ def predict_inputs(path, out):
         yield file, image, os.path.join(out, os.path.basename(file))
 
 
+@torch.no_grad()
+def predict(model, path, out, class_names, draw_thresh, device):
+    """--predict PATH: the detections of model (as evaluate calls it) scoring at least draw_thresh on each image of
+    predict_inputs, drawn to out/<its name> with a line each, and written to out/predictions.json: a list, one record
+    per image in that order, {"file", "width", "height", "detections": [{"box": [x1, y1, x2, y2] in its pixels,
+    "label": 1..K, "class": its name, "score"}, ...]} (YOLOv5's detect.py --save-txt and --save-conf, as one json)."""
+    model.eval()
+    records = []
+    for file, image, drawn in predict_inputs(path, out):
+        det = model([image.to(device)])[0]
+        keep = det["scores"] >= draw_thresh
+        boxes, labels, scores = det["boxes"][keep].float(), det["labels"][keep], det["scores"][keep].float()
+        draw_boxes(image, boxes, labels, scores, class_names, drawn)
+        best = f" (the best {float(det['scores'].max()):.3g}: --draw-thresh)" if len(keep) and not keep.any() else ""
+        print(f"{file}: {len(boxes)} detections scoring >= {draw_thresh}{best} -> {drawn}")
+        records.append({"file": file, "width": image.shape[-1], "height": image.shape[-2], "detections": [
+            {"box": [round(x, 2) for x in box], "label": label, "score": round(score, 5),
+             "class": class_names[label] if 0 <= label < len(class_names) else str(label)}
+            for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist())]})
+    os.makedirs(out, exist_ok=True)  # (also when every file was skipped)
+    with open(os.path.join(out, "predictions.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"wrote the detections of {len(records)} images to {os.path.join(out, 'predictions.json')}")
+
+
 def warn_other_classes(theirs, ours, source):
     """Fine-tuning: weights with as many classes as the data but other ones, or the same in another order, have their
     class layers taken by position: a warning (rank 0's) says so. Numbers as names (a reference's state dict) name
@@ -1625,12 +1650,12 @@ def parse_args(argv, config_class, presets, make_config):
     given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
     if args.predict and not os.path.exists(args.predict):
         parser.error(f"--predict {args.predict}: no such file or folder")
-    sized = [k for k in ("num_train", "num_val") if k in given]  # a real dataset is used whole: say so, not ignore them
+    sized = [k for k in given if comments.get(k, "").startswith("synthetic:")]  # real data: say so, not ignore them
     # the data these flags give (a checkpoint's config is not known here), built only when asked: a Config may refuse
     data = make_config(given, preset=args.preset).data if sized or "data_root" in given else None  # some flags alone
     if sized and data != "synthetic":
         parser.error(f"--{sized[0].replace('_', '-')}: sizes the synthetic data only; --data {data} uses every image "
-                     "of its splits")
+                     "of its splits, each at its own size (the model resizes it)")
     if args.train and "data_root" in given and not {"resume", "weights"} & set(given) and data == "synthetic":
         parser.error("--data-root: for --data coco or voc; without --data the data is synthetic")
     for k in ("train_ann", "val_ann", "train_proposals", "val_proposals"):  # a file found from here: absolute, so

@@ -895,14 +895,7 @@ def main(argv=None):
         print(f"evaluating {cfg.weights} on {val_set.source} ({len(val_set)} images)")
         stats = data.evaluate(model, val_set, cfg.batch_size, cfg.workers, device, class_names, cfg.out)
         return print("\n".join(f"{k:>9} {v:.4f}" for k, v in stats.items()))
-    for path, image, out in data.predict_inputs(args.predict, cfg.out):  # out: its name in --out, as YOLOv5's
-        with torch.no_grad():
-            det = model([image.to(device)])[0]
-        keep = det["scores"] >= cfg.draw_thresh
-        draw_boxes(image, det["boxes"][keep], det["labels"][keep], det["scores"][keep], class_names, out)
-        best = f" (the best {float(det['scores'].max()):.3g}: --draw-thresh)" if len(keep) and not keep.any() else ""
-        print(f"{path}: {int(keep.sum())} detections scoring >= {cfg.draw_thresh}{best} -> {out}")
-
+    data.predict(model, args.predict, cfg.out, class_names, cfg.draw_thresh, device)  # drawings, predictions.json
 
 if __name__ == "__main__":
     main()

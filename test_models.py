@@ -1629,9 +1629,25 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     Image.fromarray((dataset[1][0] * 255).byte().permute(1, 2, 0).numpy()).save(images / "img0.png")
     output = run_main(name, "--predict", images, "--weights", out / "best.pt", "--out", tmp_path / "pred",
                       "--draw-thresh", "0")  # the drawings keep the names: img0.png does not replace img0.jpg's
-    assert sorted(os.listdir(tmp_path / "pred")) == ["img0.jpg", "img0.png"] and "detections scoring >= 0.0" in output
+    assert sorted(os.listdir(tmp_path / "pred")) == ["img0.jpg", "img0.png", "predictions.json"]
+    assert "detections scoring >= 0.0" in output and f"images to {tmp_path / 'pred' / 'predictions.json'}" in output
     drawn = torchvision.io.read_image(str(tmp_path / "pred" / "img0.png"))
     detected = int(re.search(r"img0.png: (\d+) detections", output)[1])
+    # predictions.json: what was drawn, as the model gives it for that file
+    records, module = json.load(open(tmp_path / "pred" / "predictions.json")), REGISTRY[name].module
+    assert [(r["file"], r["width"], r["height"]) for r in records] == [(str(images / f), 64, 64)
+                                                                      for f in ("img0.jpg", "img0.png")]
+    state_dict, class_names, config = module.load_weights(str(out / "best.pt"))
+    model = module.DETECTOR(module.make_config({}, config), load_backbone=False).eval()
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        det = model([data.load_image(str(images / "img0.png"))])[0]
+    keep = det["scores"] >= 0
+    assert len(records[1]["detections"]) == detected == int(keep.sum())
+    for d, box, label, score in zip(records[1]["detections"], det["boxes"][keep].tolist(), det["labels"][keep].tolist(),
+                                    det["scores"][keep].tolist()):
+        assert d == {"box": pytest.approx(box, abs=0.006), "label": label, "class": class_names[label],
+                     "score": pytest.approx(score, abs=1e-5)}
     if detected:  # none above a threshold: the best score is named, to set it by
         output = run_main(name, "--predict", images / "img0.png", "--weights", out / "best.pt", "--out",
                           tmp_path / "pred2", "--draw-thresh", "1000")
@@ -1978,17 +1994,21 @@ def test_command_line_fields(name):
 
 
 def test_command_line_refuses_what_it_would_ignore(tmp_path, capsys):
-    """Stopped by argparse before any model is built: --predict of a missing path, and --num-train / --num-val with a
-    real dataset (they size the synthetic data only; ignoring them silently trained on every image); a folder without
-    images stops instead of drawing nothing."""
+    """Stopped by argparse before any model is built: --predict of a missing path, and --num-train / --num-val /
+    --image-size (but YOLOv5's) with a real dataset (they size the synthetic data only; ignoring them silently trained
+    on every image, at its own size); a folder without images stops instead of drawing nothing."""
     module = REGISTRY["fcos"].module
     for argv, message in (([f"--predict={tmp_path / 'x.jpg'}"], "x.jpg: no such file or folder"),
                           (["--train", "--data", "voc", "--num-train", "50"], "--num-train: sizes the synthetic data"),
-                          (["--eval", "--preset", "coco", "--num-val", "9"], "--num-val: sizes the synthetic data")):
+                          (["--eval", "--preset", "coco", "--num-val", "9"], "--num-val: sizes the synthetic data"),
+                          (["--train", "--data", "coco", "--image-size", "640"], "--image-size: sizes the synthetic")):
         with pytest.raises(SystemExit):
             parse_args(module, argv)
         assert message in capsys.readouterr().err
     assert parse_args(module, ["--train", "--num-train", "50"])[1] == {"num_train": 50}
+    # YOLOv5's --image-size is its letterbox, for any data
+    assert parse_args(REGISTRY["yolo"].module, ["--train", "--data", "coco", "--image-size", "640"])[1] == {
+        "data": "coco", "image_size": 640}
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(SystemExit, match="no .jpg, .jpeg, .png, .bmp, .tif, .tiff or .webp file in this folder"):
         data.image_files(str(tmp_path), str(tmp_path / "out"))
@@ -2043,8 +2063,9 @@ def test_fine_tune_from_weights_of_other_classes(one_epoch, tmp_path, monkeypatc
     fake_imagenet(monkeypatch, available=False)
     out = tmp_path / "fine_tuned"
     with pytest.warns(UserWarning, match="degenerate"):
-        output = run_main(name, "--train", *tiny(name, num_train=None, num_val=None), "--data", "voc", "--data-root",
-                          BCCD, "--epochs", "1", "--weights", one_epoch[1] / "last.pt", "--out", out)
+        synthetic = dict(num_train=None, num_val=None, image_size=None if name != "yolo" else 64)  # (refused on VOC)
+        output = run_main(name, "--train", *tiny(name, **synthetic), "--data", "voc", "--data-root", BCCD,
+                          "--epochs", "1", "--weights", one_epoch[1] / "last.pt", "--out", out)
     assert "left at their initialisation" in output
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["class_names"][1:] == ("Platelets", "RBC", "WBC")
