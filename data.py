@@ -1543,14 +1543,20 @@ def build_datasets(cfg, train_transforms=None, train=True, search=True):
     (attach_proposals): the files train_proposals / val_proposals where given, else selective search, cached in
     out/proposals_train.npz and out/proposals_val.npz; search=False (--show-targets, which draws a few images): the
     files or a valid cache only, else no proposals (the model searches the images it draws).
+    Data that cannot be read (the datasets' ValueError or OSError, naming the file and the field) stops with SystemExit
+    and that one line, as every error of the command line here; the dataset classes raise them as they are.
     """
-    train_set, val_set = _build_datasets(cfg, train_transforms, train)
-    if getattr(cfg, "proposals", ""):
-        settings = dict(mode=cfg.proposals, side=cfg.proposal_side, min_box_size=cfg.proposal_min_size)
-        for dataset, given, split in ((train_set, cfg.train_proposals, "train"), (val_set, cfg.val_proposals, "val")):
-            if dataset is not None:
-                attach_proposals(dataset, given, os.path.join(cfg.out, f"proposals_{split}.npz"), cfg.workers,
-                                 search=search, **settings)
+    try:
+        train_set, val_set = _build_datasets(cfg, train_transforms, train)
+        if getattr(cfg, "proposals", ""):
+            settings = dict(mode=cfg.proposals, side=cfg.proposal_side, min_box_size=cfg.proposal_min_size)
+            for dataset, given, split in ((train_set, cfg.train_proposals, "train"),
+                                          (val_set, cfg.val_proposals, "val")):
+                if dataset is not None:
+                    attach_proposals(dataset, given, os.path.join(cfg.out, f"proposals_{split}.npz"), cfg.workers,
+                                     search=search, **settings)
+    except (ValueError, OSError) as e:
+        raise SystemExit(str(e)) from e
     return train_set, val_set
 
 
@@ -1662,16 +1668,18 @@ def parse_args(argv, config_class, presets, make_config):
         if given.get(k) and os.path.exists(given[k]):  # that --eval and --resume find it from any folder
             given[k] = os.path.abspath(given[k])
     args.flags = set(given)  # (announce_preset)
+    args.synthetic_only = {k for k, comment in comments.items() if comment.startswith("synthetic:")}
     if args.preset_given and args.train:  # a preset named for training outranks the config of --weights or --resume
         given = {**presets.get(args.preset, {}), **given}
     return args, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
 
 
-def announce_preset(args, presets, saved):
+def announce_preset(args, presets, saved, data="synthetic"):
     """--train's first line (rank 0): the preset's values that the run takes, all but the flags given where it was
-    named, else (the one picked for this machine) those neither flags nor the checkpoint (--weights, --resume) set."""
-    used = {k: v for k, v in presets.get(args.preset, {}).items()
-            if k not in args.flags and (args.preset_given or k not in (saved or {}))}
+    named, else (the one picked for this machine) those neither flags nor the checkpoint (--weights, --resume) set;
+    on real data (data: the run's) not those that size the synthetic data."""
+    used = {k: v for k, v in presets.get(args.preset, {}).items() if k not in args.flags and (
+        args.preset_given or k not in (saved or {})) and (data == "synthetic" or k not in args.synthetic_only)}
     if used and int(os.environ.get("RANK", 0)) == 0:
         print(f"preset {args.preset} (--preset none for the Config defaults): {used}")
 

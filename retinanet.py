@@ -731,7 +731,7 @@ def main(argv=None):
         saved = {k: v for k, v in saved.items() if k not in drop}
     cfg = make_config(given, saved, args.preset if args.train or saved is None else "none")  # presets size training
     if args.train:
-        data.announce_preset(args, PRESETS, saved)  # the first line: the values of the preset this run takes
+        data.announce_preset(args, PRESETS, saved, cfg.data)  # the first line: the preset's values this run takes
         return train(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.show_targets:  # what training sees; the assignment takes trained weights where given (proposals)
