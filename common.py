@@ -309,7 +309,8 @@ def coco_evaluate(gt: dict, dets: list, per_class: bool = False) -> dict:
         "categories" with id, name). dets: list of {"image_id", "category_id", "bbox": [x, y, w, h], "score"}.
     Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"} (pycocotools'
     stats in that order; -1 where no category has ground truth for that setting) and, with per_class=True,
-    "per_class": {category name: AP over IoU .50:.95, all areas, 100 dets} (-1 for a category without ground truth).
+    "per_class": {category name: AP over IoU .50:.95, all areas, 100 dets} and "per_class_AP50": {name: AP at IoU .50}
+    (-1 for a category without ground truth).
 
     pycocotools' rules, kept: gt "area" field (not the box) decides its area range, a det's area is w * h; crowd gt is
     matched last, by intersection over det area, by any number of dets, and dets matched to it (or to gt outside the
@@ -469,10 +470,10 @@ def coco_evaluate(gt: dict, dets: list, per_class: bool = False) -> dict:
              summarize(0, area=2), summarize(0, area=3)]
     result = dict(zip(COCO_METRIC_NAMES, stats))
     if per_class:
-        result["per_class"] = {}
-        for k, cat in enumerate(categories):
-            s = precision[:, :, k, 0, -1]
-            result["per_class"][cat.get("name", str(cat["id"]))] = float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
+        names = [cat.get("name", str(cat["id"])) for cat in categories]
+        for key, thresholds in (("per_class", slice(None)), ("per_class_AP50", slice(0, 1))):  # (IoU .50 first)
+            s = [precision[thresholds, :, k, 0, -1] for k in range(K)]
+            result[key] = {n: float(np.mean(s_k[s_k > -1])) if (s_k > -1).any() else -1.0 for n, s_k in zip(names, s)}
     return result
 
 

@@ -1415,8 +1415,12 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
                 json.dump(gt, f)
         print(f"wrote {len(written)} detections to {os.path.join(out, 'detections.json')}"
               + ("" if gt["annotations"] else f" ({dataset.source} has no boxes: the numbers below are -1)"))
-    stats = coco_evaluate(gt, results)  # COCO's rules: VOC's difficult objects count as plain ground truth here ...
-    stats.pop("per_class", None)
+    # COCO's rules: VOC's difficult objects count as plain ground truth here ...
+    stats = coco_evaluate(gt, results, per_class=bool(out))
+    if out and gt["annotations"]:  # --eval: each class's AP too, as YOLOv5's val.py prints them
+        print(f"{'class':>12}     AP   AP50\n" + "\n".join(f"{name:>12} {ap:6.3f} {stats['per_class_AP50'][name]:6.3f}"
+                                                      for name, ap in stats["per_class"].items()))
+    stats = {k: v for k, v in stats.items() if not k.startswith("per_class")}
     if isinstance(dataset, VocDetection):  # ... and VOC's own metric, mAP at IoU 0.5, ignores them; and per class
         voc = voc_evaluate(gt, results)
         stats.update({"VOC_mAP50": voc["mAP"], **{f"VOC_AP50_{k}": v for k, v in voc["per_class"].items()}})

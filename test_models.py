@@ -192,9 +192,10 @@ def assert_same_as_pycocotools(gt, dets):
     reference = pycocotools_eval(gt, dets)
     np.testing.assert_allclose([ours[k] for k in common.COCO_METRIC_NAMES], reference.stats, rtol=0, atol=1e-6)
     for k, cat in enumerate(sorted(gt["categories"], key=lambda c: c["id"])):
-        p = reference.eval["precision"][:, :, k, 0, -1]
-        expected = np.mean(p[p > -1]) if (p > -1).any() else -1
-        assert ours["per_class"][cat["name"]] == pytest.approx(expected, abs=1e-6)
+        for key, p in (("per_class", reference.eval["precision"][:, :, k, 0, -1]),
+                       ("per_class_AP50", reference.eval["precision"][:1, :, k, 0, -1])):  # IoU .50: the first
+            expected = np.mean(p[p > -1]) if (p > -1).any() else -1
+            assert ours[key][cat["name"]] == pytest.approx(expected, abs=1e-6)
     return ours
 
 
@@ -1623,6 +1624,10 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     dets, gt = (json.load(open(tmp_path / "eval" / f)) for f in ("detections.json", "ground_truth.json"))
     assert f"wrote {len(dets)} detections to {tmp_path / 'eval' / 'detections.json'}" in output
     assert common.coco_evaluate(gt, dets) == pytest.approx({k: float(numbers[k]) for k in COCO_NAMES}, abs=1e-4)
+    per_class = common.coco_evaluate(gt, dets, per_class=True)  # and each class's AP and AP50, a line each
+    assert len(per_class["per_class"]) == 6 and re.search(r"^ +class +AP +AP50$", output, re.M)
+    for c, ap in per_class["per_class"].items():
+        assert re.search(rf"^ *{c} +{re.escape(f'{ap:.3f} ')} *{per_class['per_class_AP50'][c]:.3f}$", output, re.M)
 
     images = tmp_path / "images"
     images.mkdir()
