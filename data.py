@@ -1375,7 +1375,8 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
 
     out: a folder to write the detections to as well, out/detections.json in COCO's results format with the json's
     own image and category ids (what pycocotools' loadRes and COCO's test-dev server read); for a dataset that is not
-    a COCO json (VOC, synthetic), its ground truth in COCO format beside it (out/ground_truth.json) to refer to.
+    a COCO json (VOC, synthetic), its ground truth in COCO format beside it (out/ground_truth.json) to refer to; and
+    each class's AP and AP50 printed.
 
     model(images) -> detections as in every model file, run in fp32 (exact numbers). class_names: the
     model's, when they are not the dataset's (e.g. torchvision's 91 COCO classes on a COCO json with labels 1..K):
@@ -1630,7 +1631,8 @@ def parse_args(argv, config_class, presets, make_config):
     --field-name flag per field of its Config dataclass, whose help is the field's comment and whose default shown is
     what a plain --train uses on this machine (preset cpu without CUDA). A bool field is --x/--no-x, a tuple field
     takes several values (--anchor-sizes 16 32 64; "(32, 40)" for a nested one), a Literal field one of its values.
-    Returns (args, {field: value} of the fields given)."""
+    Returns (args, {field: value} of the fields given; with --train and a --preset named, the preset's values under
+    them)."""
     preset = "none" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=f"Defaults shown: a plain --train's here (preset {preset}).")
     parser._negative_number_matcher = re.compile(r"-\.?\d")  # --draw-thresh -1e-3 a number, as Python 3.13 reads it
@@ -1661,8 +1663,9 @@ def parse_args(argv, config_class, presets, make_config):
     if args.predict and not os.path.exists(args.predict):
         parser.error(f"--predict {args.predict}: no such file or folder")
     sized = [k for k in given if comments.get(k, "").startswith("synthetic:")]  # real data: say so, not ignore them
-    # the data these flags give (a checkpoint's config is not known here), built only when asked: a Config may refuse
-    data = make_config(given, preset=args.preset).data if sized or "data_root" in given else None  # some flags alone
+    # the data these flags give (a checkpoint's config is not known here), built only when one of the two checks below
+    # applies: a Config may refuse some flags given alone
+    data = make_config(given, preset=args.preset).data if sized or "data_root" in given else None
     if sized and data != "synthetic":
         parser.error(f"--{sized[0].replace('_', '-')}: sizes the synthetic data only; --data {data} uses every image "
                      "of its splits, each at its own size (the model resizes it)")
@@ -1679,9 +1682,9 @@ def parse_args(argv, config_class, presets, make_config):
 
 
 def announce_preset(args, presets, saved, data="synthetic"):
-    """--train's first line (rank 0): the preset's values that the run takes, all but the flags given where it was
-    named, else (the one picked for this machine) those neither flags nor the checkpoint (--weights, --resume) set;
-    on real data (data: the run's) not those that size the synthetic data."""
+    """--train's first line (rank 0): the preset's values this run uses: those no flag overrides, nor, when the preset
+    was picked for this machine (not named), the checkpoint's config (--weights, --resume); on real data (data: the
+    run's) without those that size the synthetic data."""
     used = {k: v for k, v in presets.get(args.preset, {}).items() if k not in args.flags and (
         args.preset_given or k not in (saved or {})) and (data == "synthetic" or k not in args.synthetic_only)}
     if used and int(os.environ.get("RANK", 0)) == 0:

@@ -10,7 +10,7 @@ What this file implements, in the order the data flows:
     of train_min_sizes, DETR's multi-scale augmentation), ImageNet normalisation, zero padding to the batch's largest
     height and width (no rounding to a multiple of 32, unlike torchvision's detectors) and a mask of the padding;
   - backbone: a torchvision ResNet body, layer4 only (stride 32, or 16 with dilation: DC5), FrozenBatchNorm2d when
-    starting from pretrained weights; a 1x1 conv (input_proj) to the transformer width d;
+    starting from pretrained weights (frozen_bn: make_config's default); a 1x1 conv (input_proj) to the width d;
   - sine position encoding of the unpadded pixels (normalised to 2 pi; y features first, then x);
   - transformer, post-norm: an encoder over the H/32 x W/32 feature cells, a decoder of Q learned queries attending to
     them; position encodings are added to queries and keys of every attention, never to values; the decoder's final
@@ -83,7 +83,7 @@ class Config:
     num_classes: int = 7  # K: foreground classes + 1 (index 0 unused); K + 1 logits, the last "no object" [COCO: 91]
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # torchvision ResNet body
     backbone_weights: str = "none"  # none (random) | imagenet (torchvision's, downloaded) | PATH [imagenet]
-    frozen_bn: bool = False  # FrozenBatchNorm2d, stem and layer1 frozen; unless set: on when starting pretrained [on]
+    frozen_bn: bool = False  # FrozenBatchNorm2d, stem + layer1 frozen; make_config, unless set: on if pretrained [on]
     dilation: bool = False  # DC5, resnet50/101: layer4 dilated, not strided (stride 16): small objects, ~2x compute
     hidden_dim: int = 256  # d: width of the transformer and the heads
     nheads: int = 8  # attention heads
@@ -381,8 +381,8 @@ class DETR(nn.Module):
             pred_logits, pred_boxes = pred_logits[-1:], pred_boxes[-1:]  # L = 1
         gt_boxes, gt_labels, num_gt = prepare_targets(targets, image_sizes)  # [B, M, 4], [B, M], B counts
         if (most := int(gt_labels.max())) >= self.cfg.num_classes:  # (a wait for the GPU, as the matching's below)
-            raise ValueError(f"labels up to {most}: num_classes {self.cfg.num_classes} holds labels up "
-                             f"to {self.cfg.num_classes - 1} (num_classes is K + 1; K + 1 would train as no object)")
+            raise ValueError(f"labels up to {most}: num_classes {self.cfg.num_classes} holds labels up to "
+                             f"{self.cfg.num_classes - 1} (the classes + 1; label {self.cfg.num_classes} is no object)")
         matched = hungarian_match(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, self.cfg)
         return set_loss(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, matched, self.cfg)
 
@@ -482,7 +482,6 @@ def detr_augmentation(cfg: Config):
     max_size), is the model's preprocessing in training."""
     return data.TransformsV2(v2.Compose([v2.RandomHorizontalFlip(cfg.hflip_prob), v2.RandomApply(
         [v2.RandomShortestSize(list(cfg.crop_resize_sizes)), RandomSizeCrop(*cfg.crop_size)], p=cfg.crop_prob)]))
-
 
 
 def prepare_targets(targets: list, image_sizes: list):

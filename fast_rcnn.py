@@ -1,9 +1,9 @@
 """Fast R-CNN: one network over the whole image, RoI pooling of each proposal, and a multi-task loss.
 
 Paper: Girshick, "Fast R-CNN", ICCV 2015 (https://arxiv.org/abs/1504.08083). The reference is its code,
-rbgirshick/fast-rcnn (b612190f; Python 2 + Caffe): ../shared/REFERENCES.md section 5 names the files and numbers
-followed here, and test_models.py checks this file against the reference's numpy parts (RoI sampler, box targets and
-their normalisation, decoding and clipping, NMS).
+rbgirshick/fast-rcnn (b612190f; Python 2 + Caffe), whose files and numbers are followed here; test_models.py checks
+this file against the reference's numpy parts (RoI sampler, box targets and their normalisation, decoding and
+clipping, NMS).
 
 What this file implements, in the order the data flows:
   - proposals: selective search, computed once per dataset and cached beside the run (data.selective_search,
@@ -11,7 +11,7 @@ What this file implements, in the order the data flows:
   - preprocessing inside the model: ImageNet normalisation, the shorter side resized to a scale (600, the longer side
     at most 1000: the paper's; by default 320 and 320; training picks one of `scales` per image), zero padding to the
     batch's largest image;
-  - backbone: VGG16 up to conv5_3 (stride 16, pool5 removed; conv1_x and conv2_x frozen with ImageNet weights) or a
+  - backbone: VGG16 up to conv5_3 (stride 16, pool5 removed; conv1_x and conv2_x frozen in --preset voc) or a
     ResNet up to layer3 (stride 16; as options stride 8, the last stage dilated or cut off); RoI max pooling 7 x 7 at
     1/16 (torchvision.ops.roi_pool: Caffe's RoIPooling); fc6 and fc7 with dropout; a K-way classifier (N(0, 0.01)) and
     class-specific box regressors (N(0, 0.001));
@@ -27,12 +27,13 @@ Checkpoints hold the box regressor with the normalisation folded into its weight
 reference's snapshots, so that `box_predictor.bbox_pred` decodes without the statistics; the trained (normalised)
 regressor and the statistics are kept beside it, so that --resume continues exactly (FastRCNNPredictor).
 
-Coordinates: continuous, no +1 anywhere (DESIGN.md). The reference computes IoU, NMS and clipping on inclusive pixel
-indices (+1 on widths and intersections; x2 <= W - 1) but box targets and decoding without +1: its IoU of boxes (x1, y1,
-x2, y2) is ours of (x1, y1, x2 + 1, y2 + 1). The same coordinates therefore give a slightly higher IoU there for small
-boxes (a 10-px square and its copy 5 px to the side: 0.333 here, 0.375 there), which moves a few RoIs across the
-0.5 / 0.1 thresholds of sampling and makes NMS at 0.3 suppress a little more there; clipping here stops at W (the last
-pixel's right edge), there at W - 1, and only from one side (a box wholly beside the image comes out inverted).
+Coordinates: continuous, no +1 anywhere (as in every file here). The reference computes IoU, NMS and clipping on
+inclusive pixel indices (+1 on widths and intersections; x2 <= W - 1) but box targets and decoding without +1: its IoU
+of boxes (x1, y1, x2, y2) is ours of (x1, y1, x2 + 1, y2 + 1). The same coordinates therefore give a slightly higher IoU
+there for small boxes (a 10-px square and its copy 5 px to the side: 0.333 here, 0.375 there), which moves a few RoIs
+across the 0.5 / 0.1 thresholds of sampling and makes NMS at 0.3 suppress a little more there; clipping here stops at W
+(the last pixel's right edge), there at W - 1, and only from one side (a box wholly beside the image comes out
+inverted).
 
 Run (--help lists every Config field as a flag, with the values a plain --train uses):
     python fast_rcnn.py --train                                 # synthetic shapes, no download; CPU: preset cpu
@@ -44,10 +45,10 @@ Run (--help lists every Config field as a flag, with the values a plain --train 
     torchrun --nproc_per_node=8 fast_rcnn.py --train ...        # several GPUs
     python -m pytest -q test_models.py -k fast_rcnn
 
-The model's call (DESIGN.md lets Fast R-CNN state its own): train mode model(images, targets) -> {"loss_classifier",
-"loss_box_reg"}, each target with "proposals" [R, 4] (data.attach_proposals); eval mode model(images,
-proposals=None) -> detections, proposals a list of [R_i, 4] boxes in the images' pixels; images without them get
-selective search on the fly.
+The model's call (the other files' call, with proposals): train mode model(images, targets) -> {"loss_classifier",
+"loss_box_reg"}, each target with "proposals" [R, 4] (data.attach_proposals); eval mode model(images, proposals=None) ->
+detections, proposals a list of [R_i, 4] boxes in the images' pixels; images without them get selective search on the
+fly.
 
 Tensor shapes (legend used in every comment below):
     B images in the batch, H x W the padded batch, R proposals of one image, M ground-truth boxes of one image (padded
@@ -122,7 +123,7 @@ class Config:
     # test (test.py, test_net)
     score_thresh: float = 0.0  # keep (RoI, class) pairs scoring above this
     nms_thresh: float = 0.3  # NMS IoU, per class
-    detections_per_img: int = 100  # per class before NMS, and per image after (max_per_image)
+    detections_per_img: int = 100  # per class before NMS (max_per_image), and per image after (ours, as COCO's)
     svd_fc6: int = 0  # truncated SVD of fc6 at test: keep this many singular values (0: off) [1024]
     svd_fc7: int = 0  # ... of fc7 [256]
     # data (data.build_datasets)
@@ -196,7 +197,7 @@ def make_backbone(cfg: Config, load_backbone: bool = True):
     dilation 2), which keeps the receptive fields of the pretrained weights, or 8 with the last stage cut off
     (cfg.truncate: VGG16 up to conv4_3, ResNet up to layer2), which costs far less. Returns (body, C, VGG16's ImageNet
     fc6/fc7 or None). The first frozen_stages stages do not train."""
-    weights = "DEFAULT" if cfg.backbone_weights == "imagenet" and load_backbone else None
+    weights = "IMAGENET1K_V1" if cfg.backbone_weights == "imagenet" and load_backbone else None
     pretrained = cfg.backbone_weights != "none"
     if cfg.backbone.startswith("vgg"):
         net = getattr(torchvision.models, cfg.backbone)(weights=weights)
@@ -529,9 +530,10 @@ def sample_rois(proposals: list, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: 
     """minibatch.py _sample_rois for the whole batch at once. proposals B x [R_i, 4]; ground truth padded [B, M, ...]
     (degenerate boxes invalid). The ground-truth boxes join the proposals (the reference's roidb holds them with IoU 1);
     each candidate gets its best box's IoU and class; per image at most round(fg_fraction x rois_per_image) foreground
-    (IoU >= fg_iou_thresh), then background (IoU in [bg_lo, bg_hi), label 0) up to rois_per_image, both drawn without
-    replacement (fewer when there are fewer). Returns, flat and image by image: rois [S, 4], image_idx [S], labels [S],
-    regression_targets [S, 4] (dx, dy, dw, dh to the best box, not normalised; background rows 0)."""
+    (IoU >= fg_iou_thresh), then background (IoU in [bg_iou_thresh_lo, bg_iou_thresh_hi), label 0) up to
+    rois_per_image, both drawn without replacement (fewer when there are fewer). Returns, flat and image by image:
+    rois [S, 4], image_idx [S], labels [S], regression_targets [S, 4] (dx, dy, dw, dh to the best box, not
+    normalised; background rows 0)."""
     B, R = len(proposals), max(len(p) for p in proposals)
     padded = gt_boxes.new_zeros(B, R, 4)
     proposal_valid = torch.zeros(B, R, dtype=torch.bool, device=gt_boxes.device)
@@ -617,8 +619,8 @@ def postprocess_detections(cls_logits: Tensor, deltas: Tensor, rois: Tensor, num
     """test.py im_detect + test_net: cls_logits [S, K], deltas [S, K * 4] (not normalised), rois [S, 4], image by
     image -> B dicts with boxes [D, 4], scores [D], labels [D]. Softmax scores; class-specific boxes decoded and
     clipped to the image; per class the pairs scoring above score_thresh, the best detections_per_img of them, NMS at
-    nms_thresh; the best detections_per_img of the image. (The reference's set-wide threshold, keeping 40 boxes per
-    image and class on average over the whole test set, needs every image first: not done.)"""
+    nms_thresh; the best detections_per_img of the image (this repo's cap). (The reference's set-wide threshold,
+    keeping 40 boxes per image and class on average over the whole test set, needs every image first: not done.)"""
     K = cls_logits.shape[-1]
     boxes = decode_boxes(deltas.reshape(len(rois), K, 4), rois[:, None])  # [S, K, 4]
     scores = F.softmax(cls_logits, -1)  # [S, K]

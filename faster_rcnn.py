@@ -73,7 +73,7 @@ class Config:
     num_classes: int = 7  # K: foreground classes + 1 background; --train takes it from the data [COCO: 91]
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"  # torchvision ResNet body
     backbone_weights: str = "none"  # none (random) | imagenet (torchvision's, downloaded) | PATH to a ResNet state dict
-    frozen_bn: bool = False  # FrozenBatchNorm2d, frozen early layers; unless set: on when starting pretrained
+    frozen_bn: bool = False  # FrozenBatchNorm2d, frozen early layers; make_config, unless set: on if pretrained
     trainable_backbone_layers: int = 3  # with frozen_bn: layer2..4 train, the stem and layer1 stay frozen
     bn_eps: float = 1e-5  # backbone batch-norm eps [0.0 with its v1 COCO weights]
     fpn_channels: int = 256  # C: channels of every pyramid level

@@ -2,7 +2,7 @@
 
 Paper: Girshick, Donahue, Darrell, Malik, "Rich feature hierarchies for accurate object detection and semantic
 segmentation", CVPR 2014 (https://arxiv.org/abs/1311.2524). The reference is its code, rbgirshick/rcnn (MATLAB, Caffe
-and liblinear, read and not run; ../shared/REFERENCES.md section 4 names the files and numbers followed here).
+and liblinear, read and not run), whose files and numbers are followed here.
 
 What this file implements, in the order the data flows:
   - proposals: selective search, R-CNN's "fast" mode, about 2000 boxes per image, computed once per dataset in parallel
@@ -43,7 +43,7 @@ Run (--help lists every Config field as a flag, with the values a plain --train 
     python rcnn.py --show-targets --out DIR                  # proposals as fine-tuning and the SVMs label them
     python -m pytest -q test_models.py -k rcnn
 
-The model's call (DESIGN.md lets R-CNN state its own): train mode model(images, targets) -> {"loss_classifier"}, each
+The model's call (the other files' call, with proposals): train mode model(images, targets) -> {"loss_classifier"}, each
 target with "proposals" [R, 4] (data.attach_proposals); eval mode model(images, proposals=None) -> detections, where
 proposals is a list of [R_i, 4] boxes in the images' pixels; images without them get selective search on the fly.
 
@@ -120,7 +120,7 @@ class Config:
     scoring: Literal["svm", "softmax"] = "svm"  # class scores: the SVMs (stages 2-3 fitted) or the fine-tuned softmax
     bbox_regression: bool = True  # move the boxes with stage 3's regressors
     nms_thresh: float = 0.3  # NMS IoU, per class
-    detections_per_img: int = 100  # detections kept per image, best first
+    detections_per_img: int = 100  # per class before NMS (max_per_image), and per image after (ours, as COCO's)
     feature_batch: int = 256  # warped regions per forward pass when extracting features
     # data (data.build_datasets)
     data: Literal["synthetic", "coco", "voc"] = "synthetic"  # coco: images in the folder named as the json, ...
@@ -133,10 +133,10 @@ class Config:
     num_train: int = 2000  # synthetic: training images
     num_val: int = 200  # synthetic: validation images
     hflip_prob: float = 0.5  # training augmentation: horizontal flip probability (Caffe's window layer: mirror)
-    # training (stage 1; R-CNN fine-tunes for 70k steps, lr 0.001 x 0.1 after 20k, from ImageNet weights)
+    # training (stage 1; R-CNN fine-tunes for 70k steps, lr 0.001 x 0.1 every 20k, from ImageNet weights)
     epochs: int = 4  # passes over the training set
     batch_size: int = 8  # images per step and per process, their regions pooled into one batch of rois_per_batch
-    lr: float = 0.01  # learning rate of the backbone's weights (biases x2, the new classifier x10) [0.001]
+    lr: float = 0.01  # backbone weights' lr (biases x2, the new classifier x10), scaled to the processes [0.001]
     optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw (lr ~1e-3): faster from scratch on little data
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 on weights (not on biases, as Caffe's weight_decay 0 for them)
@@ -170,10 +170,11 @@ PRESETS = {
     "cpu": dict(backbone="resnet18", image_size=192, num_train=300, num_val=100, crop_size=64, crop_padding=4,
                 batch_size=4, epochs=6, optimizer="adamw", lr=1e-3, lr_steps=(5,), warmup_iters=50, workers=2,
                 feature_batch=128, rois_per_batch=64, svm_c=0.01, draw_thresh=-0.5),
-    # the paper's VOC 2007 recipe: ImageNet AlexNet (CaffeNet), 227-px crops with 16 px of context, 20-px proposals
+    # the paper's VOC 2007 recipe: ImageNet AlexNet (CaffeNet), 227-px crops with 16 px of context, 20-px proposals;
+    # 70k steps of 128 regions (2,506 steps of 2 images per epoch of trainval), lr x 0.1 every 20k
     "voc": dict(data="voc", backbone="alexnet", backbone_weights="imagenet", crop_size=227, crop_padding=16,
-                proposal_min_size=20, train_split="trainval", val_split="test", lr=0.001, epochs=18, lr_steps=(6,),
-                batch_size=2, warmup_iters=0, image_mean=(0.485, 0.456, 0.406)),
+                proposal_min_size=20, train_split="trainval", val_split="test", lr=0.001, epochs=28,
+                lr_steps=(8, 16, 24), batch_size=2, warmup_iters=0),
 }
 
 
@@ -731,7 +732,7 @@ def postprocess_detections(cls_scores: Tensor, boxes: Tensor, num_rois_per_image
                            cfg: Config) -> list:
     """rcnn_test.m: cls_scores [S, K], boxes [S, K, 4] (regressed per class), image by image -> B dicts with boxes
     [D, 4], scores [D], labels [D]. Per image and class the best detections_per_img regions (rcnn_test's
-    max_per_image), NMS at nms_thresh per class, then the best detections_per_img of the image."""
+    max_per_image), NMS at nms_thresh per class, then the best detections_per_img of the image (this repo's cap)."""
     K, detections = cls_scores.shape[-1], []
     for scores_i, boxes_i, size in zip(cls_scores.split(num_rois_per_image), boxes.split(num_rois_per_image),
                                        image_sizes):

@@ -186,7 +186,8 @@ def conv_block(in_channels: int, out_channels: int, norm: bool, **conv_args) -> 
 
 class Backbone(nn.Module):
     """VGG16 through conv5_3, then pool5 (3x3, stride 1), fc6 (3x3 conv, dilation 6) and fc7 (1x1 conv) in place of
-    the fully connected layers, then the extra blocks (1x1 conv to fewer channels, 3x3 conv stride 2 or unpadded).
+    the fully connected layers, then the extra blocks (1x1 conv to fewer channels, 3x3 conv stride 2 or unpadded;
+    SSD512's last: 4x4, padded).
     conv4_3's map is L2-normalised per position and rescaled by a learned per-channel scale starting at 20 (ParseNet;
     paper section 3.1): its features are on another scale than the later maps'.
 

@@ -440,8 +440,8 @@ def reference_weights(weights: str, state_dict: dict = None):
 def yolo_targets(targets: list, size) -> Tensor:
     """Targets on the letterboxed batch of size (H, W) (boxes xyxy in pixels, labels 1..K) -> gt [N, 6]: image index,
     class 0..K-1, cx, cy, w, h normalised by W and H: yolov5's label format, all images in one tensor. Boxes without
-    area are dropped (the ratio test would keep an inverted one), all images at once: on a GPU each selection waits
-    for it."""
+    area are dropped (the ratio test would keep an inverted one) in one selection over the batch (each boolean
+    selection makes a GPU wait)."""
     H, W = size
     boxes = torch.cat([t["boxes"] for t in targets])  # [N, 4]
     labels = torch.cat([t["labels"] for t in targets]).to(boxes.dtype)
@@ -638,8 +638,8 @@ def postprocess_detections(outputs: list, anchors: Tensor, cfg: Config) -> list:
     pixels, scores [D], labels [D] 0..K-1). Detect's decoding then non_max_suppression (val.py with multi_label;
     detect.py without): candidates with objectness > conf_thresh; score = objectness x class probability >
     conf_thresh, every class of a box (multi_label) or its best; the 30,000 best into NMS (IoU iou_thresh, classes
-    kept apart by offsetting boxes by class x 7680 px); the max_det best. Unlike v7.0 there is no time limit, after
-    which it silently returns no detections for the rest of the batch."""
+    kept apart by offsetting boxes by class x 7680 px); the max_det best. Unlike v7.0 there is no time limit (past
+    it, v7.0 warns and returns no detections for the rest of the batch)."""
     predictions = []
     for output, anchors_l, stride in zip(outputs, anchors, STRIDES):
         B, A, H, W, O = output.shape
