@@ -127,8 +127,9 @@ def check_images(paths, sizes, source, where):
             errors.append(f"{path}: {found}")
         elif size is not None and tuple(size) != tuple(found[:2]):
             # only orientations 5..8 swap width and height; 1 is upright, 0 and 9+ are invalid (viewers ignore them)
+            swapped = 5 <= found[2] <= 8 and tuple(size) == (found[1], found[0])
             exif = f" (EXIF orientation {found[2]}: annotated turned, as viewers show it? Turn the file first, e.g. " \
-                   "with PIL.ImageOps.exif_transpose)" if 5 <= found[2] <= 8 else ""
+                   "with PIL.ImageOps.exif_transpose)" if swapped else ""
             errors.append(f"{path}: image is {found[0]}x{found[1]} but {source} gives {name} 'width' {size[0]}, "
                           f"'height' {size[1]}{exif}")
         elif 2 <= found[2] <= 8:  # 2..8 turn or mirror the picture in a viewer
@@ -431,8 +432,11 @@ class CocoDetection(torch.utils.data.Dataset):
                 data = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"{ann_file}: annotation file not found") from None
+        except IsADirectoryError:
+            raise ValueError(f"{ann_file}: a folder, not a COCO json file") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{ann_file}: corrupt json ({e})") from None
+            hint = "; VOC's xml files: --data voc" if str(ann_file).lower().endswith(".xml") else ""
+            raise ValueError(f"{ann_file}: corrupt json ({e}){hint}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{ann_file}: expected a json object with 'images', 'annotations', 'categories'")
         for key in ("images", "categories"):
@@ -463,8 +467,10 @@ class CocoDetection(torch.utils.data.Dataset):
             self.class_names, self.cat_ids = tuple(names), list(range(1, len(names)))
         self.num_classes = len(self.class_names)
 
+        searched = ""
         if not isinstance(image_dir, (str, os.PathLike)):  # candidates: the first that holds the first image
             first = data["images"][0].get("file_name") if data["images"] and isinstance(data["images"][0], dict) else ""
+            searched = f"; looked for in {', '.join(image_dir)}" if len(image_dir) > 1 else ""
             self.image_dir = image_dir = next((d for d in image_dir if isinstance(first, str)
                                                and os.path.isfile(os.path.join(d, first))), image_dir[0])
         self.images = []  # {"id", "file_name", "width", "height"} in json order
@@ -480,7 +486,7 @@ class CocoDetection(torch.utils.data.Dataset):
             path = os.path.join(image_dir, img["file_name"])
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{ann_file}: image id {img['id']}: 'file_name' {img['file_name']!r} not "
-                                        f"found ({path})")
+                                        f"found ({path}{searched if k == 0 else ''})")
             position[img["id"]] = len(self.images)
             self.images.append({"id": img["id"], "file_name": img["file_name"], "width": img.get("width"),
                                 "height": img.get("height")})
@@ -592,13 +598,20 @@ class VocDetection(torch.utils.data.Dataset):
         if not os.path.isfile(split_file):
             there = sorted(f[:-4] for f in os.listdir(os.path.dirname(split_file)) if f.endswith(".txt")) \
                 if os.path.isdir(os.path.dirname(split_file)) else []
+            jsons = [f for _, _, names in os.walk(root) for f in names if f.endswith(".json")][:1]
             raise FileNotFoundError(f"{split_file}: split file not found (split {split!r}; there: "
-                                    f"{', '.join(there) or 'none'})")
+                                    f"{', '.join(there) or 'none'}); a split file lists image ids, one per line, "
+                                    "without extension (Annotations/<id>.xml)"
+                                    + ("; for the COCO json there: --data coco --train-ann F --val-ann F" if jsons
+                                       else ""))
         ann_dir = os.path.join(root, "Annotations")
         with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad's) is skipped
             lines = [line.strip() for line in f if line.strip()]
-        # the whole line when it names an xml (ids with spaces), else the first word (per-class files: "000005 -1")
-        self.ids = [line if os.path.isfile(os.path.join(ann_dir, f"{line}.xml")) else line.split()[0] for line in lines]
+        # the whole line when it names an xml (ids with spaces), else the first word (per-class files: "000005 -1"),
+        # without an extension where one was written ("000005.jpg") and its xml is there
+        words = [line if os.path.isfile(os.path.join(ann_dir, f"{line}.xml")) else line.split()[0] for line in lines]
+        self.ids = [stem if ext.lower() in (".jpg", ".jpeg", ".png", ".xml") and os.path.isfile(
+            os.path.join(ann_dir, f"{stem}.xml")) else word for word in words for stem, ext in [os.path.splitext(word)]]
         records = [self._parse(os.path.join(ann_dir, f"{i}.xml"), i) for i in self.ids]
         sizes = check_images([rec["image"] for rec in records],  # some exports write <width>0</width>: the image's
                              [(rec["width"], rec["height"]) if rec["width"] > 0 and rec["height"] > 0 else None
@@ -1520,13 +1533,15 @@ def _coco_image_dir(data_root, ann_file):
     """Where the images of a COCO json NAME.json may be, in this order (CocoDetection takes the first that holds its
     first image): <root>/NAME without 'instances_' (instances_val2017 -> val2017, COCO 2017 layout), <root>/<NAME's
     part after its last '_'> (person_keypoints_val2017 -> val2017; image_info_test-dev2017 -> test-dev2017, else
-    test2017, where COCO keeps test-dev's images), <root>/JPEGImages, <root>/images, where they exist; then the json's
-    own folder unless it is <root>/annotations (Roboflow's train/_annotations.coco.json sits beside its images), and
-    <root> (Label Studio's result.json names images/a.jpg)."""
+    test2017, where COCO keeps test-dev's images), <root>/JPEGImages, <root>/images, <root>/images/NAME (CVAT's
+    instances_default.json: images/default), where they exist; then the json's own folder unless it is
+    <root>/annotations (Roboflow's train/_annotations.coco.json sits beside its images), and <root> (Label Studio's
+    result.json names images/a.jpg)."""
     name = os.path.splitext(os.path.basename(ann_file))[0].removeprefix("instances_")
     last = name.rsplit("_", 1)[-1]
     folders = [os.path.join(data_root, folder) for folder in (name, last, last.replace("test-dev", "test"),
-               "JPEGImages", "images") if folder and os.path.isdir(os.path.join(data_root, folder))]  # "": no name
+               "JPEGImages", "images", os.path.join("images", name))
+               if folder and os.path.isdir(os.path.join(data_root, folder))]  # "": no name
     own = os.path.dirname(ann_file) or "."
     if os.path.abspath(own) != os.path.abspath(os.path.join(data_root, "annotations")):
         folders.append(own)
@@ -1584,8 +1599,10 @@ def _build_datasets(cfg, train_transforms, train):
                 path = os.path.join(data_root, "annotations", name)
                 if os.path.isfile(path):
                     return path
+            voc = "; it holds Annotations/: --data voc?" if os.path.isdir(os.path.join(data_root, "Annotations")) \
+                else ""
             raise FileNotFoundError(f"{os.path.join(data_root, 'annotations')}: no instances_{stem}2017.json or "
-                                    f"instances_{stem}.json; pass --{stem}-ann")
+                                    f"instances_{stem}.json; pass --{stem}-ann{voc}")
         val_ann = find(cfg.val_ann, "val")
         val_set = CocoDetection(_coco_image_dir(data_root, val_ann), val_ann)
         if not train:
@@ -1636,6 +1653,8 @@ def parse_args(argv, config_class, presets, make_config):
     preset = "none" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=f"Defaults shown: a plain --train's here (preset {preset}).")
     parser._negative_number_matcher = re.compile(r"-\.?\d")  # --draw-thresh -1e-3 a number, as Python 3.13 reads it
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (--help lists every flag)\n")  # not
+    # the usage line first: with a flag per Config field, it would push the message off the screen
     modes = parser.add_mutually_exclusive_group(required=True)
     modes.add_argument("--train", action="store_true", help="train, evaluate each epoch, save into --out")
     modes.add_argument("--eval", action="store_true", help="print the 12 COCO numbers of --weights on the val split")
@@ -1667,8 +1686,11 @@ def parse_args(argv, config_class, presets, make_config):
     # applies: a Config may refuse some flags given alone
     data = make_config(given, preset=args.preset).data if sized or "data_root" in given else None
     if sized and data != "synthetic":
+        resize = [f"--{k.replace('_', '-')}" for k, c in comments.items()  # (SSD's scales: its default boxes')
+                  if k in ("min_size", "max_size", "size") or k == "scales" and "shorter side" in c]
         parser.error(f"--{sized[0].replace('_', '-')}: sizes the synthetic data only; --data {data} uses every image "
-                     "of its splits, each at its own size (the model resizes it)")
+                     "of its splits, each at its own size" + (f" (the model resizes it: {', '.join(resize)})"
+                                                             if resize else ""))
     if args.train and "data_root" in given and not {"resume", "weights"} & set(given) and data == "synthetic":
         parser.error("--data-root: for --data coco or voc; without --data the data is synthetic")
     for k in ("train_ann", "val_ann", "train_proposals", "val_proposals"):  # a file found from here: absolute, so

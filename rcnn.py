@@ -966,8 +966,9 @@ def train(cfg: Config):
 def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config:
     """Config defaults < the preset < the config of --weights or --resume < the command line."""
     values, fields = dict(PRESETS.get(preset, {})), {f.name: f for f in dataclasses.fields(Config)}
-    for k, v in (saved or {}).items():
-        if k in fields:  # a checkpoint of an older version may have fields this file no longer has
+    moved = "data_root" in given and os.path.abspath(given["data_root"]) != (saved or {}).get("data_root")
+    for k, v in (saved or {}).items():  # (another --data-root: not the checkpoint's annotation or proposal files)
+        if k in fields and not (moved and k.endswith(("_ann", "_proposals"))):  # (fields of an older version: left)
             values[k] = tuple(v) if fields[k].type is tuple else v
     values.update(given)
     if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision

@@ -734,6 +734,35 @@ def test_byte_order_marks_are_skipped(tmp_path):
         assert len(data.CocoDetection(image_dir, ann)) == 1
 
 
+def test_coco_layouts_of_labelling_tools_and_wrong_files(tmp_path):
+    """CVAT's (Datumaro's) export: annotations/instances_default.json, its images in images/default/; an image not
+    found names every folder looked in; a folder or VOC's xml given as the json says so; --data coco on a VOC root
+    suggests --data voc."""
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "images" / "default").mkdir(parents=True)
+    image_dir, ann = make_coco(tmp_path / "images" / "default", [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]}])
+    os.rename(ann, tmp_path / "annotations" / "instances_default.json")
+    cfg = types.SimpleNamespace(data="coco", data_root=str(tmp_path), seed=0, train_ann="", val_ann="")
+    for k in ("train_ann", "val_ann"):
+        setattr(cfg, k, "annotations/instances_default.json")
+    with pytest.warns(UserWarning, match="no training box of class b"):
+        train, val = data.build_datasets(cfg)
+    assert train.image_dir == image_dir and val[0][0].shape == (3, 24, 32)
+    os.remove(tmp_path / "images" / "default" / "x.jpg")
+    with pytest.raises(SystemExit, match=r"'file_name' 'x.jpg' not found \(.*; looked for in .*images, .*default"):
+        data.build_datasets(cfg)
+    with pytest.raises(ValueError, match=r"annotations: a folder, not a COCO json file"):
+        data.CocoDetection(str(tmp_path), str(tmp_path / "annotations"))
+    (tmp_path / "a.xml").write_text("<annotation/>")
+    with pytest.raises(ValueError, match=r"a.xml: corrupt json \(.*\); VOC's xml files: --data voc"):
+        data.CocoDetection(str(tmp_path), str(tmp_path / "a.xml"))
+    root = make_voc(tmp_path, {"a": [("dog", 1, 1, 5, 5, 0)]})
+    with pytest.raises(SystemExit, match=r"no instances_val2017.json .*; pass --val-ann; it holds Annotations/: --data "
+                                         r"voc\?"):
+        data.build_datasets(types.SimpleNamespace(data="coco", data_root=str(root), seed=0, train_ann="", val_ann=""))
+
+
 def test_exif_orientation_is_named(tmp_path):
     """Pixels are read as stored; an image that photo viewers show turned (EXIF orientation) is named in one warning,
     and in the size error when its annotated size is the turned one."""
@@ -749,6 +778,9 @@ def test_exif_orientation_is_named(tmp_path):
     Image.new("RGB", (24, 32), 128).save(tmp_path / "y.jpg", exif=exif)
     with pytest.raises(ValueError, match=r"y.jpg: image is 24x32 but .* 'height' 24 \(EXIF orientation 6: annotated"):
         data.CocoDetection(image_dir, ann)
+    Image.new("RGB", (20, 30), 128).save(tmp_path / "y.jpg", exif=exif)  # a size that is not the turned one: no hint
+    with pytest.raises(ValueError, match=r"y.jpg: image is 20x30 but .* 'height' 24$"):
+        data.CocoDetection(image_dir, ann)
 
 
 def test_voc_missing_xml(tmp_path):
@@ -757,8 +789,18 @@ def test_voc_missing_xml(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Annotations/a.xml: annotation file not found"):
         data.VocDetection(root, "train")
     with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/test.txt: split file not found \(split 'test'; "
-                                                r"there: train\)"):
+                                                r"there: train\); a split file lists image ids, one per line, without"):
         data.VocDetection(root, "test")
+    open(os.path.join(root, "instances.json"), "w").write("{}")  # a COCO json there: --data coco is named
+    with pytest.raises(FileNotFoundError, match=r"without extension .*; for the COCO json there: --data coco"):
+        data.VocDetection(root, "test")
+
+
+def test_voc_split_ids_written_with_their_extension(tmp_path):
+    """LabelImg-style split files list "a.jpg": the id is "a" where Annotations/a.xml is there."""
+    root = make_voc(tmp_path, {"a": [("dog", 1, 1, 5, 5, 0)], "b": [("cat", 2, 2, 9, 9, 0)]})
+    open(os.path.join(root, "ImageSets", "Main", "train.txt"), "w").write("a.jpg\nb\n")
+    assert data.VocDetection(root, "train").ids == ["a", "b"]
 
 
 def test_voc_broken_xml_and_missing_image(tmp_path):
@@ -2012,7 +2054,11 @@ def test_command_line_refuses_what_it_would_ignore(tmp_path, capsys):
                           (["--train", "--data", "coco", "--image-size", "640"], "--image-size: sizes the synthetic")):
         with pytest.raises(SystemExit):
             parse_args(module, argv)
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err  # one line: not after the usage line of a hundred flags
+        assert message in err and err.endswith("(--help lists every flag)\n") and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        parse_args(module, ["--train", "--data", "voc", "--image-size", "96"])  # and what sizes real data instead
+    assert "own size (the model resizes it: --min-size, --max-size)" in capsys.readouterr().err
     assert parse_args(module, ["--train", "--num-train", "50"])[1] == {"num_train": 50}
     # YOLOv5's --image-size is its letterbox, for any data
     assert parse_args(REGISTRY["yolo"].module, ["--train", "--data", "coco", "--image-size", "640"])[1] == {
@@ -2020,6 +2066,20 @@ def test_command_line_refuses_what_it_would_ignore(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(SystemExit, match="no .jpg, .jpeg, .png, .bmp, .tif, .tiff or .webp file in this folder"):
         data.image_files(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_another_data_root_leaves_the_checkpoints_annotation_files(tmp_path):
+    """--eval or fine-tuning with --weights and another --data-root: the checkpoint's annotation and proposal files
+    (its old dataset's) are not carried over, its other settings are; with the same root they are."""
+    module, old = REGISTRY["fast_rcnn"].module, str(tmp_path / "old")
+    saved = dataclasses.asdict(module.make_config({"data": "coco", "data_root": old, "val_ann": f"{old}/v.json",
+                                                   "train_ann": "t.json", "val_proposals": "p.npz", "nms_thresh": 0.4}))
+    same = module.make_config({"data_root": old}, saved)
+    assert (same.val_ann, same.train_ann, same.val_proposals) == (f"{old}/v.json", "t.json", "p.npz")
+    other = module.make_config({"data_root": str(tmp_path / "new")}, saved)
+    assert (other.val_ann, other.train_ann, other.val_proposals, other.data, other.nms_thresh) == ("", "", "", "coco",
+                                                                                                   0.4)
+    assert module.make_config({"data_root": str(tmp_path / "new"), "val_ann": "x.json"}, saved).val_ann == "x.json"
 
 
 def test_files_found_from_the_working_folder_are_saved_absolute(tmp_path, monkeypatch):
@@ -2786,6 +2846,8 @@ def test_yolo_v7_state_dict_as_weights(tmp_path):
     assert f"img.png: {expected} detections scoring >= 0.05" in output
     with pytest.raises(SystemExit, match=r"yolov5s.pt is a pickled model: .*torch.save\(torch.load\('yolov5s.pt'"):
         yolo.load_weights("yolov5s")
+    with pytest.raises(SystemExit, match=r"^--weights runs/nope/best.pt: no such file$"):  # a typo: no recipe
+        yolo.load_weights("runs/nope/best.pt")
 
 
 def test_yolo_build_targets_neighbours_and_ratio_test():

@@ -413,11 +413,14 @@ def reference_weights(weights: str, state_dict: dict = None):
     numbers. Released files (yolov5s.pt ...) are pickled models that need the yolov5 code: README says how to turn one
     into a state dict."""
     if state_dict is None or "model.0.conv.weight" not in state_dict:
-        raise SystemExit(f"--weights {weights}: " + ("neither a checkpoint of yolo.py nor a v7.0 DetectionModel state "
-                         "dict" if os.path.exists(weights) else "no such file") + ". "
-                         "A released yolov5s.pt is a pickled model: in a yolov5 v7.0 checkout run  python -c \"import "
-                         "torch; torch.save(torch.load('yolov5s.pt', weights_only=False)['model'].float().state_dict(),"
-                         " 'yolov5s_state_dict.pt')\"  and pass --weights yolov5s_state_dict.pt")
+        recipe = ("A released yolov5s.pt is a pickled model: in a yolov5 v7.0 checkout run  python -c \"import torch; "
+                  "torch.save(torch.load('yolov5s.pt', weights_only=False)['model'].float().state_dict(), "
+                  "'yolov5s_state_dict.pt')\"  and pass --weights yolov5s_state_dict.pt")
+        if os.path.exists(weights):
+            raise SystemExit(f"--weights {weights}: neither a checkpoint of yolo.py nor a v7.0 DetectionModel state "
+                             f"dict. {recipe}")
+        released = os.path.basename(weights).startswith("yolov5")  # a released file's name: the recipe too
+        raise SystemExit(f"--weights {weights}: no such file" + (f". {recipe}" if released else ""))
     state_dict = convert_yolov5(state_dict)
     anchors = state_dict["head.anchors"]  # [L, A, 2] pixels
     K = state_dict["head.convs.0.weight"].shape[0] // anchors.shape[1] - 5
@@ -1053,8 +1056,9 @@ def train(cfg: Config):
 def make_config(given: dict, saved: dict = None, preset: str = "none") -> Config:
     """Config defaults < the preset < the config of --weights or --resume < the command line."""
     values, fields = dict(PRESETS.get(preset, {})), {f.name: f for f in dataclasses.fields(Config)}
-    for k, v in (saved or {}).items():
-        if k in fields:  # a checkpoint of an older version may have fields this file no longer has
+    moved = "data_root" in given and os.path.abspath(given["data_root"]) != (saved or {}).get("data_root")
+    for k, v in (saved or {}).items():  # (another --data-root: not the checkpoint's annotation or proposal files)
+        if k in fields and not (moved and k.endswith(("_ann", "_proposals"))):  # (fields of an older version: left)
             values[k] = tuple(v) if fields[k].type is tuple else v
     values.update(given)
     if "frozen_bn" in fields:  # unless set: batch norm frozen when starting from pretrained weights, as torchvision
