@@ -606,6 +606,7 @@ def postprocess(pred_logits: Tensor, pred_boxes: Tensor, original_sizes: list) -
 
 # ALGO LOGIC: what the template needs from this detector
 DETECTOR = DETR  # the class the template builds, trains, evaluates and saves
+PREDICT = {}  # --predict's Config values where no flag sets them (yolo.py: detect.py's); none here
 
 
 def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
@@ -862,6 +863,8 @@ def main(argv=None):
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
         raise SystemExit("--eval and --predict need --weights (a run's best.pt, or what --help names)")
+    if args.predict:  # the file's --predict values (YOLOv5: detect.py's, not val.py's) where no flag sets them
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in PREDICT.items() if k not in given})
     model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
     if args.eval:

@@ -1688,7 +1688,8 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     assert [(r["file"], r["width"], r["height"]) for r in records] == [(str(images / f), 64, 64)
                                                                       for f in ("img0.jpg", "img0.png")]
     state_dict, class_names, config = module.load_weights(str(out / "best.pt"))
-    model = module.DETECTOR(module.make_config({}, config), load_backbone=False).eval()
+    cfg = dataclasses.replace(module.make_config({}, config), **module.PREDICT)  # (YOLOv5: detect.py's decoding)
+    model = module.DETECTOR(cfg, load_backbone=False).eval()
     model.load_state_dict(state_dict)
     with torch.no_grad():
         det = model([data.load_image(str(images / "img0.png"))])[0]
@@ -2358,7 +2359,7 @@ def test_voc_evaluation_adds_voc_map():
 
 # --- The template ---
 
-TEMPLATE_PER_FILE = {"DETECTOR", "make_optimizer", "train_transforms", "draw_targets"}
+TEMPLATE_PER_FILE = {"DETECTOR", "PREDICT", "make_optimizer", "train_transforms", "draw_targets"}
 
 
 def template(name):
@@ -2840,10 +2841,13 @@ def test_yolo_v7_state_dict_as_weights(tmp_path):
     backbone = yolo.YOLO(yolo.make_config({**config, "backbone_weights": str(tmp_path / "v7.pt")})).backbone
     assert all(torch.equal(v, state_dict[f"backbone.{k}"]) for k, v in backbone.state_dict().items())
     torchvision.io.write_png(reference["images"][0], str(tmp_path / "img.png"))
-    output = run_main("yolo", "--predict", tmp_path / "img.png", "--weights", tmp_path / "v7.pt", "--out",
-                      tmp_path / "pred", "--image-size", "96", "--letterbox-pad", "0", "--draw-thresh", "0.05")
-    expected = int((reference["detections"]["val"][0][:, 4] >= 0.05).sum())  # v7.0's, val.py's NMS
-    assert f"img.png: {expected} detections scoring >= 0.05" in output
+    flags = ["--image-size", "96", "--letterbox-pad", "0", "--draw-thresh", "0.05"]
+    for nms, extra in (("detect", ["--conf-thresh", "0.05"]),  # --predict's defaults: detect.py's (best class, IoU
+                       ("val", ["--multi-label", "--conf-thresh", "0.001", "--iou-thresh", "0.6"])):  # 0.45); flags
+        output = run_main("yolo", "--predict", tmp_path / "img.png", "--weights", tmp_path / "v7.pt", "--out",
+                          tmp_path / "pred", *flags, *extra)
+        expected = int((reference["detections"][nms][0][:, 4] >= 0.05).sum())  # v7.0's NMS as detect.py / val.py
+        assert f"img.png: {expected} detections scoring >= 0.05" in output
     with pytest.raises(SystemExit, match=r"yolov5s.pt is a pickled model: .*torch.save\(torch.load\('yolov5s.pt'"):
         yolo.load_weights("yolov5s")
     with pytest.raises(SystemExit, match=r"^--weights runs/nope/best.pt: no such file$"):  # a typo: no recipe

@@ -95,7 +95,7 @@ class Config:
     cls_gain: float = 0.5  # weight of the classification loss, x K / 80
     balance: tuple = (4.0, 1.0, 0.4)  # objectness loss weight of P3, P4, P5
     autoanchor: bool = True  # before training: check the anchors' best possible recall, evolve new ones below 0.98
-    # decoding (val.py's; detect.py uses conf 0.25, iou 0.45, one label per box)
+    # decoding: val.py's, for evaluation; --predict takes detect.py's (PREDICT: conf 0.25, iou 0.45, one label per box)
     conf_thresh: float = 0.001  # candidates: objectness, then objectness x class probability, above this
     iou_thresh: float = 0.6  # NMS IoU, per class [the README's COCO AP: 0.65]
     max_det: int = 300  # detections kept per image
@@ -142,7 +142,7 @@ class Config:
     out: str = "runs/yolo"  # output folder: config.json, metrics.jsonl, last.pt, best.pt, PNGs
     resume: str = ""  # checkpoint (last.pt) to continue training from
     weights: str = ""  # PATH to a checkpoint of this file or the state dict of a v7.0 model: start from / evaluate
-    draw_thresh: float = 0.5  # --predict draws detections scoring at least this
+    draw_thresh: float = 0.25  # --predict draws detections scoring at least this (detect.py's conf-thres)
 
 
 # Presets: values over the defaults, under the command line (--preset NAME; without CUDA, cpu is picked by itself).
@@ -844,6 +844,7 @@ class YoloAugment:
 
 # ALGO LOGIC: what the template needs from this detector
 DETECTOR = YOLO  # the class the template builds, trains, evaluates and saves
+PREDICT = dict(multi_label=False, conf_thresh=0.25, iou_thresh=0.45)  # --predict decodes as detect.py
 
 
 def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int, world_size: int, train_set=None):
@@ -1095,6 +1096,8 @@ def main(argv=None):
         return print(f"wrote {min(8, len(train_set))} pictures of the assignment to {cfg.out}")
     if state_dict is None:
         raise SystemExit("--eval and --predict need --weights (a run's best.pt, or what --help names)")
+    if args.predict:  # the file's --predict values (YOLOv5: detect.py's, not val.py's) where no flag sets them
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in PREDICT.items() if k not in given})
     model = DETECTOR(dataclasses.replace(cfg, num_classes=len(class_names)), load_backbone=False).to(device).eval()
     load_state(model, state_dict, f"--weights {cfg.weights}")
     if args.eval:
