@@ -41,11 +41,12 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import typing
 import warnings
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -1154,7 +1155,8 @@ _PROPOSAL_JOB = None  # (dataset, keyword arguments) in a worker process of comp
 def _proposal_worker_init(dataset, kwargs):
     global _PROPOSAL_JOB
     torch.set_num_threads(1)  # one image per process: threads would only compete
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (Pool.terminate's; not the main process's handler, forked)
     _PROPOSAL_JOB = (dataset, kwargs)
 
 
@@ -1169,22 +1171,32 @@ def compute_proposals(dataset, workers=0, **kwargs):
     global _PROPOSAL_JOB
     transforms, dataset.transforms = getattr(dataset, "transforms", None), None
     workers = min(workers, os.cpu_count() or 1, len(dataset))
-    results, tic = [], time.perf_counter()
+    results, tic, pool = [], time.perf_counter(), None
+    # Ctrl-C or SIGTERM (a scheduler's; unless train() handles it already): the workers are stopped, and one line says
+    # what was lost
+    own_sigterm = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and threading.current_thread() is \
+        threading.main_thread()
+    own_sigterm and signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if workers > 1:  # fork: the dataset is inherited, not pickled
-            context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(workers, context, _proposal_worker_init, (dataset, kwargs)) as pool:
-                chunk = max(1, min(16, len(dataset) // (8 * workers)))
-                jobs = pool.map(_proposals_of, range(len(dataset)), chunksize=chunk)
-                for boxes in jobs:
-                    results.append(boxes)
-                    _progress(dataset, results, tic, workers)
+            pool = multiprocessing.get_context("fork").Pool(workers, _proposal_worker_init, (dataset, kwargs))
+            chunk = max(1, min(16, len(dataset) // (8 * workers)))
+            for boxes in pool.imap(_proposals_of, range(len(dataset)), chunksize=chunk):
+                results.append(boxes)
+                _progress(dataset, results, tic, workers)
         else:
             _PROPOSAL_JOB = (dataset, kwargs)
             for i in range(len(dataset)):
                 results.append(_proposals_of(i))
                 _progress(dataset, results, tic, 1)
+    except KeyboardInterrupt:
+        raise SystemExit(f"\nstopped during the selective search of {dataset.source} ({len(results)} of {len(dataset)} "
+                         "images; nothing saved): the same command starts it again") from None
     finally:
+        if pool is not None:
+            pool.terminate()  # (done or not: no worker left behind)
+            pool.join()
+        own_sigterm and signal.signal(signal.SIGTERM, signal.SIG_DFL)
         dataset.transforms, _PROPOSAL_JOB = transforms, None
     return results
 
@@ -1330,10 +1342,10 @@ def check_out_folder(out, resume):
                          "over, --out ANOTHER_FOLDER or delete that last.pt")
 
 
-def check_resume(checkpoint, path, batch, steps, epochs):
+def check_resume(checkpoint, path, batch, steps, epochs, accumulate=1):
     """Stops with one line when --resume's checkpoint cannot go on exactly here: weights only (a best.pt), another
-    number of images per step (--batch-size x processes) or of steps per epoch (another dataset or --num-train), or
-    nothing left to do (a run that ended: --epochs more to go on)."""
+    number of images per step (--batch-size x processes), of batches per optimizer step (--accumulate) or of steps per
+    epoch (another dataset or --num-train), or nothing left to do (a run that ended: --epochs more to go on)."""
     if "optimizer" not in checkpoint:
         raise SystemExit(f"--resume {path}: weights only (best.pt?): resume from last.pt")
     if checkpoint["epoch"] >= epochs:
@@ -1342,6 +1354,8 @@ def check_resume(checkpoint, path, batch, steps, epochs):
     if (was := checkpoint["config"]["batch_size"] * checkpoint["world_size"]) != batch:
         raise SystemExit(f"--resume {path}: trained {was} images per step (--batch-size x processes), here {batch}: "
                          "resume with as many")
+    if (was := checkpoint["config"].get("accumulate", 1)) != accumulate:
+        raise SystemExit(f"--resume {path}: trained with --accumulate {was}, here {accumulate}: resume with as many")
     if checkpoint.get("steps", steps) != steps:  # (a checkpoint before 2026-11-29 does not say)
         raise SystemExit(f"--resume {path}: epochs of {checkpoint['steps']} steps, here {steps}: resume on the same "
                          "data")
@@ -1398,6 +1412,9 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
     """
     label_map = None  # identity
     unnamed = class_names is not None and list(class_names[1:]) == [str(k) for k in range(1, len(class_names))]
+    if unnamed and len(class_names) != dataset.num_classes:  # e.g. torchvision's weights of another class count
+        warnings.warn(f"the model has {len(class_names) - 1} classes, {dataset.source} {dataset.num_classes - 1}: its "
+                      f"labels 1..{len(class_names) - 1} are taken as the data's")
     if class_names is not None and tuple(class_names) != tuple(dataset.class_names) and not unnamed:
         names = dataset.class_names
         label_map = {i: names.index(n) for i, n in enumerate(class_names) if i and n in names}

@@ -708,12 +708,14 @@ def train(cfg: Config):
     cfg.channels_last and raw_model.to(memory_format=torch.channels_last)
     steps = data.steps_per_epoch(train_set, cfg.batch_size, world_size)
     optimizer, scheduler = make_optimizer(raw_model, cfg, steps, world_size, train_set)  # (YOLOv5: AutoAnchor too)
+    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # stepped per batch, also
+    # between --accumulate's optimizer steps, as the lr follows the batches: torch would warn at the first
     ema = copy.deepcopy(raw_model).requires_grad_(False) if cfg.ema_decay else None  # then evaluated and saved
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, [device.index] if device.type == "cuda" else None)
     epoch, step, best = 0, 0, {"AP": -math.inf}
     if resume:
-        data.check_resume(resume, cfg.resume, cfg.batch_size * world_size, steps, cfg.epochs)  # it can go on exactly
+        data.check_resume(resume, cfg.resume, cfg.batch_size * world_size, steps, cfg.epochs, cfg.accumulate)
         raw_model.load_state_dict(resume["raw_model"] or resume["model"])
         for name, obj in (("model", ema), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             obj is None or not resume[name] or data.resume_state(obj, resume[name])  # a scaler saved off: {}
@@ -747,7 +749,7 @@ def train(cfg: Config):
     stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second Ctrl-C acts as it did before
     handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(sig == signal.SIGTERM or signal.signal(
         sig, handlers[sig]))) for sig in (signal.SIGINT, signal.SIGTERM)}  # each SIGTERM: SLURM's, then torchrun's
-    start_iter, start_time = epoch * steps + step, time.perf_counter()
+    start_time = time.perf_counter() - (resume or {}).get("time_s", 0.0)  # time_s: the run's, over its resumes
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
         model.train()
@@ -782,7 +784,7 @@ def train(cfg: Config):
             if not all(map(math.isfinite, terms.values())):
                 raise SystemExit(f"non-finite loss in epoch {epoch} steps {window_start}-{step - 1}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in terms.items()) + "; stopped, the last checkpoint is intact")
-            done, elapsed = epoch * steps + step - start_iter, time.perf_counter() - start_time
+            done, elapsed = epoch * steps + step, time.perf_counter() - start_time  # (the run's: ETA over its resumes)
             log({"epoch": epoch, "step": f"{step}/{steps}", "iter": epoch * steps + step, "loss": sum(terms.values()),
                  **terms, "lr": lr, "img_s": count * cfg.batch_size / (time.perf_counter()
                  - tic), "eta_min": elapsed / done * ((cfg.epochs - epoch) * steps - step) / 60, "time_s": elapsed,
@@ -802,14 +804,14 @@ def train(cfg: Config):
                 save(weights, "best.pt")
             save({**weights, "raw_model": ema and raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                  "world_size": world_size, "steps": steps}, "last.pt")
+                  "world_size": world_size, "steps": steps, "time_s": time.perf_counter() - start_time}, "last.pt")
         asked = torch.tensor(float(bool(stop)), device=device)  # also during the evaluation; on any rank: on all
         ddp and dist.all_reduce(asked)  # (and the other ranks wait for rank 0's checkpoint)
         if step or (asked and epoch < cfg.epochs):  # stopped mid-epoch, or at an epoch's end (not the run's)
             if main_process:
                 print(f"stopped at epoch {epoch} step {step}/{steps}, saved in {cfg.out}/last.pt; to go on:\n    "
-                      + ("python" if world_size == 1 else f"torchrun --nproc_per_node {world_size}")
-                      + f" {os.path.basename(__file__)} --train --resume {shlex.quote(cfg.out + '/last.pt')}")
+                      + ("python" if world_size == 1 else f"torchrun --nproc_per_node {world_size}") + " "
+                      + shlex.join([os.path.relpath(__file__), "--train", "--resume", f"{cfg.out}/last.pt"]))
             raise SystemExit(130)
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "

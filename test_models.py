@@ -451,6 +451,20 @@ def test_predict_inputs_skip_what_cannot_be_read_and_turn_photos_upright(tmp_pat
         list(data.predict_inputs(str(tmp_path / "b.jpg"), str(tmp_path / "out")))
 
 
+def test_evaluate_says_when_unnamed_classes_are_not_the_datas():
+    """Weights that name no classes (a reference's state dict) of another class count than the data: a warning."""
+    class Nothing(torch.nn.Module):
+        def forward(self, images):
+            return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+                    for _ in images]
+    dataset = data.SyntheticShapes(2, 32, seed=0)
+    with pytest.warns(UserWarning, match=r"the model has 4 classes, synthetic .* 6: its labels 1..4 are taken as the"):
+        data.evaluate(Nothing(), dataset, 2, 0, "cpu", ["__background__", "1", "2", "3", "4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as many: no warning
+        data.evaluate(Nothing(), dataset, 2, 0, "cpu", ["__background__", *map(str, range(1, 7))])
+
+
 def test_draw_boxes_writes_png(tmp_path):
     image = torch.full((3, 60, 80), 0.5)
     boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0], [30.0, 10.0, 75.0, 55.0]])
@@ -1767,9 +1781,12 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert stopped.value.code == 130
-    assert re.search(r"stopped at epoch 0 step 2/4, saved in .*last.pt; to go on:\n    python .*--resume",
+    assert re.search(r"stopped at epoch 0 step 2/4, saved in .*last.pt; to go on:\n    python "  # (the file as named
+                     rf"{re.escape(os.path.relpath(module.__file__))} --train --resume",  # from the working folder)
                      capsys.readouterr().out)
     monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"trained with --accumulate 1, here 2: resume with as many"):
+        module.main(["--train", "--resume", str(tmp_path / "a" / "last.pt"), "--accumulate", "2"])
     with open(tmp_path / "a" / "metrics.jsonl", "a") as f:  # a line half written when a crash stopped the run
         f.write('{"epoch": 0, "step": "3/4", "it')
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # the run's folder moved (or copied): it goes on where it is now
@@ -1780,8 +1797,10 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
     resumed, straight = (torch.load(run / "last.pt", weights_only=True) for run in (tmp_path / "b", straight))
     assert resumed["epoch"] == straight["epoch"] == 1 and resumed["step"] == 0
     assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
-    steps = [(r["epoch"], r.get("step")) for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl"))]
-    assert steps == [(0, "1/4"), (0, "2/4"), (0, "3/4"), (0, "4/4"), (0, None)]
+    records = list(map(json.loads, open(tmp_path / "b" / "metrics.jsonl")))
+    assert [(r["epoch"], r.get("step")) for r in records] == [(0, "1/4"), (0, "2/4"), (0, "3/4"), (0, "4/4"), (0, None)]
+    times = [r["time_s"] for r in records]  # the run's time, over its resume: the log's second part goes on from
+    assert times == sorted(times) and times[2] >= torch.load(tmp_path / "a" / "last.pt")["time_s"] > 0  # the first's
 
 
 def terminate_in_step(monkeypatch, n):
@@ -3577,6 +3596,35 @@ def test_bench_selective_search_options(monkeypatch, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:.*degenerate")
+def processes_running(script) -> list:
+    """The pids (Linux /proc) of processes whose command line names script."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            if str(script).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                pids.append(pid)
+        except OSError:  # ended meanwhile
+            pass
+    return pids
+
+
+def test_selective_search_stops_in_one_line_without_leaving_workers(tmp_path):
+    """Ctrl-C or a scheduler's SIGTERM during the selective search of a dataset in worker processes (about a minute
+    in R-CNN's cpu preset): one line saying what was lost, and no worker left running (it used to hang in the pool's
+    exit, or leave its workers orphaned)."""
+    script = tmp_path / "search.py"
+    script.write_text(f"import sys; sys.path.insert(0, {ROOT!r}); import data\n"
+                      "data.compute_proposals(data.SyntheticShapes(400, 128, seed=0), workers=2)\n")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        process = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+        time.sleep(4)  # (the pool is searching)
+        process.send_signal(sig)
+        err = process.communicate(timeout=60)[1]
+        assert process.returncode == 1 and err.strip().startswith("stopped during the selective search of synthetic")
+        assert "Traceback" not in err and "nothing saved): the same command starts it again" in err
+        assert not processes_running(script), f"workers left after {sig!r}"
+
+
 def test_proposals_files_and_cache(tmp_path, monkeypatch):
     """Proposals files (.npz and .json, named by image) load per image in dataset order, and name what is missing;
     computed proposals are cached in one file, reused while the images and settings are the same, made anew
