@@ -59,6 +59,9 @@ from common import box_xyxy_to_xywh, coco_evaluate, draw_boxes, voc_evaluate
 
 # --- Images and boxes ---
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # the files --predict reads in a folder
+
+
 def load_image(path, upright=False):
     """Any image file PIL reads -> float [3, H, W] RGB in [0, 1].
 
@@ -599,7 +602,7 @@ class VocDetection(torch.utils.data.Dataset):
         if not os.path.isfile(split_file):
             there = sorted(f[:-4] for f in os.listdir(os.path.dirname(split_file)) if f.endswith(".txt")) \
                 if os.path.isdir(os.path.dirname(split_file)) else []
-            jsons = [f for _, _, names in os.walk(root) for f in names if f.endswith(".json")][:1]
+            jsons = any(f.endswith(".json") for _, _, names in os.walk(root) for f in names)  # (the first ends it)
             raise FileNotFoundError(f"{split_file}: split file not found (split {split!r}; there: "
                                     f"{', '.join(there) or 'none'}); a split file lists image ids, one per line, "
                                     "without extension (Annotations/<id>.xml)"
@@ -608,11 +611,16 @@ class VocDetection(torch.utils.data.Dataset):
         ann_dir = os.path.join(root, "Annotations")
         with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad's) is skipped
             lines = [line.strip() for line in f if line.strip()]
-        # the whole line when it names an xml (ids with spaces), else the first word (per-class files: "000005 -1"),
-        # without an extension where one was written ("000005.jpg") and its xml is there
-        words = [line if os.path.isfile(os.path.join(ann_dir, f"{line}.xml")) else line.split()[0] for line in lines]
-        self.ids = [stem if ext.lower() in (".jpg", ".jpeg", ".png", ".xml") and os.path.isfile(
-            os.path.join(ann_dir, f"{stem}.xml")) else word for word in words for stem, ext in [os.path.splitext(word)]]
+
+        # an id: the whole line when it names an xml (ids with spaces), else the first word (per-class files:
+        # "000005 -1"), without an extension where one was written ("000005.jpg") and its xml is there
+        def voc_id(line):
+            if os.path.isfile(os.path.join(ann_dir, f"{line}.xml")):
+                return line
+            stem, ext = os.path.splitext(word := line.split()[0])
+            known = ext.lower() in IMAGE_EXTENSIONS + (".xml",) and os.path.isfile(os.path.join(ann_dir, f"{stem}.xml"))
+            return stem if known else word
+        self.ids = [voc_id(line) for line in lines]
         records = [self._parse(os.path.join(ann_dir, f"{i}.xml"), i) for i in self.ids]
         sizes = check_images([rec["image"] for rec in records],  # some exports write <width>0</width>: the image's
                              [(rec["width"], rec["height"]) if rec["width"] > 0 and rec["height"] > 0 else None
@@ -1411,7 +1419,7 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
     names ("1", "2", ...: a state dict file of a reference's weights, which holds none) are taken as the labels.
     """
     label_map = None  # identity
-    unnamed = class_names is not None and list(class_names[1:]) == [str(k) for k in range(1, len(class_names))]
+    unnamed = class_names is not None and _unnamed(class_names)
     if unnamed and len(class_names) != dataset.num_classes:  # e.g. torchvision's weights of another class count
         warnings.warn(f"the model has {len(class_names) - 1} classes, {dataset.source} {dataset.num_classes - 1}: its "
                       f"labels 1..{len(class_names) - 1} are taken as the data's")
@@ -1470,7 +1478,7 @@ def image_files(path, out=None):
                          "could replace images: choose another")
     if os.path.isfile(path):
         return [path]
-    kinds = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+    kinds = IMAGE_EXTENSIONS
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(kinds) and f[0] != ".")
     if not files:
         raise SystemExit(f"{path}: no {', '.join(kinds[:-1])} or {kinds[-1]} file in this folder")
@@ -1516,12 +1524,17 @@ def predict(model, path, out, class_names, draw_thresh, device):
     print(f"wrote the detections of {len(records)} images to {os.path.join(out, 'predictions.json')}")
 
 
+def _unnamed(class_names):
+    """Class names that are the labels' numbers ("1", "2", ...): a reference's state dict, which names none."""
+    return list(class_names[1:]) == [str(k) for k in range(1, len(class_names))]
+
+
 def warn_other_classes(theirs, ours, source):
     """Fine-tuning: weights with as many classes as the data but other ones, or the same in another order, have their
     class layers taken by position: a warning (rank 0's) says so. Numbers as names (a reference's state dict) name
     nothing."""
-    unnamed, rank = list(theirs[1:]) == [str(k) for k in range(1, len(theirs))], int(os.environ.get("RANK", 0))
-    if len(theirs) == len(ours) and tuple(theirs) != tuple(ours) and not unnamed and rank == 0:
+    if len(theirs) == len(ours) and tuple(theirs) != tuple(ours) and not _unnamed(theirs) and \
+            int(os.environ.get("RANK", 0)) == 0:
         order = " (the same, in another order)" if sorted(theirs) == sorted(ours) else ""
         warnings.warn(f"{source}: its classes {', '.join(theirs[1:])} are taken by position as this data's "
                       f"{', '.join(ours[1:])}{order}: what they learned of each class starts on another one")
@@ -1698,7 +1711,8 @@ def parse_args(argv, config_class, presets, make_config):
     given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
     if args.predict and not os.path.exists(args.predict):
         parser.error(f"--predict {args.predict}: no such file or folder")
-    sized = [k for k in given if comments.get(k, "").startswith("synthetic:")]  # real data: say so, not ignore them
+    args.synthetic_only = {k for k, c in comments.items() if c.startswith("synthetic:")}  # (also announce_preset)
+    sized = [k for k in given if k in args.synthetic_only]  # on real data: say so, not ignore them
     # the data these flags give (a checkpoint's config is not known here), built only when one of the two checks below
     # applies: a Config may refuse some flags given alone
     data = make_config(given, preset=args.preset).data if sized or "data_root" in given else None
@@ -1714,7 +1728,6 @@ def parse_args(argv, config_class, presets, make_config):
         if given.get(k) and os.path.exists(given[k]):  # that --eval and --resume find it from any folder
             given[k] = os.path.abspath(given[k])
     args.flags = set(given)  # (announce_preset)
-    args.synthetic_only = {k for k, comment in comments.items() if comment.startswith("synthetic:")}
     if args.preset_given and args.train:  # a preset named for training outranks the config of --weights or --resume
         given = {**presets.get(args.preset, {}), **given}
     return args, {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
