@@ -144,10 +144,13 @@ def test_box_coder_matches_torchvision_including_the_clamp():
     assert torch.equal(coder.encode(gt, anchors), reference.encode_single(gt, anchors))
     deltas = torch.randn(200, 4 * 3, generator=torch.Generator().manual_seed(6)) * 3
     deltas[:20, 2::4] = 100.0  # exp(100 / 5) would be 5e8 times the anchor: the clamp must cut it
+    deltas[20:40, 3::4] = 100.0  # and the same for the heights
     decoded = coder.decode(deltas, anchors)
     assert torch.equal(decoded, reference.decode_single(deltas, anchors))
     widths = decoded[:20, 2::4] - decoded[:20, 0::4]
     torch.testing.assert_close(widths, (anchors[:20, 2:3] - anchors[:20, 0:1]) * 1000 / 16 * torch.ones(1, 3))
+    heights = decoded[20:40, 3::4] - decoded[20:40, 1::4]
+    torch.testing.assert_close(heights, (anchors[20:40, 3:4] - anchors[20:40, 1:2]) * 1000 / 16 * torch.ones(1, 3))
 
 
 def test_box_coder_round_trip_and_broadcasting():
@@ -288,6 +291,8 @@ EDGE_CASES = {
                                                   (1, 1, [100, 100, 5, 5], 0, 5000.0)],
                                                  [(1, 1, [0, 0, 40, 40], 0.9), (1, 1, [100, 100, 5, 5], 0.8),
                                                   (1, 1, [300, 300, 40, 40], 0.7)]),
+    "areas of exactly 32² and 96²: in both ranges": ([(1, 1, [0, 0, 32, 32], 0), (1, 2, [100, 100, 96, 96], 0)],
+                                                     [(1, 1, [0, 0, 32, 32], 0.9), (1, 2, [100, 100, 96, 96], 0.8)]),
     "only crowd gt: every setting -1": ([(1, 1, [0, 0, 10, 10], 1)], [(1, 1, [0, 0, 10, 10], 0.9)]),
     "no annotations": ([], [(1, 1, [0, 0, 10, 10], 0.9)]),
     "ties across images": ([(1, 1, [0, 0, 10, 10], 0), (2, 1, [0, 0, 10, 10], 0)],
@@ -414,6 +419,21 @@ def test_voc_evaluate_matches_py_faster_rcnn(seed):
             assert ours["per_class"][f"c{cat}"] == pytest.approx(expected, abs=1e-9)
         assert ours["per_class"]["c3"] == -1
         assert ours["mAP"] == pytest.approx((ours["per_class"]["c1"] + ours["per_class"]["c2"]) / 2)
+
+
+def test_voc_evaluate_iou_of_exactly_one_half_is_a_miss():
+    """py-faster-rcnn's voc_eval counts a detection as found only where its IoU is above 0.5, not at 0.5: with VOC's
+    +1 pixel sizes, a 10 x 20 detection on a 10 x 10 box at one corner overlaps it by exactly 100 / 200."""
+    gt = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "c1"}, {"id": 2, "name": "c2"}], "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0.0, 0, 10, 10], "area": 100.0, "iscrowd": 0,
+         "difficult": 0},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50.0, 50, 10, 10], "area": 100.0, "iscrowd": 0,
+         "difficult": 0}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0.0, 0, 10, 20], "score": 0.9},
+            {"image_id": 1, "category_id": 2, "bbox": [50.0, 50, 10, 19], "score": 0.9}]  # IoU 100 / 190: found
+    ours = common.voc_evaluate(gt, dets)
+    assert ours["per_class"] == {"c1": 0.0, "c2": 1.0} == {f"c{c}": reference_voc_eval(gt, dets, c, 0.5, False)
+                                                            for c in (1, 2)}
 
 
 # --- Drawing ---
@@ -1500,6 +1520,21 @@ def test_faster_rcnn_proposal_selection_is_torchvisions_filter_proposals(n):
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs)) and 100 < len(ours[0]) <= 600
 
 
+def test_faster_rcnn_detections_clipped_to_nothing_are_dropped_as_torchvision_does():
+    """RoIs beyond the image's border decode to boxes that clipping leaves without width: torchvision's
+    postprocess_detections drops them (remove_small_boxes), and so does ours; the others are its detections too."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    cfg = faster_rcnn.Config(box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100)
+    rois = torch.tensor([[10.0, 10, 40, 40], [120, 10, 150, 40], [50, 50, 90, 95], [-30, 60, -5, 90]])
+    logits, deltas = torch.tensor([[0.0, 3, 0], [0, 3, 0], [0, 0, 3], [0, 3, 1]]), torch.zeros(4, 12)
+    ours = faster_rcnn.postprocess_detections(logits, deltas, rois, [4], [(100, 100)],
+                                              common.BoxCoder(cfg.bbox_reg_weights), cfg)[0]
+    heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, cfg.bbox_reg_weights, 0.05, 0.5, 100)
+    (boxes,), (scores,), (labels,) = heads.postprocess_detections(logits, deltas, [rois], [(100, 100)])
+    assert torch.equal(ours["boxes"], boxes) and torch.equal(ours["scores"], scores)
+    assert torch.equal(ours["labels"], labels) and labels.tolist() == [1, 2]  # RoIs 0 and 2; 1 and 3 had no width
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_empty_and_degenerate_targets_give_finite_losses(name):
     row = REGISTRY[name]
@@ -1886,6 +1921,44 @@ def test_best_pt_goes_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
     run_main("yolo", "--train", *tiny("yolo"), "--epochs", "2", "--out", tmp_path)
     best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "last.pt"))
     assert best["best"]["epoch"] == 1 and all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+
+
+def test_a_resumed_run_keeps_its_best_evaluates_its_ema_and_draws_anew_each_step(tmp_path, monkeypatch):
+    """yolo (it keeps an EMA), 2 epochs of 4 steps with --accumulate 3, Ctrl-C during epoch 0's evaluation, --resume:
+    the EMA is what is evaluated (and best.pt holds it); its decay ramps over the run's updates, on through the epoch
+    and the resume; an epoch's last batches (step 4, not a multiple of 3) update the weights at its end instead of
+    leaking into the next epoch; the resumed run keeps epoch 0's best (epoch 1 is worse: best.pt stays); every step
+    draws new random numbers (the model's randomness is seeded by step, not once an epoch)."""
+    evaluated, factors, draws = [], [], []
+
+    def evaluate(model, *args, **kwargs):  # AP 0.5 for epoch 0, 0.1 for epoch 1
+        evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        len(evaluated) == 1 and os.kill(os.getpid(), signal.SIGINT)
+        return dict.fromkeys(COCO_NAMES, 0.5 if len(evaluated) == 1 else 0.1)
+    lerp, forward = torch.Tensor.lerp_, yolo.DETECTOR.forward
+
+    def recorded_lerp(self, end, weight):  # the EMA's update: weight = 1 - decay
+        factors.append(float(weight))
+        return lerp(self, end, weight)
+
+    def drawing(self, *args, **kwargs):
+        self.training and draws.append(torch.rand(1).item())
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(data, "evaluate", evaluate)
+    monkeypatch.setattr(torch.Tensor, "lerp_", recorded_lerp)
+    monkeypatch.setattr(yolo.DETECTOR, "forward", drawing)
+    with pytest.raises(SystemExit):
+        run_main("yolo", "--train", *tiny("yolo"), "--epochs", "2", "--accumulate", "3", "--out", tmp_path)
+    best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert all(torch.equal(v, best["model"][k]) for k, v in evaluated[0].items())  # the EMA, not the raw weights
+    assert not all(torch.equal(v, last["raw_model"][k]) for k, v in evaluated[0].items() if v.is_floating_point())
+    output = run_main("yolo", "--train", "--resume", tmp_path / "last.pt")
+    assert len(evaluated) == 2 and torch.load(tmp_path / "best.pt", weights_only=True)["best"]["epoch"] == 0
+    assert "done: best AP 0.5000 (AP50 0.5000) after epoch 0" in output
+    updates = [w for i, w in enumerate(factors) if i == 0 or w != factors[i - 1]]  # one factor per update
+    decay = last["config"]["ema_decay"]
+    assert updates == pytest.approx([1 - decay * (1 - math.exp(-k / 3 / 2000)) for k in (3, 4, 7, 8)], rel=1e-9)
+    assert len(draws) == len(set(draws)) == 8
 
 
 def run_rank(name, args, rank, port, log):
@@ -2596,18 +2669,16 @@ def test_ssd_default_boxes_match_torchvision_generator():
         maps = [torch.zeros(1, 1, h, w) for h, w in grid]
         return DefaultBoxGenerator(**kwargs)(ImageList(torch.zeros(1, 3, size, size), [(size, size)]), maps)[0]
     grid300 = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
-    settings = ssd.DEFAULT_BOXES[300]
-    for scales, kwargs in [((), dict(scales=list(settings["scales"]))),
+    for scales, kwargs in [((), dict(scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05])),  # ssd300_vgg16's
                            ((0.2, 0.9), dict(min_ratio=0.2, max_ratio=0.9))]:
-        expected = reference(300, grid300, aspect_ratios=[list(r) for r in settings["aspect_ratios"]],
-                             steps=list(settings["steps"]), **kwargs)
+        expected = reference(300, grid300, aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+                             steps=[8, 16, 32, 64, 100, 300], **kwargs)
         assert torch.equal(ssd.make_anchors(grid300, ssd.Config(scales=scales)), expected)
     model = ssd.SSD(ssd_tiny(size=512)).eval()
     grid512 = [tuple(f.shape[-2:]) for f in model.backbone(torch.zeros(1, 3, 512, 512))]
     assert grid512 == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
-    settings = ssd.DEFAULT_BOXES[512]
-    expected = reference(512, grid512, aspect_ratios=[list(r) for r in settings["aspect_ratios"]],
-                         steps=list(settings["steps"]), scales=list(settings["scales"]))
+    expected = reference(512, grid512, aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]],  # Caffe SSD512
+                         steps=[8, 16, 32, 64, 128, 256, 512], scales=[0.04, 0.1, 0.26, 0.42, 0.58, 0.74, 0.9, 1.06])
     assert torch.equal(ssd.make_anchors(grid512, model.cfg), expected) and len(expected) == 24564
     with torch.no_grad():
         detections = model([torch.rand(3, 90, 120)])
@@ -3062,6 +3133,21 @@ def test_yolo_letterbox_is_val_py_rect_batches():
     assert shrunk.shape == (3, 100, 100) and ((shrunk - 1 / 3).abs() < 0.1).all()
 
 
+def test_yolo_detections_come_back_to_the_images_pixels(monkeypatch):
+    """Evaluation's rectangular batch pads a 300 x 640 image by 16 columns on the left and 10 rows on the top: a
+    detection made on the batch comes back to the image with each offset taken off its own axis."""
+    model = yolo.DETECTOR(tiny_config("yolo", image_size=640)).eval()
+    image = torch.rand(3, 300, 640)
+    target = {"boxes": torch.tensor([[10.0, 20, 300, 200]]), "labels": torch.tensor([3])}
+    _, (moved,), ((r, left, top),) = yolo.letterbox([image], [target], model.cfg, training=False)
+    assert (r, left, top) == (1.0, 16, 10)
+    monkeypatch.setattr(yolo, "postprocess_detections", lambda *args: [(moved["boxes"].clone(), torch.tensor([0.9]),
+                                                                         torch.tensor([2]))])
+    with torch.no_grad():
+        (detections,) = model([image])
+    assert torch.equal(detections["boxes"], target["boxes"]) and detections["labels"].tolist() == [3]
+
+
 @pytest.mark.parametrize("multi_label", [True, False])
 def test_yolo_images_without_detections_give_empty_tensors(multi_label):
     """Nothing scores above conf_thresh (the decoding stops early for such an image, as v7.0's): the usual dict, empty,
@@ -3281,9 +3367,10 @@ def test_detr_batch_without_objects_teaches_no_object_and_keeps_the_box_head_in_
     assert all((p.grad == 0).all() for p in model.bbox_embed.parameters())
 
 
-def test_detr_box_losses_are_divided_by_all_boxes_also_when_there_are_more_than_queries():
+def test_detr_box_losses_are_divided_by_all_boxes_also_when_there_are_more_than_queries(monkeypatch):
     """12 objects in an image and 10 queries: 10 are matched, and L1 and GIoU are still divided by all 12 + 2 boxes
-    of the batch (SetCriterion's num_boxes counts the targets, not the matches)."""
+    of the batch (SetCriterion's num_boxes counts the targets, not the matches); under DDP by their mean over the
+    processes."""
     torch.manual_seed(0)
     model = detr.DETR(tiny_config("detr")).train()  # 10 queries
     images = make_images()[:2]
@@ -3299,6 +3386,14 @@ def test_detr_box_losses_are_divided_by_all_boxes_also_when_there_are_more_than_
     assert num_gt == [12, 2] and last.sum() == 10 + 2
     l1 = (pred_boxes[1, batch_idx[last], query_idx[last]] - gt_boxes[batch_idx[last], gt_idx[last]]).abs().sum()
     assert losses["loss_bbox"].item() == pytest.approx(5 * l1.item() / 14, rel=1e-5)
+    # under DDP: the count summed over the processes, divided by their number (two here, each with these 14 boxes)
+    matched = layer_idx, batch_idx, query_idx, gt_idx
+    alone = detr.set_loss(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, matched, model.cfg)
+    monkeypatch.setattr(detr.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(detr.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(detr.dist, "all_reduce", lambda tensor: tensor.mul_(2))
+    ddp = detr.set_loss(pred_logits, pred_boxes, gt_boxes, gt_labels, num_gt, matched, model.cfg)
+    assert ddp.keys() == alone.keys() and all(torch.equal(ddp[k], alone[k]) for k in alone)
 
 
 def test_detr_preprocess_pads_to_the_largest_image_without_rounding_and_resizes_as_detr():
@@ -3785,6 +3880,22 @@ def stage2_setup(tmp_path, n=3):
     dataset.proposals = [data.selective_search(dataset[i][0], side=128, min_box_size=2).numpy()[:100]
                          for i in range(n)]
     return cfg, model, dataset
+
+
+def test_rcnn_fine_tuning_batches_are_a_quarter_foreground_at_most():
+    """Stage 1's batch as Caffe's WindowDataLayer draws it: 128 regions of the step's images, at most 32 of them
+    foreground (IoU >= 0.5 with a box: its class), the rest background; with fewer foreground candidates, all of
+    them."""
+    cfg = rcnn.Config()
+    gt = {"boxes": torch.tensor([[20.0, 20, 60, 60]]), "labels": torch.tensor([4])}
+    near = torch.tensor([[20.0 + i % 5, 20 + i // 5, 60, 60] for i in range(50)])  # IoU 0.70 and more
+    far = torch.tensor([[100.0 + i, 100, 140 + i, 140] for i in range(200)])  # IoU 0
+    torch.manual_seed(0)
+    rois, image_idx, labels = rcnn.sample_regions([torch.cat([near, far]), far], [gt, EMPTY], cfg)
+    assert (cfg.rois_per_batch, cfg.fg_fraction) == (128, 0.25) and len(rois) == len(image_idx) == 128
+    assert (labels == 4).sum() == 32 and (labels == 0).sum() == 96 and set(image_idx.tolist()) == {0, 1}
+    rois, _, labels = rcnn.sample_regions([torch.cat([near[:3], far])], [gt], cfg)
+    assert (labels == 4).sum() == 4 and (labels == 0).sum() == 124  # the 3 regions and the box itself
 
 
 def test_hard_negative_mining_follows_rcnn_train(tmp_path, monkeypatch):
