@@ -144,7 +144,8 @@ PRESETS = {
     "cpu": dict(backbone="resnet18", fpn_channels=64, image_size=128, min_size=128, max_size=128, num_train=5000,
                 num_val=200, batch_size=16, epochs=5, optimizer="adamw", lr=2e-3, lr_steps=(4,), warmup_iters=100,
                 box_loss="giou", workers=1),
-    # torchvision's COCO recipe (ImageNet backbone, 800 px, 26 epochs of 2 images x 8 GPUs)
+    # torchvision's COCO recipe (ImageNet backbone, 800 px, 26 epochs of 2 images x 8 GPUs), with this file's GroupNorm
+    # head (v1's: --no-head-norm; under bf16 autocast v1's does not learn from its initialisation: see Head)
     "coco": dict(data="coco", backbone_weights="imagenet", min_size=800, max_size=1333,
                  anchor_sizes=(32, 64, 128, 256, 512), epochs=26, batch_size=2, lr_steps=(16, 22), warmup_iters=1000),
 }

@@ -523,6 +523,21 @@ def test_draw_boxes_captions_are_readable_sized_and_do_not_cover_each_other():
     assert rows(large) > 2 * rows(drawn)  # the caption grows with the image (and so does the line width)
 
 
+def test_draw_boxes_caption_size_follows_the_long_side_and_stays_inside():
+    """The caption's size follows the image's longer side (a wide image's as a square's of that side), and a box at
+    the right border has its caption moved left, inside the image, not cut off."""
+    blue, box, label = common.PALETTE[3], torch.tensor([[10.0, 60, 100, 100]]), torch.tensor([3])
+
+    def caption_rows(height, width):  # rows with more blue than the box's sides give: the caption's and the box's edges
+        drawn = common.draw_boxes(torch.ones(3, height, width), box, label, None, ["bg", "a", "b", "c"])
+        return int(((drawn.permute(1, 2, 0) == torch.tensor(blue, dtype=torch.uint8)).all(-1).sum(1) > 10).sum())
+    assert caption_rows(150, 1200) == caption_rows(1200, 1200) > caption_rows(150, 150)
+    drawn = common.draw_boxes(torch.ones(3, 200, 300), torch.tensor([[295.0, 60, 299, 100]]), label, None,
+                              ["bg", "a", "b", "a long name"]).permute(1, 2, 0)
+    columns = (drawn[40:60] == torch.tensor(blue, dtype=torch.uint8)).all(-1).any(0).nonzero()[:, 0]
+    assert columns.max() == 299 and columns.min() < 280  # the whole caption, ending at the border
+
+
 # ======================================== data ========================================
 
 BCCD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bccd")
@@ -951,6 +966,25 @@ def test_synthetic_boxes_valid_and_honest():
                 assert image[:, y0:y1, x0:x1][:, visible].std(axis=1).max() < 0.1
     assert 0 < empty < 60  # some images are empty
     assert (counts[1:] > 40).all()  # every class appears
+
+
+def test_synthetic_shapes_stay_at_least_half_visible(monkeypatch):
+    """A shape that would hide more than half of an earlier one is drawn again elsewhere: every labelled shape shows
+    at least half of its pixels (and some are partly hidden)."""
+    ds, areas = data.SyntheticShapes(100, (96, 128), seed=0), {}
+    sample = ds._sample_mask
+
+    def recorded(*args):  # each drawn shape's full area, by its patch
+        patch, mask = sample(*args)
+        areas[tuple(map(int, patch))] = int(mask.sum())
+        return patch, mask
+    monkeypatch.setattr(ds, "_sample_mask", recorded)
+    fractions = []
+    for i in range(len(ds)):
+        areas.clear()
+        for _, patch, visible in ds.layout(i)[0]:
+            fractions.append(int(visible.sum()) / areas[tuple(map(int, patch))])
+    assert len(fractions) > 200 and min(fractions) >= 0.5 and sum(f < 0.9 for f in fractions) > 10
 
 
 def test_synthetic_colour_does_not_give_the_class_away():
@@ -1520,6 +1554,20 @@ def test_faster_rcnn_proposal_selection_is_torchvisions_filter_proposals(n):
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs)) and 100 < len(ours[0]) <= 600
 
 
+def test_fcos_assignment_at_the_ends_of_the_scale_ranges():
+    """Two levels (strides 8 and 16, scale ranges (0, 64) and (64, inf)), the point (200, 200) on each. Image 0: a box
+    of 400 px, max(l, t, r, b) 200: the last level takes it (its range has no upper end, as every larger box's).
+    Image 1: a box centred 12 px (1.5 strides of 8) beside the point: outside centre sampling on level 0 (torchvision:
+    distance < radius x stride, strictly), and on level 1 inside it but its 52 px are below that level's range."""
+    anchors = torch.tensor([[196.0, 196, 204, 204], [192, 192, 208, 208]])
+    gt_boxes = torch.tensor([[[0.0, 0, 400, 400]], [[172, 180, 252, 220]]])
+    matched = fcos.assign_points(anchors, [1, 1], gt_boxes, torch.ones(2, 1, dtype=torch.bool), fcos.Config())
+    assert matched.tolist() == [[fcos.BACKGROUND, 0], [fcos.BACKGROUND, fcos.BACKGROUND]]
+    gt_boxes[1] += torch.tensor([-0.01, 0, -0.01, 0])  # 11.99 px away: on level 0 now
+    matched = fcos.assign_points(anchors, [1, 1], gt_boxes, torch.ones(2, 1, dtype=torch.bool), fcos.Config())
+    assert matched.tolist() == [[fcos.BACKGROUND, 0], [0, fcos.BACKGROUND]]
+
+
 def test_faster_rcnn_detections_clipped_to_nothing_are_dropped_as_torchvision_does():
     """RoIs beyond the image's border decode to boxes that clipping leaves without width: torchvision's
     postprocess_detections drops them (remove_small_boxes), and so does ours; the others are its detections too."""
@@ -1725,8 +1773,12 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     (images / "notes.txt").write_text("not an image: skipped")
     dataset = data.SyntheticShapes(2, 64, seed=7)
     Image.fromarray((dataset[0][0] * 255).byte().permute(1, 2, 0).numpy()).save(images / "img0.jpg")
-    Image.fromarray((dataset[1][0] * 255).byte().permute(1, 2, 0).numpy()).save(images / "img0.png")
-    output = run_main(name, "--predict", images, "--weights", out / "best.pt", "--out", tmp_path / "pred",
+    wide = dataset[1][0][:, :48]  # 64 x 48
+    Image.fromarray((wide * 255).byte().permute(1, 2, 0).numpy()).save(images / "img0.png")
+    gpu = torch.load(out / "best.pt", weights_only=True)  # weights trained on a GPU: predicted with on this CPU
+    gpu["config"]["device"] = "cuda:7"
+    torch.save(gpu, tmp_path / "gpu.pt")
+    output = run_main(name, "--predict", images, "--weights", tmp_path / "gpu.pt", "--out", tmp_path / "pred",
                       "--draw-thresh", "0")  # the drawings keep the names: img0.png does not replace img0.jpg's
     assert sorted(os.listdir(tmp_path / "pred")) == ["img0.jpg", "img0.png", "predictions.json"]
     assert "detections scoring >= 0.0" in output and f"images to {tmp_path / 'pred' / 'predictions.json'}" in output
@@ -1734,8 +1786,8 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
     detected = int(re.search(r"img0.png: (\d+) detections", output)[1])
     # predictions.json: what was drawn, as the model gives it for that file
     records, module = json.load(open(tmp_path / "pred" / "predictions.json")), REGISTRY[name].module
-    assert [(r["file"], r["width"], r["height"]) for r in records] == [(str(images / f), 64, 64)
-                                                                      for f in ("img0.jpg", "img0.png")]
+    assert [(r["file"], r["width"], r["height"]) for r in records] == [(str(images / "img0.jpg"), 64, 64),
+                                                                      (str(images / "img0.png"), 64, 48)]
     state_dict, class_names, config = module.load_weights(str(out / "best.pt"))
     cfg = dataclasses.replace(module.make_config({}, config), **module.PREDICT)  # (YOLOv5: detect.py's decoding)
     model = module.DETECTOR(cfg, load_backbone=False).eval()
@@ -1752,7 +1804,7 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
         output = run_main(name, "--predict", images / "img0.png", "--weights", out / "best.pt", "--out",
                           tmp_path / "pred2", "--draw-thresh", "1000")
         assert re.search(r"img0.png: 0 detections scoring >= 1000.0 \(the best -?[\d.e+-]+: --draw-thresh\)", output)
-    assert drawn.shape == (3, 64, 64) and torch.equal(drawn, (dataset[1][0] * 255).to(torch.uint8)) == (detected == 0)
+    assert drawn.shape == (3, 48, 64) and torch.equal(drawn, (wide * 255).to(torch.uint8)) == (detected == 0)
     for out in ("t", "t2"):
         run_main(name, "--show-targets", *tiny(name), "--num-train", "3", "--out", tmp_path / out)
     assert sorted(set(os.listdir(tmp_path / "t")) - set(REGISTRY[name].run_files)) == [
@@ -1924,12 +1976,23 @@ def test_best_pt_goes_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
 
 
 def test_a_resumed_run_keeps_its_best_evaluates_its_ema_and_draws_anew_each_step(tmp_path, monkeypatch):
-    """yolo (it keeps an EMA), 2 epochs of 4 steps with --accumulate 3, Ctrl-C during epoch 0's evaluation, --resume:
-    the EMA is what is evaluated (and best.pt holds it); its decay ramps over the run's updates, on through the epoch
-    and the resume; an epoch's last batches (step 4, not a multiple of 3) update the weights at its end instead of
-    leaking into the next epoch; the resumed run keeps epoch 0's best (epoch 1 is worse: best.pt stays); every step
-    draws new random numbers (the model's randomness is seeded by step, not once an epoch)."""
+    """yolo (it keeps an EMA), 2 epochs of 4 steps with --accumulate 3, stopped by SIGTERM in step 1 and by Ctrl-C
+    during epoch 0's evaluation, resumed twice: it stops at step 3, where the accumulated gradients are applied, and
+    ends with the weights of a run never stopped; the EMA is what is evaluated (and best.pt holds it); its decay
+    ramps over the run's updates, on through the epoch and the resumes; an epoch's last batches (step 4, not a
+    multiple of 3) update the weights at its end instead of leaking into the next epoch; the resumed run keeps epoch
+    0's best (epoch 1 is worse: best.pt stays); every step draws new random numbers (the model's randomness is seeded
+    by step, not once an epoch). The log: a line at the last step of an epoch whatever --log-every, images/s over the
+    steps since the last line, the ETA from the run's pace."""
+    args = ["--train", *tiny("yolo"), "--epochs", "2", "--accumulate", "3"]
     evaluated, factors, draws = [], [], []
+    monkeypatch.setattr(data, "evaluate", lambda *args, **kwargs: dict.fromkeys(COCO_NAMES, 0.0))
+    run_main("yolo", *args, "--log-every", "3", "--out", tmp_path / "straight")
+    records = [r for r in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in records] == ["3/4", "4/4"] * 2
+    assert records[0]["img_s"] * records[0]["time_s"] == pytest.approx(3 * 2, rel=0.2)  # 3 steps of 2 images
+    for r in records:
+        assert r["eta_min"] * 60 == pytest.approx(r["time_s"] / r["iter"] * (2 * 4 - r["iter"]), rel=1e-6)
 
     def evaluate(model, *args, **kwargs):  # AP 0.5 for epoch 0, 0.1 for epoch 1
         evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -1943,12 +2006,18 @@ def test_a_resumed_run_keeps_its_best_evaluates_its_ema_and_draws_anew_each_step
 
     def drawing(self, *args, **kwargs):
         self.training and draws.append(torch.rand(1).item())
+        len(draws) == 1 and os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args, **kwargs)
     monkeypatch.setattr(data, "evaluate", evaluate)
     monkeypatch.setattr(torch.Tensor, "lerp_", recorded_lerp)
     monkeypatch.setattr(yolo.DETECTOR, "forward", drawing)
     with pytest.raises(SystemExit):
-        run_main("yolo", "--train", *tiny("yolo"), "--epochs", "2", "--accumulate", "3", "--out", tmp_path)
+        run_main("yolo", *args, "--out", tmp_path)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3  # not 1: its gradients wait for 2 and 3
+    with pytest.raises(SystemExit, match=r"trained 2 images per step \(--batch-size x processes\), here 4: resume"):
+        run_main("yolo", "--train", "--resume", tmp_path / "last.pt", "--batch-size", "4")
+    with pytest.raises(SystemExit):
+        run_main("yolo", "--train", "--resume", tmp_path / "last.pt")
     best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "last.pt"))
     assert all(torch.equal(v, best["model"][k]) for k, v in evaluated[0].items())  # the EMA, not the raw weights
     assert not all(torch.equal(v, last["raw_model"][k]) for k, v in evaluated[0].items() if v.is_floating_point())
@@ -1959,6 +2028,9 @@ def test_a_resumed_run_keeps_its_best_evaluates_its_ema_and_draws_anew_each_step
     decay = last["config"]["ema_decay"]
     assert updates == pytest.approx([1 - decay * (1 - math.exp(-k / 3 / 2000)) for k in (3, 4, 7, 8)], rel=1e-9)
     assert len(draws) == len(set(draws)) == 8
+    resumed, straight = (torch.load(run / "last.pt", weights_only=True) for run in (tmp_path, tmp_path / "straight"))
+    for key in ("model", "raw_model"):
+        assert all(torch.equal(v, resumed[key][k]) for k, v in straight[key].items())
 
 
 def run_rank(name, args, rank, port, log):
@@ -2199,6 +2271,23 @@ def fake_imagenet(monkeypatch, available):
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", get_state_dict)
 
 
+# where --preset coco's model differs from TORCHVISION_CONFIG's (the model of torchvision's COCO weights), and why
+COCO_PRESET_OWN = {"faster_rcnn": {"bn_eps": 1e-5}, "retinanet": {"bn_eps": 1e-5, "head_norm": True}, "fcos": {},
+                   "ssd": {}}
+
+
+@pytest.mark.parametrize("name", COCO_PRESET_OWN)
+def test_coco_preset_builds_torchvisions_model(name):
+    """--preset coco trains torchvision's model (backbone, anchors, sizes, head) from ImageNet weights. It differs from
+    TORCHVISION_CONFIG only where stated: batch norm's eps, which torchvision sets to 0 for its legacy COCO weights
+    alone (overwrite_eps), and RetinaNet's GroupNorm head (retinanet.py's default, kept by its preset)."""
+    module = REGISTRY[name].module
+    cfg = module.make_config({}, None, "coco")
+    assert {k: getattr(cfg, k) for k, v in module.TORCHVISION_CONFIG.items() if getattr(cfg, k) != v} == \
+        COCO_PRESET_OWN[name]
+    assert module.TORCHVISION_CONFIG.get("bn_eps", 0.0) == 0.0  # torchvision's overwrite_eps(model, 0.0)
+
+
 @pytest.mark.parametrize("name", FROZEN_BN_NAMES)
 def test_pretrained_starts_freeze_batch_norm_and_offline_imagenet_says_what_to_do(name, monkeypatch, tmp_path):
     module = REGISTRY[name].module
@@ -2294,6 +2383,16 @@ def test_torchvision_state_dict_file(name, tmp_path, monkeypatch):
         getattr(torchvision_config, k) for k in module.PRESETS["cpu"] if k not in ("min_size", "max_size")]
 
 
+@pytest.mark.parametrize("name", COCO_PRESET_OWN)
+def test_torchvision_state_dict_of_coco_classes_has_cocos_names(name):
+    """A torchvision state dict with COCO's 91 class outputs (its COCO weights' shape) names them as COCO does."""
+    torch.manual_seed(0)
+    state_dict = REGISTRY[name].reference(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    _, class_names, _ = REGISTRY[name].module.reference_weights("tv.pth", state_dict)
+    assert class_names == tuple(torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+    assert class_names[:2] == ("__background__", "person") and len(class_names) == 91
+
+
 @pytest.mark.parametrize("name", STEP_LR_NAMES)  # yolo.py has v7.0's schedule, tested in its section
 def test_warmup_longer_than_a_third_of_the_run_is_shortened(name):
     module = REGISTRY[name].module
@@ -2308,6 +2407,21 @@ def test_warmup_longer_than_a_third_of_the_run_is_shortened(name):
     assert lrs[20] == pytest.approx(module.Config.lr) and lrs[19] < lrs[20]
     optimizer, _ = module.make_optimizer(model, module.Config(epochs=6, warmup_iters=0), 10, 1)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(module.Config.lr)  # no warmup: the first step at full lr
+    if "lr_steps" in module.Config.__dataclass_fields__:  # the drop at the first step of epoch lr_steps[0], 10x
+        optimizer, scheduler = module.make_optimizer(model, module.Config(epochs=4, lr_steps=(2,), warmup_iters=0), 10,
+                                                     1)
+        lrs = []
+        for _ in range(30):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert lrs == pytest.approx([module.Config.lr] * 20 + [module.Config.lr / 10] * 10)
+        # an lr step within the run: no warning; one beyond: one
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            module.make_optimizer(model, module.Config(epochs=16, lr_steps=(14, 18), warmup_iters=0), 10, 1)
+        with pytest.warns(UserWarning, match=r"lr_steps \(16, 18\): none within the 16 epochs, the lr never drops"):
+            module.make_optimizer(model, module.Config(epochs=16, lr_steps=(16, 18), warmup_iters=0), 10, 1)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -2783,6 +2897,8 @@ def test_ssd_augmentation_moves_boxes_with_their_pixels():
         H, W = out.shape[1:]
         sizes.add((H > 120) - (H < 120))
         counts.add(len(t["boxes"]))
+        if H > 120:  # zoomed out: onto the mean colour (torchvision's recipe), not black
+            assert ((out - torch.tensor(cfg.image_mean)[:, None, None]).abs().amax(0) < 1e-6).any()
         assert len(t["labels"]) == len(t["iscrowd"]) == len(t["boxes"]) and t["image_id"] == 3
         assert type(out) is torch.Tensor and type(t["boxes"]) is torch.Tensor
         assert (t["boxes"][:, :2] >= 0).all() and (t["boxes"][:, 2] <= W).all() and (t["boxes"][:, 3] <= H).all()
@@ -3146,6 +3262,20 @@ def test_yolo_detections_come_back_to_the_images_pixels(monkeypatch):
     with torch.no_grad():
         (detections,) = model([image])
     assert torch.equal(detections["boxes"], target["boxes"]) and detections["labels"].tolist() == [3]
+
+
+def test_yolo_loss_is_scaled_by_the_batch_of_all_processes(monkeypatch):
+    """v7.0's train.py: the loss times the batch size, and under DDP times the number of processes too (DDP averages
+    the gradients over them; v7.0's loss stands for a sum over the whole batch)."""
+    torch.manual_seed(0)
+    model = yolo.DETECTOR(tiny_config("yolo")).train()
+    images, targets = data.collate_fn([data.SyntheticShapes(2, 64)[i] for i in range(2)])
+    alone = model(images, targets)
+    monkeypatch.setattr(yolo.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(yolo.dist, "get_world_size", lambda: 2)
+    ddp = model(images, targets)
+    assert ddp.keys() == alone.keys()
+    assert all(ddp[k].item() == pytest.approx(2 * alone[k].item(), rel=1e-6) for k in alone)
 
 
 @pytest.mark.parametrize("multi_label", [True, False])
@@ -3906,8 +4036,8 @@ def test_hard_negative_mining_follows_rcnn_train(tmp_path, monkeypatch):
     cfg, model, dataset = stage2_setup(tmp_path)
     cfg.svm_retrain_every = 10**9
     calls, train_svm = [], rcnn.train_svm
-    monkeypatch.setattr(rcnn, "train_svm", lambda X, y, upper, w: calls.append((X, y, train_svm(X, y, upper, w)[0]))
-                        or calls[-1][2:] + (0.0,))
+    monkeypatch.setattr(rcnn, "train_svm", lambda X, y, upper, w: calls.append((X, y, train_svm(X, y, upper, w)[0],
+                                                                                upper)) or (calls[-1][2], 0.0))
     rcnn.train_svms_and_regressors(model, dataset, "cpu")
     K = cfg.num_classes
     assert len(calls) == 2 * (K - 1)  # every class after the first and after the last image
@@ -3922,7 +4052,9 @@ def test_hard_negative_mining_follows_rcnn_train(tmp_path, monkeypatch):
     bias = torch.full((1,), cfg.svm_bias, dtype=torch.float64)
     final = torch.load(tmp_path / "stage2.pt", weights_only=True)
     for k in range(1, K):
-        (X1, y1, w1), (X2, y2, w2) = calls[k - 1], calls[K - 1 + k - 1]
+        (X1, y1, w1, upper), (X2, y2, w2, _) = calls[k - 1], calls[K - 1 + k - 1]
+        # liblinear's C, and twice that for the positives (rcnn_train.m's -w1 2: pos_loss_weight)
+        torch.testing.assert_close(upper.double(), cfg.svm_c * torch.where(y1 > 0, 2.0, 1.0).double())
         positives = sum(int((labels == k).sum()) for _, _, labels in per_image)
         assert int((y1 > 0).sum()) == int((y2 > 0).sum()) == positives
         fc7, negative, _ = per_image[0]
@@ -4043,6 +4175,23 @@ class ReferenceImages:
         images = [{"id": 10 + i, "height": h, "width": w, "file_name": f"{i}.png"}
                   for i, (h, w) in enumerate(self.sizes)]
         return data._coco_dict(images, self.boxes, self.labels, ("__background__",) + data.SHAPE_NAMES)
+
+
+def test_fast_rcnn_decoding_caps_each_class_before_nms_as_test_net():
+    """test_net keeps each class's best max_per_image boxes, then NMS: with a cap of 2, the two overlapping best boxes
+    are the candidates and NMS leaves one; the third, apart, was cut before NMS could make room for it."""
+    cfg = fast_rcnn.Config(score_thresh=0.05, nms_thresh=0.3, detections_per_img=2)
+    rois = torch.tensor([[10.0, 10, 50, 50], [12, 10, 52, 50], [100, 100, 140, 140]])
+    logits = torch.tensor([[0.0, math.log(9)], [0, math.log(4)], [0, math.log(7 / 3)]])  # p = 0.9, 0.8, 0.7
+    det = fast_rcnn.postprocess_detections(logits, torch.zeros(3, 8), rois, [3], [(200, 200)], cfg)[0]
+    assert det["scores"].tolist() == pytest.approx([0.9]) and det["labels"].tolist() == [1]
+
+
+def test_fast_rcnn_resize_rounds_as_opencv():
+    """test.py's _get_image_blob resizes with cv2.resize(fx=fy=factor), which rounds the size: a 333 x 500 image at
+    scale 600 becomes 600 x 901 (500 x 1.8018 = 900.9), not 900."""
+    batch, factors = fast_rcnn.preprocess([torch.rand(3, 333, 500)], [600], fast_rcnn.Config(max_size=1000))
+    assert batch.shape[-2:] == (600, 901) and factors == [pytest.approx(600 / 333)]
 
 
 def test_fast_rcnn_box_targets_and_normalisation_are_the_references():

@@ -1,0 +1,27 @@
+# Round 3 survivors (survived their narrow -k AND a full-suite run with all of them applied together;
+# FC4 is 'caught' only by test_compare_table_is_the_records (README line count), FC4b is its line-preserving twin).
+MUTANTS = [
+    ('T11', 'T', 'drop = ("device", "workers", "out", "resume", "weights")', 'drop = ("workers", "out", "resume", "weights")', ['-k', 'eval_predict_show_targets and retinanet']),
+    ('T19', 'T', '((cfg.epochs - epoch) * steps - step)', '((cfg.epochs - epoch - 1) * steps - step)', ['-k', 'train_writes_run_folder or interrupt']),
+    ('T22', 'T', 'if stopping and step % cfg.accumulate == 0 and step < steps:', 'if stopping and step < steps:', ['-k', 'keeps_its_best or interrupt or a_stop']),
+    ('T30', 'T', '"img_s": count * cfg.batch_size / (', '"img_s": cfg.batch_size / (', ['-k', 'train_writes_run_folder']),
+    ('T32', 'T', 'if step % cfg.log_every and step < steps and not (stop and not ddp):', 'if step % cfg.log_every and not (stop and not ddp):', ['-k', 'train_writes or interrupt or a_stop']),
+    ('D13', ['data.py'], '"width": image.shape[-1], "height": image.shape[-2]', '"width": image.shape[-2], "height": image.shape[-1]', ['-k', 'eval_predict_show_targets and retinanet']),
+    ('D17', ['data.py'], 'if cfg.lr_steps and min(cfg.lr_steps) >= cfg.epochs:', 'if cfg.lr_steps and max(cfg.lr_steps) >= cfg.epochs:', ['-k', 'schedule_warns or warmup']),
+    ('D18', ['data.py'], 'checkpoint["world_size"]) != batch:', 'checkpoint["world_size"]) > batch:', ['-k', 'interrupt or resume']),
+    ('D36', ['data.py'], 'if (remaining * 2 < np.asarray(full_area)).any():', 'if (remaining * 4 < np.asarray(full_area)).any():', ['-k', 'synthetic']),
+    ('C14', ['common.py'], 'font = ImageFont.load_default(size=max(11, round(max(H, W) / 40)))', 'font = ImageFont.load_default(size=max(11, round(min(H, W) / 40)))', ['-k', 'draw_boxes']),
+    ('C15', ['common.py'], 'x = min(max(box[0], 0), max(W - w, 0))', 'x = max(box[0], 0)', ['-k', 'draw_boxes']),
+    ('FC2', ['fcos.py'], 'in_center = center_distance < cfg.center_sampling_radius * strides', 'in_center = center_distance <= cfg.center_sampling_radius * strides', ['-k', 'fcos and (losses or batched or empty or overfits)']),
+    ('FC4', ['fcos.py'], '    upper[-num_anchors_per_level[-1]:] = float("inf")\n', '', ['-k', 'fcos and (losses or batched or empty)']),
+    ('FC4b', ['fcos.py'], '    upper[-num_anchors_per_level[-1]:] = float("inf")\n', '    upper[-num_anchors_per_level[-1]:] = upper[-num_anchors_per_level[-1]:]\n', ['-k', 'fcos']),
+    ('FC5', ['fcos.py'], 'step >= epoch * steps_per_epoch for epoch in cfg.lr_steps))', 'step > epoch * steps_per_epoch for epoch in cfg.lr_steps))', ['-k', 'fcos and (warmup or lr or schedule or optimizer or accumulat or resume)']),
+    ('RN2', ['retinanet.py'], 'frozen_bn=True, bn_eps=0.0)', 'frozen_bn=True, bn_eps=1e-5)', ['-k', 'retinanet and (torchvision or convert)']),
+    ('RN3', ['retinanet.py'], 'anchor_sizes=(32, 64, 128, 256, 512), epochs=26', 'anchor_sizes=(16, 32, 64, 128, 256), epochs=26', ['-k', 'retinanet and (preset or help or command_line)']),
+    ('RN4', ['retinanet.py'], 'names = TORCHVISION_WEIGHTS.meta["categories"] if K == 91 else', 'names = TORCHVISION_WEIGHTS.meta["categories"] if K == 90 else', ['-k', 'retinanet and (torchvision or convert or numbers)']),
+    ('SSD5', ['ssd.py'], 'v2.RandomZoomOut(list(cfg.image_mean), (1.0, cfg.zoom_out_max), p=0.5)', 'v2.RandomZoomOut([0.0, 0.0, 0.0], (1.0, cfg.zoom_out_max), p=0.5)', ['-k', 'ssd and augmentation']),
+    ('YO6', ['yolo.py'], 'scale = B * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)', 'scale = B', ['-k', 'yolo and (ddp or torchrun or equals)']),
+    ('RC2', ['rcnn.py'], 'torch.where(y > 0, cfg.svm_pos_weight, 1.0)', 'torch.where(y > 0, 1.0, cfg.svm_pos_weight)', ['-k', 'hard_negative or stage_ or rcnn_run or scores_with_softmax or svm']),
+    ('FRC4', ['fast_rcnn.py'], 'keep = torch.cat([c[scores_i[c].argsort(descending=True)[:cfg.detections_per_img]]', 'keep = torch.cat([c[scores_i[c].argsort(descending=True)]', ['-k', 'fast_rcnn and (decoding or reference)']),
+    ('FRC5', ['fast_rcnn.py'], 'size = (max(1, round(h * factor)), max(1, round(w * factor)))', 'size = (max(1, int(h * factor)), max(1, int(w * factor)))', ['-k', 'fast_rcnn and (multi_scale or reference or decoding or roi)']),
+]
