@@ -2850,26 +2850,36 @@ def test_ssd_hard_negatives_per_image():
 def test_ssd_batched_decoding_equals_torchvision_postprocess():
     """Random head outputs for 4 images (one with every score below the threshold, one with more candidates than
     topk): our one-pass decoding gives torchvision's per-image, per-class loop's detections."""
-    cfg = ssd.Config(num_classes=5, topk_candidates=50, detections_per_img=60)
     g = torch.Generator().manual_seed(0)
     A, K = 8732, 5
     cls_logits = torch.randn(4, A, K, generator=g) * 2
     cls_logits[1, :, 0] = 20.0  # background everywhere: no detection
     bbox_regression = torch.randn(4, A, 4, generator=g) * 0.5
-    anchors = ssd.make_anchors([(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)], cfg)
+    anchors = ssd.make_anchors([(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)], ssd.Config())
     from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
     from torchvision.models.detection.ssd import SSD
-    tv = SSD(torch.nn.Identity(), DefaultBoxGenerator([[2]]), (300, 300), K, head=torch.nn.Identity(),
-             topk_candidates=50, detections_per_img=60)
-    expected = tv.postprocess_detections({"cls_logits": cls_logits, "bbox_regression": bbox_regression},
-                                         [anchors] * 4, [(300, 300)] * 4)
-    actual = ssd.postprocess_detections(cls_logits, bbox_regression, anchors, common.BoxCoder(), cfg)
-    assert [len(d["boxes"]) for d in actual] == [len(d["boxes"]) for d in expected]
-    assert len(actual[1]["boxes"]) == 0 and len(actual[0]["boxes"]) == 60
-    for e, a in zip(expected, actual):
-        e, a = canonical_order(e), canonical_order(a)
-        assert torch.equal(e["labels"], a["labels"]) and torch.equal(e["scores"], a["scores"])
-        torch.testing.assert_close(a["boxes"], e["boxes"], atol=1e-4, rtol=0)
+    for per_image in (60, 1000):  # 60: the cap on detections decides; 1000: topk_candidates per class does
+        cfg = ssd.Config(num_classes=5, topk_candidates=50, detections_per_img=per_image)
+        tv = SSD(torch.nn.Identity(), DefaultBoxGenerator([[2]]), (300, 300), K, head=torch.nn.Identity(),
+                 topk_candidates=50, detections_per_img=per_image)
+        expected = tv.postprocess_detections({"cls_logits": cls_logits, "bbox_regression": bbox_regression},
+                                             [anchors] * 4, [(300, 300)] * 4)
+        actual = ssd.postprocess_detections(cls_logits, bbox_regression, anchors, common.BoxCoder(), cfg)
+        assert [len(d["boxes"]) for d in actual] == [len(d["boxes"]) for d in expected]
+        assert len(actual[1]["boxes"]) == 0 and (len(actual[0]["boxes"]) == 60 if per_image == 60 else
+                                                 60 < len(actual[0]["boxes"]) <= 50 * (K - 1))
+        for e, a in zip(expected, actual):
+            e, a = canonical_order(e), canonical_order(a)
+            assert torch.equal(e["labels"], a["labels"]) and torch.equal(e["scores"], a["scores"])
+            torch.testing.assert_close(a["boxes"], e["boxes"], atol=1e-4, rtol=0)
+
+
+def test_ssd_l2norm_starts_at_torchvisions_scale():
+    """conv4_3's L2Norm scale starts at torchvision's 20 per channel: a model trained from scratch starts there."""
+    torch.manual_seed(0)
+    torchvisions = REGISTRY["ssd"].reference(weights=None, weights_backbone=None, num_classes=5).backbone.scale_weight
+    ours = ssd.SSD(ssd.Config(**ssd.TORCHVISION_CONFIG, num_classes=5)).backbone.scale_weight
+    assert torch.equal(ours, torchvisions) and (ours == 20).all()
 
 
 def colour_classes(image):
@@ -3091,6 +3101,14 @@ def test_yolo_autoanchor_keeps_fitting_anchors_and_evolves_poor_ones(capsys):
         return float((yolo.anchor_fit(a.view(-1, 2), torch.tensor(wh, dtype=torch.float32))[1] > 0.25).float().mean())
 
     assert best(new) > 0.98 > best(poor)
+    # a box fits an anchor when neither side is more than anchor_t times the other: 10-px boxes (x 0.9-1.1) on 44-px
+    # anchors fit at anchor_t 5, none at 4 (10 x 1.1 / 44 = 1 / 4 exactly, at most)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k-means of 40 equal boxes into 9 clusters: scipy warns of empty ones
+        for anchor_t, recall in ((5.0, "1.0000"), (4.0, "0.0000")):
+            _, message = yolo.autoanchor(torch.full((3, 3, 2), 44.0), np.full((40, 2), 10.0), np.arange(40), 64,
+                                         anchor_t, np.random.default_rng(0), generations=10)
+            assert f"best possible recall {recall} of 40 boxes" in message
     model = yolo.YOLO(dataclasses.replace(cfg, anchors=tuple(tuple(x) for x in poor.flatten(1).tolist())))
     train_set = data.build_datasets(cfg)[0]
     yolo.make_optimizer(model, cfg, 8, 1, train_set)
