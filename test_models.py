@@ -66,6 +66,14 @@ def one_thread():
 
 # ======================================== common ========================================
 
+def read_png(path):  # uint8 [3, H, W], as common.draw_boxes returns it (PIL: torchvision.io's codecs are deprecated)
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
+def write_png(image, path):  # uint8 [3, H, W]
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, "PNG")
+
+
 def random_boxes(n, seed=0, dtype=torch.float64):
     """[n, 4] valid xyxy boxes."""
     g = torch.Generator().manual_seed(seed)
@@ -492,11 +500,11 @@ def test_draw_boxes_writes_png(tmp_path):
     drawn = common.draw_boxes(image, boxes, torch.tensor([1, 2]), torch.tensor([0.9, 0.4]), ["bg", "cat", "dog"],
                               path=path)
     assert drawn.shape == (3, 60, 80) and drawn.dtype == torch.uint8
-    assert torch.equal(torchvision.io.read_image(path), drawn)
+    assert torch.equal(read_png(path), drawn)
     assert (drawn[:, 5, 10] != 128).any() and (drawn[:, 30, 20] == 128).all()  # on a box edge / inside, untouched
     assert torch.equal(common.draw_boxes(image, torch.zeros(0, 4)), (image * 255).round().to(torch.uint8))
     common.draw_boxes(image, boxes, path=str(tmp_path / "photo"))  # --predict of a file without extension: a PNG
-    assert torch.equal(torchvision.io.read_image(str(tmp_path / "photo")), common.draw_boxes(image, boxes))
+    assert torch.equal(read_png(str(tmp_path / "photo")), common.draw_boxes(image, boxes))
 
 
 def test_draw_boxes_captions_are_readable_sized_and_do_not_cover_each_other():
@@ -1782,7 +1790,7 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
                       "--draw-thresh", "0")  # the drawings keep the names: img0.png does not replace img0.jpg's
     assert sorted(os.listdir(tmp_path / "pred")) == ["img0.jpg", "img0.png", "predictions.json"]
     assert "detections scoring >= 0.0" in output and f"images to {tmp_path / 'pred' / 'predictions.json'}" in output
-    drawn = torchvision.io.read_image(str(tmp_path / "pred" / "img0.png"))
+    drawn = read_png(str(tmp_path / "pred" / "img0.png"))
     detected = int(re.search(r"img0.png: (\d+) detections", output)[1])
     # predictions.json: what was drawn, as the model gives it for that file
     records, module = json.load(open(tmp_path / "pred" / "predictions.json")), REGISTRY[name].module
@@ -1843,12 +1851,12 @@ def test_unreadable_checkpoints_are_refused_in_one_line(one_epoch, tmp_path):
         main(["--train", "--resume", str(tmp_path / "nothing.pt")])
 
 
-def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monkeypatch, capsys):
+def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monkeypatch, capfd):
     """SIGTERM mid-epoch (a scheduler's; Ctrl-C's SIGINT takes the same path) saves the step and says how to go on;
     --resume says so and continues to the weights of the run never interrupted (one_epoch's, without a worker
     process: this one has one), and metrics.jsonl repeats no line."""
     name, straight, _ = one_epoch
-    module, calls = REGISTRY[name].module, []
+    module, calls, during = REGISTRY[name].module, [], []
     forward = module.DETECTOR.forward
 
     def terminated_in_step_2(self, *args, **kwargs):
@@ -1856,6 +1864,7 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
             calls.append(1)
             if len(calls) == 2:  # as SLURM and then torchrun would: handled in the step, which finishes
                 os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGTERM)
+                during.extend(signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM))
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(module.DETECTOR, "forward", terminated_in_step_2)
@@ -1868,9 +1877,14 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert stopped.value.code == 130
+    output = capfd.readouterr()
     assert re.search(r"stopped at epoch 0 step 2/4, saved in .*last.pt; to go on:\n    python "  # (the file as named
                      rf"{re.escape(os.path.relpath(module.__file__))} --train --resume",  # from the working folder)
-                     capsys.readouterr().out)
+                     output.out)
+    # said at once, once; a Ctrl-C now would stop at once (SIGINT's handler as before), a SIGTERM still would not
+    assert output.err.count("\nstopping after this step (or evaluation), with a checkpoint; Ctrl-C again stops at "
+                            "once\n") == 1
+    assert during[0] == handlers[signal.SIGINT] and during[1] != handlers[signal.SIGTERM]
     monkeypatch.undo()
     with pytest.raises(SystemExit, match=r"trained with --accumulate 1, here 2: resume with as many"):
         module.main(["--train", "--resume", str(tmp_path / "a" / "last.pt"), "--accumulate", "2"])
@@ -1917,7 +1931,7 @@ def test_a_stop_in_an_epochs_last_step_stops_after_its_evaluation(tmp_path, monk
     assert records == ["1/4", "2/4", "3/4", "4/4", None]  # epoch 0's steps and evaluation
 
 
-def test_a_stop_during_an_evaluation_stops_at_that_epochs_end(tmp_path, monkeypatch):
+def test_a_stop_during_an_evaluation_stops_at_that_epochs_end(tmp_path, monkeypatch, capfd):
     """Ctrl-C while epoch 0 of 2 is evaluated: the run stops at the epoch's end, not a step into epoch 1. Then its
     folder is not taken by a new run (its last.pt would be replaced), and --resume on data of another size (other
     steps per epoch: the schedule and the data order would not go on) is refused; both in one line."""
@@ -1925,13 +1939,17 @@ def test_a_stop_during_an_evaluation_stops_at_that_epochs_end(tmp_path, monkeypa
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
+        before.append(signal.getsignal(signal.SIGINT))  # a second Ctrl-C: as before train(), KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(data, "evaluate", interrupted)
+    before = [signal.getsignal(signal.SIGINT)]
     with pytest.raises(SystemExit) as stopped:
         run_main("yolo", "--train", *tiny("yolo"), "--epochs", "2", "--out", tmp_path)
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert stopped.value.code == 130 and (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
+    assert before[0] is before[1] is signal.default_int_handler
+    assert capfd.readouterr().err.count("\nstopping after this step (or evaluation), with a checkpoint;") == 1
     log, saved = open(tmp_path / "metrics.jsonl").read(), (tmp_path / "last.pt").read_bytes()
     assert [r.get("step") for r in map(json.loads, log.splitlines())] == ["1/4", "2/4", "3/4", "4/4", None]
     monkeypatch.undo()
@@ -2372,7 +2390,7 @@ def test_torchvision_state_dict_file(name, tmp_path, monkeypatch):
     state_dict, class_names, config = module.load_weights(str(tmp_path / "tv.pth"))
     assert config == module.TORCHVISION_CONFIG and class_names == ("__background__", "1", "2", "3")
     image = data.SyntheticShapes(1, 64, seed=0)[0][0]
-    torchvision.io.write_png((image * 255).to(torch.uint8), str(tmp_path / "img.png"))
+    write_png((image * 255).to(torch.uint8), str(tmp_path / "img.png"))
     small = flags(dict(min_size=64, max_size=64)) if REGISTRY[name].parity_sizes else []  # (SSD: always 300)
     output = run_main(name, "--predict", tmp_path / "img.png", "--weights", tmp_path / "tv.pth", "--out",
                       tmp_path / "pred", *small, "--draw-thresh", "0", "--device", "cpu")
@@ -3056,7 +3074,7 @@ def test_yolo_v7_state_dict_as_weights(tmp_path):
     assert torch.equal(state_dict["head.anchors"][0], torch.tensor([[10.0, 13], [16, 30], [33, 23]]))
     backbone = yolo.YOLO(yolo.make_config({**config, "backbone_weights": str(tmp_path / "v7.pt")})).backbone
     assert all(torch.equal(v, state_dict[f"backbone.{k}"]) for k, v in backbone.state_dict().items())
-    torchvision.io.write_png(reference["images"][0], str(tmp_path / "img.png"))
+    write_png(reference["images"][0], str(tmp_path / "img.png"))
     flags = ["--image-size", "96", "--letterbox-pad", "0", "--draw-thresh", "0.05"]
     for nms, extra in (("detect", ["--conf-thresh", "0.05"]),  # --predict's defaults: detect.py's (best class, IoU
                        ("val", ["--multi-label", "--conf-thresh", "0.001", "--iou-thresh", "0.6"])):  # 0.45); flags
@@ -3671,7 +3689,7 @@ def test_detr_official_checkpoint_files(tmp_path):
         loaded.load_state_dict(state_dict)  # strict
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     image = data.SyntheticShapes(1, 64, seed=0)[0][0]
-    torchvision.io.write_png((image * 255).to(torch.uint8), str(tmp_path / "img.png"))
+    write_png((image * 255).to(torch.uint8), str(tmp_path / "img.png"))
     output = run_main("detr", "--predict", tmp_path / "img.png", "--weights", tmp_path / "checkpoint.pth", "--out",
                       tmp_path / "pred", "--min-size", "64", "--max-size", "64", "--draw-thresh", "0",
                       "--device", "cpu")
