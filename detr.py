@@ -734,8 +734,7 @@ def train(cfg: Config):
         os.replace(f"{cfg.out}/{name}.tmp", f"{cfg.out}/{name}")
     if main_process:
         os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        open(os.path.join(cfg.out, "config.json"), "w").write(json.dumps(dataclasses.asdict(cfg), indent=2))
         kept = [r for r in open(metrics) if r.endswith("\n") and json.loads(r)["iter"] <= epoch * steps + step] \
             if resume and os.path.isfile(metrics) else []  # a resumed run continues its log there, no repeats
         open(metrics, "w").writelines(kept)
@@ -746,9 +745,11 @@ def train(cfg: Config):
               f"of {steps} steps of {cfg.batch_size} x {world_size} images; writing to {cfg.out}"
               + (f"\nresumed from {cfg.resume}: epoch {epoch} step {step}/{steps}" if resume else ""))
 
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; a second Ctrl-C acts as it did before
-    handlers = {sig: signal.signal(sig, lambda sig, frame: stop.append(sig == signal.SIGTERM or signal.signal(
-        sig, handlers[sig]))) for sig in (signal.SIGINT, signal.SIGTERM)}  # each SIGTERM: SLURM's, then torchrun's
+    def on_signal(sig, frame):  # Ctrl-C or SIGTERM (each: SLURM's, then torchrun's): finish the step, save, exit
+        main_process and not stop and os.write(2, b"\nstopping after this step (or evaluation), with a checkpoint; "
+                                               b"Ctrl-C again stops at once\n")
+        stop.append(signal.signal(signal.SIGINT, handlers[signal.SIGINT]))  # the next Ctrl-C acts as it did before
+    stop, handlers = [], {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     start_time = time.perf_counter() - (resume or {}).get("time_s", 0.0)  # time_s: the run's, over its resumes
     while epoch < cfg.epochs:
         window, window_start, tic, improved = 0.0, step, time.perf_counter(), False  # window: loss terms summed
