@@ -1231,8 +1231,8 @@ def attach_proposals(dataset, given="", cache="", workers=0, collective=True, se
     files = [(img.get("file_name"), img.get("width"), img.get("height")) for img in getattr(dataset, "images", [])]
     meta = {"source": dataset.source, "images": image_keys(dataset),  # and which files they are (a re-exported json)
             "files": hashlib.sha1(json.dumps(files).encode()).hexdigest(), **kwargs}
-    distributed = collective and torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_rank() != 0:
+    distributed = collective and search and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:  # (search=False: nothing computed, so nothing to wait for)
         torch.distributed.barrier()  # rank 0 computes the file first
     try:
         with np.load(cache, allow_pickle=False) as f:

@@ -479,7 +479,8 @@ class FastRCNN(nn.Module):
 
 
 def caffe_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:
-    """train.prototxt's lr_mult / decay_mult: weights at lr with weight decay, biases at 2 x lr without."""
+    """train.prototxt's lr_mult / decay_mult: weights at lr with weight decay, biases at 2 x lr without. "Biases" are
+    every 1-d parameter: from random weights (batch norm trained, not frozen) batch norm's scales too (VGG16: none)."""
     groups = {}
     for p in model.parameters():
         if p.requires_grad:

@@ -334,7 +334,8 @@ class RCNN(nn.Module):
 
 def caffe_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list:
     """pascal_finetune_train.prototxt's blobs_lr and weight_decay: weights at lr with weight decay, biases at 2 x lr
-    without, the new classifier (fc8_pascal, here cls_score) at 10 x and 20 x."""
+    without, the new classifier (fc8_pascal, here cls_score) at 10 x and 20 x. "Biases" are every 1-d parameter: from
+    random weights (batch norm trained, not frozen) batch norm's scales too, which Caffe's CaffeNet does not have."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -3856,7 +3856,6 @@ def test_bench_selective_search_options(monkeypatch, capsys):
     assert rows[0] != rows[1]
 
 
-@pytest.mark.filterwarnings("ignore:.*degenerate")
 def processes_running(script) -> list:
     """The pids (Linux /proc) of processes whose command line names script."""
     pids = []
