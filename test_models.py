@@ -9,6 +9,7 @@ losses and gradients; batched assignment; empty and degenerate targets; one-batc
 command line (train, eval, predict, show-targets), interrupts and exact resume, DDP, the NaN stop, presets, weights;
 the template, the same in every file.
 """
+import colorsys
 import contextlib
 import copy
 import dataclasses
@@ -35,6 +36,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torchvision.models.detection import _utils as det_utils
@@ -1958,6 +1960,8 @@ def test_a_stop_during_an_evaluation_stops_at_that_epochs_end(tmp_path, monkeypa
         run_main("yolo", "--train", *tiny("yolo"), "--out", tmp_path)
     with pytest.raises(SystemExit, match=r"last.pt: epochs of 4 steps, here 2: resume on the same data$"):
         run_main("yolo", "--train", "--resume", tmp_path / "last.pt", "--num-train", "4")
+    with pytest.raises(SystemExit, match=r"last.pt: epochs of 4 steps, here 6: resume on the same data$"):
+        run_main("yolo", "--train", "--resume", tmp_path / "last.pt", "--num-train", "12")
     (tmp_path / "other").mkdir()  # a resumed run written into another run's folder: refused too
     shutil.copy(tmp_path / "last.pt", tmp_path / "other" / "last.pt")
     with pytest.raises(SystemExit, match=r"other holds a run already \(--out\): to go on with it, --train --resume "
@@ -3119,6 +3123,12 @@ def test_yolo_autoanchor_keeps_fitting_anchors_and_evolves_poor_ones(capsys):
         return float((yolo.anchor_fit(a.view(-1, 2), torch.tensor(wh, dtype=torch.float32))[1] > 0.25).float().mean())
 
     assert best(new) > 0.98 > best(poor)
+    def fitness(a):  # kmean_anchors' fitness: the boxes' best fit, counted above 1 / anchor_t
+        fit = yolo.anchor_fit(a.view(-1, 2), torch.tensor(wh[(wh >= 2).any(1)], dtype=torch.float32))[1]
+        return float((fit * (fit > 0.25)).mean())
+
+    kmeans = yolo.autoanchor(poor, wh, image, 64, 4.0, np.random.default_rng(0), generations=0)[0]
+    assert fitness(new) > fitness(kmeans)  # the same k-means, then 100 generations of mutation
     # a box fits an anchor when neither side is more than anchor_t times the other: 10-px boxes (x 0.9-1.1) on 44-px
     # anchors fit at anchor_t 5, none at 4 (10 x 1.1 / 44 = 1 / 4 exactly, at most)
     with warnings.catch_warnings():
@@ -3182,10 +3192,11 @@ def test_yolo_mosaic_keeps_boxes_on_their_pixels():
     assert image.shape == (3, 64, 64) and len(target["boxes"]) == 1
 
 
-def test_yolo_augmentation_drops_thin_boxes_and_jitters_hsv():
+def test_yolo_augmentation_drops_thin_boxes_and_jitters_hsv(monkeypatch):
     """Without scale and translation the single-image path is the identity; box_candidates drops a box left under 2 px
-    wide; HSV with zero gains is the identity, a hue gain moves hue and keeps value; the transform is a function of the
-    seeded random state."""
+    wide, and one with 10% of its area or less left in the picture; HSV with zero gains is the identity, gains as v7.0's
+    augment_hsv (hue x (1 + u_h gain) wrapping around: red stays red; saturation and value x (1 + u gain)); the
+    transform is a function of the seeded random state."""
     cfg = tiny_config("yolo", mosaic=0.0, scale=0.0, translate=0.0, hsv=(0.0, 0.0, 0.0), hflip_prob=0.0)
     image = torch.rand(3, 64, 64)
     target = {"boxes": torch.tensor([[10.0, 10, 30, 30], [63.5, 0, 64, 64]]), "labels": torch.tensor([1, 2])}
@@ -3196,11 +3207,52 @@ def test_yolo_augmentation_drops_thin_boxes_and_jitters_hsv():
     random.seed(1)  # hue x 0.57
     jittered = yolo.augment_hsv(image, (0.5, 0.0, 0.0))
     assert (jittered - image).abs().max() > 0.05 and torch.allclose(jittered.max(0).values, image.max(0).values)
+    random.seed(2)
+    gains = [random.uniform(-1, 1) * g + 1 for g in (0.5, 0.4, 0.3)]
+    random.seed(2)
+    jittered = yolo.augment_hsv(image, (0.5, 0.4, 0.3))
+    for y, x in ((0, 0), (5, 7), (31, 40), (63, 12), (20, 63)):
+        h, s, v = colorsys.rgb_to_hsv(*image[:, y, x].tolist())
+        expected = colorsys.hsv_to_rgb(h * gains[0] % 1, min(s * gains[1], 1), min(v * gains[2], 1))
+        torch.testing.assert_close(jittered[:, y, x], torch.tensor(expected), atol=1e-5, rtol=0)
+    red = torch.tensor([0.8, 0.1, 0.1])[:, None, None].expand(3, 4, 4)
+    torch.testing.assert_close(yolo.augment_hsv(red, (0.5, 0.0, 0.0)), red)  # hue 0 x anything
+    # translated by half the picture down and right (every draw at its upper end): of boxes reaching its bottom right
+    # corner, one left 4 x 32 px of 36 x 64 (5.6%) is dropped, one left 12 x 32 of 44 x 64 (13.6%) kept
+    wide = dict(mosaic=0.0, scale=0.0, translate=0.5, hsv=(0.0, 0.0, 0.0), hflip_prob=0.0)
+    corner = {"boxes": torch.tensor([[28.0, 0, 64, 64], [20, 0, 64, 64]]), "labels": torch.tensor([1, 2])}
+    monkeypatch.setattr(yolo.random, "uniform", lambda a, b: b)
+    _, kept = yolo.YoloAugment(tiny_config("yolo", **wide))(image, corner)
+    assert kept["labels"].tolist() == [2] and kept["boxes"].tolist() == [[52.0, 32, 64, 64]]
+    monkeypatch.undo()
     random.seed(3)
     a = yolo.YoloAugment(tiny_config("yolo"))(image, target)
     random.seed(3)
     b = yolo.YoloAugment(tiny_config("yolo"))(image, target)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
+
+
+def test_show_targets_of_ssd_and_yolo_draw_on_the_images_pixels(monkeypatch, tmp_path):
+    """--show-targets on a 120 x 200 image: SSD's default boxes drawn are those matched to the box (IoU >= 0.5 in its
+    300 x 300 input) mapped back to the image, where they overlap the box as much (IoU is the same under a scaling of
+    each axis); YOLO's cells drawn are the box centre's cell or a neighbour (build_targets), the letterbox's padding
+    and scale taken off."""
+    image = torch.rand(3, 120, 200)
+    target = {"boxes": torch.tensor([[40.0, 30, 120, 90]]), "labels": torch.tensor([1])}
+    for name in ("ssd", "yolo"):
+        module, drawn = REGISTRY[name].module, []
+        monkeypatch.setattr(module, "draw_boxes", lambda image, boxes, *a, **k: drawn.append(boxes) or image)
+        cfg = tiny_config(name)
+        module.draw_targets(module.DETECTOR(cfg).eval(), image, target, None, str(tmp_path / "t.png"))
+        assert torch.equal(drawn[-1], target["boxes"])  # the ground truth, on top
+        if name == "ssd":
+            assert len(drawn[0]) and (common.box_iou(drawn[0], target["boxes"]) >= 0.5 - 1e-5).all()
+            continue
+        r = cfg.image_size / 200
+        for cells, stride in zip(drawn[:-1:2], yolo.STRIDES):  # (each level: its cells, then its anchors)
+            centres = (cells[:, :2] + cells[:, 2:]) / 2
+            assert torch.allclose(cells[:, 2:] - cells[:, :2], torch.tensor(stride / r))  # squares of a stride
+            assert ((centres - torch.tensor([80.0, 60])).abs() <= 1.5 * stride / r + 1e-4).all(), (stride, centres)
 
 
 def train_py_lr(cfg, steps_per_epoch, step):
@@ -3631,6 +3683,25 @@ def test_detr_augmentation_flips_crops_and_drops_emptied_boxes_with_their_labels
     assert torch.equal(flipped_target["boxes"], data.hflip(image, target)[1]["boxes"])
 
 
+def test_detr_random_size_crop_of_a_wide_image():
+    """RandomSizeCrop on an image five times wider than tall: the crop lies inside the image, anywhere along its width
+    (its top drawn from the height's room, its left from the width's), boxes moved with the pixels."""
+    H, W = 20, 100
+    image = torch.arange(H * W, dtype=torch.float32).view(1, H, W).repeat(3, 1, 1)
+    target = {"boxes": torchvision.tv_tensors.BoundingBoxes([[0.0, 0, 100, 20]], format="XYXY", canvas_size=(H, W)),
+              "labels": torch.tensor([1])}  # (as in the v2 pipeline, where the crop runs)
+    lefts = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        crop, cropped = detr.RandomSizeCrop(10, 20)(image, target)
+        h, w = crop.shape[-2:]
+        top, left = divmod(int(crop[0, 0, 0]), W)
+        assert torch.equal(crop, image[:, top:top + h, left:left + w])
+        assert cropped["boxes"].tolist() == [[0.0, 0, w, h]]
+        lefts.append(left)
+    assert max(lefts) > 50
+
+
 def test_detr_optimizer_has_the_backbone_group_and_drops_the_lr():
     """AdamW, two groups as main.py: lr for the transformer, heads and input_proj, lr_backbone for the trained backbone
     layers; weight decay on all; x lr_gamma from each of lr_steps on; no warmup when warmup_iters is 0 (official)."""
@@ -3800,6 +3871,100 @@ def test_grid_graph_is_felzenszwalbs_8_neighbourhood():
     assert (np.diff(w) >= 0).all()
 
 
+def test_colour_spaces_are_the_standard_conversions():
+    """to_colour_space against colorsys (HSV), published sRGB (D65) Lab values, and rgi / intensity by their
+    definitions; every channel scaled to 0..255 and rounded, as Uijlings' uint8 images."""
+    rng = np.random.default_rng(0)
+    rgb = np.concatenate([rng.integers(0, 256, (3, 1, 200)), np.array([[[255, 0, 0, 0, 255, 255, 0, 128, 255, 0]],
+                          [[0, 255, 0, 255, 0, 255, 0, 128, 255, 0]], [[0, 0, 255, 255, 255, 0, 0, 128, 255, 1]]])],
+                         2).astype(np.uint8)  # [3, 1, 210]: random pixels, then the primaries, greys, near-black
+    hsv = data.to_colour_space(rgb, "hsv")[:, 0].T
+    for pixel, ours in zip(rgb[:, 0].T / 255.0, hsv):
+        expected = np.clip(np.round(np.array(colorsys.rgb_to_hsv(*pixel)) * 255), 0, 255)
+        assert ours[0] == expected[0] or {ours[0], expected[0]} == {0, 255}, (pixel, ours, expected)  # hue wraps
+        assert np.array_equal(ours[1:], expected[1:]), (pixel, ours, expected)
+    assert np.array_equal(data.to_colour_space(rgb, "h"), np.repeat(data.to_colour_space(rgb, "hsv")[:1], 3, 0))
+    # CIE L*a*b* of sRGB's white, red, green and blue (D65; e.g. Bruce Lindbloom's calculator) as 8-bit Lab
+    known = {(255, 255, 255): (100.0, 0.0, 0.0), (255, 0, 0): (53.24, 80.09, 67.20),
+             (0, 255, 0): (87.73, -86.18, 83.18), (0, 0, 255): (32.30, 79.19, -107.86)}
+    lab = data.to_colour_space(np.array(list(known), dtype=np.uint8).T[:, None], "lab")[:, 0].T
+    for ours, (L, a, b) in zip(lab, known.values()):
+        assert np.abs(ours - np.clip(np.array([L * 255 / 100, a + 128, b + 128]), 0, 255)).max() <= 1, (ours, L, a, b)
+    x = rgb.astype(np.float64) / 255
+    total = np.where(x.sum(0) > 0, x.sum(0), 1)
+    rgi = np.stack([np.where(x.sum(0) > 0, x[0] / total, 1 / 3), np.where(x.sum(0) > 0, x[1] / total, 1 / 3),
+                    x.sum(0) / 3])
+    assert np.array_equal(data.to_colour_space(rgb, "rgi"), np.clip(np.round(rgi * 255), 0, 255))
+    intensity = np.round((0.2989 * x[0] + 0.5870 * x[1] + 0.1140 * x[2]) * 255)
+    assert np.array_equal(data.to_colour_space(rgb, "intensity"), np.stack([intensity] * 3))
+
+
+def test_gaussian_smooth_is_felzenszwalbs_filter():
+    """Felzenszwalb's smooth(): a Gaussian mask of ceil(4 sigma) + 1 taps (normalised over both sides), applied along
+    x then y with the border pixel repeated -- written out here one pixel at a time."""
+    image = np.random.default_rng(0).uniform(0, 255, (2, 7, 9))
+    sigma = 0.8
+    half = math.ceil(4 * sigma)
+    mask = np.exp(-0.5 * (np.arange(half + 1) / sigma) ** 2)
+    mask /= 2 * mask.sum() - mask[0]
+
+    def convolve(src):  # along the last axis, borders clamped (convolve_even)
+        out = np.zeros_like(src)
+        for x in range(src.shape[-1]):
+            last = src.shape[-1] - 1
+            out[..., x] = mask[0] * src[..., x] + sum(
+                mask[i] * (src[..., max(x - i, 0)] + src[..., min(x + i, last)]) for i in range(1, half + 1))
+        return out
+
+    expected = convolve(convolve(image).swapaxes(1, 2)).swapaxes(1, 2)
+    assert np.allclose(data.gaussian_smooth(image, sigma), expected, rtol=0, atol=1e-3)
+
+
+def test_texture_maps_are_oriented_gaussian_derivatives_each_scaled_to_one():
+    """A bright right half: of the x derivative's two parts (positive, negative) one peaks at the edge, scaled to 1,
+    the other is empty; the y derivative's are empty; each diagonal has one part equal to the x one (scaled: half the
+    derivative). The same at a quarter of the contrast: each map is scaled by its own maximum. One channel, 8 maps."""
+    image = np.zeros((1, 12, 16))
+    image[:, :, 8:] = 1.0
+    maps = data.texture_maps(image)
+    assert maps.shape == (8, 12, 16) and maps.min() >= 0
+    peaks = maps.reshape(8, -1).max(1)
+    x = maps[int(np.argmax(peaks[:2]))]
+    assert sorted(peaks[:2]) == [0, 1] and x[:, 7:9].min() > 0.5 and x[:, :4].max() == x[:, -4:].max() == 0
+    assert peaks[2:4].tolist() == [0, 0]  # y
+    for pair in (maps[4:6], maps[6:8]):  # (dx + dy) / sqrt2, (dx - dy) / sqrt2
+        assert sorted(pair.reshape(2, -1).max(1)) == [0, 1] and np.allclose(pair[np.argmax(pair.max((1, 2)))], x)
+    assert np.allclose(data.texture_maps(image * 0.25), maps)
+
+
+def test_hierarchical_grouping_joins_the_most_similar_neighbours():
+    """Four vertical strips of 2, 2, 2 and 6 pixels' width in a row (size and fill only): the smallest neighbouring
+    pair joins first (strips 0 and 1), then the smallest pair left (the new region [0, 4) and strip 2, size 24 against
+    strip 2 and 3's 32), then the whole; each joined box covers both of its parts."""
+    labels = np.repeat(np.array([[0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3]]), 4, 0)  # [4, 12]
+    colour = np.zeros((3, 4, 12))
+    regions = data.region_features(labels, colour, np.zeros((8, 4, 12)))
+    assert regions["boxes"].tolist() == [[0, 0, 2, 4], [2, 0, 4, 4], [4, 0, 6, 4], [6, 0, 12, 4]]
+    assert regions["size"].tolist() == [8, 8, 8, 24] and regions["pairs"].tolist() == [[0, 1], [1, 2], [2, 3]]
+    merged = data.hierarchical_grouping(regions, ("size", "fill"), 48)
+    assert merged.tolist() == [[0, 0, 4, 4], [0, 0, 6, 4], [0, 0, 12, 4]]
+    labels[:, 6:] = 3  # the same with the large strip split off by its own id: the boxes follow the pixels
+    colour[0, :, 4:6] = 1.0  # strip 2 red: with colour similarity, 2 and 3 (both not red) ... stay apart from 0, 1
+    regions = data.region_features(labels, colour, np.zeros((8, 4, 12)))
+    merged = data.hierarchical_grouping(regions, ("colour",), 48)
+    assert merged.tolist()[0] == [0, 0, 4, 4] and merged.tolist()[-1] == [0, 0, 12, 4]
+
+
+def test_selective_search_ranks_the_whole_image_near_the_top():
+    """Uijlings' ranking: in each hierarchy the last merge (the whole image) has priority 1 and the first merges the
+    highest, times a random number: of the ~600 boxes of a 96 x 128 image of random 8-pixel tiles the whole image
+    comes among the first 2% (the ranking reversed puts it 43rd)."""
+    image = torch.from_numpy(np.kron(np.random.default_rng(0).random((3, 12, 16)), np.ones((1, 8, 8)))).float()
+    boxes = data.selective_search(image, side=0, min_box_size=1)
+    whole = torch.where((boxes == torch.tensor([0.0, 0.0, 128.0, 96.0])).all(1))[0]
+    assert len(boxes) > 500 and len(whole) == 1 and int(whole) < 0.02 * len(boxes), (len(boxes), whole)
+
+
 def test_selective_search_boxes_are_valid_and_find_the_objects():
     """A tiny picture of two flat rectangles, searched at its own size: valid boxes (inside, positive size, no
     duplicates, float [N, 4]), both rectangles and the whole image among them, the same boxes for the same seed; none
@@ -3906,6 +4071,9 @@ def test_proposals_files_and_cache(tmp_path, monkeypatch):
     (tmp_path / "r.json").write_text(json.dumps({"0": [[0, 0, 1, 1], [0, 0, 1]], "1": [], "2": []}))  # ragged
     with pytest.raises(ValueError, match=r"r.json: image '0': proposals must be finite .*, got .*inhomogeneous"):
         data.load_proposals(str(tmp_path / "r.json"), dataset)
+    data.save_proposals(str(tmp_path / "nan.npz"), ["0", "1", "2"], [boxes[0], boxes[1], np.full((1, 4), np.nan)])
+    with pytest.raises(ValueError, match=r"nan.npz: image '2': proposals must be finite \[R, 4\]"):
+        data.load_proposals(str(tmp_path / "nan.npz"), dataset)
     np.save(tmp_path / "one.npy", boxes[0])  # one array, not one per image
     with pytest.raises(ValueError, match=r"one.npy: cannot read proposals \(expected an .npz of one array per image"):
         data.load_proposals(str(tmp_path / "one.npy"), dataset)
@@ -3913,9 +4081,9 @@ def test_proposals_files_and_cache(tmp_path, monkeypatch):
         os.path.join(BCCD, "ImageSets", "Main", "val.txt")) if line.strip()]
     assert data.image_keys(coco("val")) == [str(img["id"]) for img in coco("val").images]
 
-    calls = []
-    monkeypatch.setattr(data, "selective_search", lambda image, **kw: calls.append(kw) or torch.tensor(
-        [[1.0, 2, 12, 20]]))
+    calls, searched = [], []
+    monkeypatch.setattr(data, "selective_search", lambda image, **kw: calls.append(kw) or searched.append(image) or
+                        torch.tensor([[1.0, 2, 12, 20]]))
     cache = str(tmp_path / "cache.npz")
     data.attach_proposals(dataset, cache=cache, mode="fast", side=500, min_box_size=4)
     assert len(calls) == 3 and calls[0] == {"mode": "fast", "side": 500, "min_box_size": 4}
@@ -3928,6 +4096,8 @@ def test_proposals_files_and_cache(tmp_path, monkeypatch):
     dataset.transforms = lambda image, target: data.hflip(image, target)
     data.attach_proposals(dataset, cache=cache, mode="fast", side=500, min_box_size=8)
     assert torch.equal(dataset[0][1]["proposals"], torch.tensor([[20.0, 2, 31, 20]]))  # 32 - 12, 32 - 1
+    stored = data.SyntheticShapes(3, 32, seed=0)  # the search saw the images as stored, not flipped (cached once)
+    assert all(torch.equal(image, stored[i][0]) for i, image in enumerate(searched[-3:]))
     # a json exported anew with the same path and ids, naming other files: made anew
     for names in (("x.jpg", "y.jpg"), ("y.jpg", "x.jpg"), ("y.jpg", "x.jpg")):
         image_dir, ann = make_coco(tmp_path, [{"id": i + 1, "file_name": n} for i, n in enumerate(names)], [])
@@ -4086,6 +4256,10 @@ def test_hard_negative_mining_follows_rcnn_train(tmp_path, monkeypatch):
         per_image.append((fc7, rcnn.svm_labels(boxes, gt_boxes, gt_labels, K, 0.3)[1], gt_labels))
     bias = torch.full((1,), cfg.svm_bias, dtype=torch.float64)
     final = torch.load(tmp_path / "stage2.pt", weights_only=True)
+    # rcnn_feature_stats: features scaled to a mean norm of 20 (here every region of the 3 images: fewer than 200)
+    assert float(torch.cat([fc7.norm(dim=1) for fc7, _, _ in per_image]).detach().mean()) == pytest.approx(20, rel=1e-4)
+    assert final["added"] == [0] * K  # each retraining starts the count of new negatives afresh (the last: all)
+    model.fitted_at.zero_(), model.finetune_steps.zero_()  # (fitted for this network: scores are the SVMs')
     for k in range(1, K):
         (X1, y1, w1, upper), (X2, y2, w2, _) = calls[k - 1], calls[K - 1 + k - 1]
         # liblinear's C, and twice that for the positives (rcnn_train.m's -w1 2: pos_loss_weight)
@@ -4101,6 +4275,12 @@ def test_hard_negative_mining_follows_rcnn_train(tmp_path, monkeypatch):
         assert torch.equal(final["negatives"][k].double(), X2[y2 < 0][X2[y2 < 0] @ w2 >= -1.2][:, :-1])
         torch.testing.assert_close(torch.cat([model.svm_weight[k].double(), model.svm_bias[k:k + 1].double() / 10]), w2,
                                    rtol=1e-6, atol=1e-7)
+        fc7 = per_image[0][0] / scale[1]  # the features as the network gives them: scored as the SVM was trained
+        with torch.no_grad():
+            scores = model.score(model.cls_score(fc7), fc7)[:, k].double()
+        torch.testing.assert_close(scores,
+                                   torch.cat([fc7 * scale[1], torch.full((len(fc7), 1), 10.0)], 1).double() @ w2,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_stage_2_resumes_where_it_stopped(tmp_path, monkeypatch):
@@ -4273,6 +4453,38 @@ def test_fast_rcnn_overlaps_are_the_references_with_one_pixel_added():
     assert 0 < flips < 40  # of 3 x ~300 candidates
 
 
+def test_fast_rcnn_loss_targets_and_per_class_nms(monkeypatch):
+    """Training: each foreground RoI's box targets are normalised by its class's mean and std ((t - mean) / std, the
+    reference's roidb), and both loss terms are divided by all the RoIs (train.prototxt), foreground or not. Test:
+    a region scoring high for two classes gives a detection of each (NMS per class)."""
+    cfg = tiny_config("fast_rcnn")
+    model = fast_rcnn.FastRCNN(cfg).train()
+    K = cfg.num_classes
+    means, stds = torch.rand(K, 4) * 0.2 - 0.1, torch.rand(K, 4) + 0.5
+    model.box_predictor.bbox_means.copy_(means), model.box_predictor.bbox_stds.copy_(stds)
+    sampled, seen, sample_rois, loss = [], [], fast_rcnn.sample_rois, fast_rcnn.fast_rcnn_loss
+    monkeypatch.setattr(fast_rcnn, "sample_rois", lambda *a: sampled.append(sample_rois(*a)) or sampled[-1])
+    monkeypatch.setattr(fast_rcnn, "fast_rcnn_loss", lambda *a: seen.append(a) or loss(*a))
+    images, targets = make_images()[:2], [{**t, "labels": t["labels"].clamp(max=K - 1)} for t in make_targets()[:2]]
+    targets = [{**t, "proposals": torch.cat([t["boxes"] + torch.randn(len(t["boxes"]), 4) * 3, t["boxes"] + (
+        t["boxes"][:, 2:] - t["boxes"][:, :2]).repeat(1, 2) / 2])} for t in targets]  # IoU ~0.9 and 1 / 7: fg, bg
+    torch.manual_seed(0)
+    model(images, targets)
+    _, _, labels, raw = sampled[0]
+    assert (labels > 0).any() and (labels == 0).any()
+    torch.testing.assert_close(seen[0][3][labels > 0], ((raw - means[labels]) / stds[labels])[labels > 0])
+    S, pos = 10, torch.tensor([1, 4, 7])
+    labels = torch.zeros(S, dtype=torch.int64).index_put_((pos,), torch.tensor([2, 1, 2]))
+    cls_logits, regression, targets = torch.randn(S, 3), torch.randn(S, 12), torch.randn(S, 4)
+    losses = fast_rcnn.fast_rcnn_loss(cls_logits, regression, labels, targets)
+    torch.testing.assert_close(losses["loss_classifier"], F.cross_entropy(cls_logits, labels))
+    torch.testing.assert_close(losses["loss_box_reg"], F.smooth_l1_loss(
+        regression.view(S, 3, 4)[pos, labels[pos]], targets[pos], beta=1.0, reduction="sum") / S)
+    both = fast_rcnn.postprocess_detections(torch.tensor([[0.0, 5.0, 5.0]]), torch.zeros(1, 12),
+                                            torch.tensor([[10.0, 10, 50, 50]]), [1], [(64, 64)], fast_rcnn.Config())
+    assert sorted(both[0]["labels"].tolist()) == [1, 2] and torch.equal(both[0]["boxes"][0], both[0]["boxes"][1])
+
+
 def test_fast_rcnn_sampler_has_the_references_properties():
     """_sample_rois vectorised over the batch: per image as many foreground (16) and background (48) RoIs as the
     reference drew in 200 runs, foreground at IoU >= 0.5 with its box's class, background in [0.1, 0.5), no RoI twice,
@@ -4314,6 +4526,12 @@ def test_fast_rcnn_sampler_has_the_references_properties():
     rois, _, labels, targets = fast_rcnn.sample_rois([far], *common.pad_targets([box]), cfg)
     assert torch.equal(rois[labels > 0].sort(0).values, box["boxes"].sort(0).values)
     assert sorted(labels[labels > 0].tolist()) == [2, 5] and (targets == 0).all()
+    # images of fewer candidates than the batch's largest count: exactly their count, of their candidates only
+    mask = torch.tensor([[True] * 6, [True, False, True, False, False, False], [True, True] + [False] * 4])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        chosen = fast_rcnn.random_subset(mask, torch.tensor([4, 1, 0]))
+        assert chosen.sum(1).tolist() == [4, 1, 0] and not (chosen & ~mask).any()
 
 
 def test_fast_rcnn_decoding_clipping_and_nms_are_the_references():
@@ -4792,6 +5010,37 @@ def test_proposals_on_the_fly_are_remembered_by_shape_and_bytes(name):
     torch.testing.assert_close(tall_boxes, torchvision.ops.clip_boxes_to_image(expected[:n].float(), (80, 40)))
 
 
+def test_rcnn_show_targets_draws_the_roles_of_the_regions():
+    """--show-targets' regions (region_roles): fine-tuning's sampled foreground (IoU >= 0.5: at most a quarter of the
+    128) and as many of its sampled background regions; the SVMs' ignored regions (IoU >= 0.3 with a box of the
+    image's classes) and as many of their negatives (IoU < 0.3) as the image has boxes."""
+    cfg = rcnn.Config()
+    gt = {"boxes": torch.tensor([[20.0, 20, 60, 60]]), "labels": torch.tensor([4])}
+    near = torch.tensor([[20.0 + i % 5, 20 + i // 5, 60, 60] for i in range(50)])  # IoU 0.70 and more
+    far = torch.tensor([[100.0 + i, 100, 140 + i, 140] for i in range(200)])  # IoU 0
+    torch.manual_seed(0)
+    background, foreground, ignored, negatives = rcnn.region_roles(torch.cat([near, far]), gt, cfg)
+    assert len(foreground) == len(background) == 32
+    assert (common.box_iou(foreground, gt["boxes"]) >= 0.5).all()
+    assert (common.box_iou(background, gt["boxes"]) == 0).all()
+    assert torch.equal(ignored, near) and len(negatives) == 1 and common.box_iou(negatives, gt["boxes"]).max() < 0.3
+
+
+@pytest.mark.parametrize("name", ["rcnn", "fast_rcnn"])
+def test_caffe_parameter_groups_are_the_prototxts(name):
+    """The Caffe solvers' lr and decay multipliers: weights at lr with weight decay, biases at twice the lr without;
+    R-CNN's new classifier (fc8_pascal, here cls_score) at 10 x and 20 x."""
+    module = REGISTRY[name].module
+    model = module.DETECTOR(tiny_config(name))
+    groups = module.caffe_param_groups(model, 0.1, 5e-4)
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(where) == len(trained) and any(p.ndim == 1 for _, p in trained)
+    for n, p in trained:
+        new = 10 if name == "rcnn" and n.startswith("cls_score.") else 1
+        assert where[id(p)] == pytest.approx((0.2 * new, 0.0) if p.ndim == 1 else (0.1 * new, 5e-4)), n
+
+
 def test_rcnn_stage_3_fits_every_class_afresh(tmp_path):
     """Stages 2-3 of a model whose regressors were fitted before (a checkpoint trained on): a class without examples
     this time predicts no change, not the old network's regression."""
@@ -4803,6 +5052,15 @@ def test_rcnn_stage_3_fits_every_class_afresh(tmp_path):
     for k in absent:
         assert not model.bbox_beta[k].any() and not model.bbox_mean[k].any()
         assert torch.equal(model.bbox_t_inv[k], torch.eye(4))
+    # a class with examples: its targets are the offsets that move each region onto its ground-truth box, centred
+    # on their mean (rcnn_train_bbox_regressor: targets of the region relative to ... the box it should become)
+    bbox = {key: torch.cat(v) for key, v in torch.load(tmp_path / "stage2.pt", weights_only=True)["bbox"].items()}
+    for k in sorted(set(dataset[0][1]["labels"].tolist())):
+        sel = bbox["labels"] == k
+        assert sel.sum() >= 2
+        targets = rcnn.encode_boxes(bbox["gt"][sel].double(), bbox["rois"][sel].double())
+        torch.testing.assert_close(rcnn.decode_boxes(targets, bbox["rois"][sel].double()), bbox["gt"][sel].double())
+        torch.testing.assert_close(model.bbox_mean[k].double(), targets.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_rcnn_scores_with_softmax_until_its_svms_fit_this_run():
