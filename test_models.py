@@ -13,6 +13,7 @@ import colorsys
 import contextlib
 import copy
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -2308,6 +2309,56 @@ def test_coco_preset_builds_torchvisions_model(name):
     assert {k: getattr(cfg, k) for k, v in module.TORCHVISION_CONFIG.items() if getattr(cfg, k) != v} == \
         COCO_PRESET_OWN[name]
     assert module.TORCHVISION_CONFIG.get("bn_eps", 0.0) == 0.0  # torchvision's overwrite_eps(model, 0.0)
+
+
+@pytest.mark.parametrize("name", COCO_PRESET_OWN)
+def test_settings_named_as_torchvisions_have_its_defaults(name):
+    """Every Config field named as an argument of torchvision's model class has the default it has there, in
+    TORCHVISION_CONFIG's configuration (where torchvision gives one: None means that it computes the value, which the
+    parity tests check): a changed default that no parity test exercises (a sampling fraction, say) shows here."""
+    module = REGISTRY[name].module
+    model_class = {"faster_rcnn": torchvision.models.detection.FasterRCNN, "retinanet":
+                   torchvision.models.detection.RetinaNet, "fcos": torchvision.models.detection.FCOS,
+                   "ssd": torchvision.models.detection.ssd.SSD}[name]
+    defaults = {k: p.default for k, p in inspect.signature(model_class.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty and p.default is not None}
+    cfg = module.Config(**module.TORCHVISION_CONFIG)
+    shared = sorted({f.name for f in dataclasses.fields(cfg)} & set(defaults))
+    assert len(shared) >= 5 and {k: getattr(cfg, k) for k in shared} == {k: defaults[k] for k in shared}
+
+
+# The references' recipes by our Config's names (../shared/REFERENCES.md): what --preset coco (voc) trains with. The
+# algorithm's own settings are here too: a changed default that no parity test exercises (an EMA decay) shows here.
+REFERENCE_RECIPES = {
+    "yolo": ("coco", dict(  # v7.0: data/hyps/hyp.scratch-low.yaml, train.py (README models: 300 epochs of 64 at 640),
+        lr=0.01, lrf=0.01, momentum=0.937, weight_decay=5e-4, warmup_epochs=3.0, warmup_iters=100,  # ModelEMA, val.py
+        warmup_momentum=0.8, warmup_bias_lr=0.1, box_gain=0.05, cls_gain=0.5, obj_gain=1.0, anchor_t=4.0,
+        hsv=(0.015, 0.7, 0.4), translate=0.1, scale=0.5, hflip_prob=0.5, mosaic=1.0, ema_decay=0.9999,
+        clip_grad_norm=10.0, optimizer="sgd", cos_lr=False, batch_size=64, epochs=300, image_size=640,
+        bn_momentum=0.03, balance=(4.0, 1.0, 0.4), conf_thresh=0.001, iou_thresh=0.6, max_det=300)),
+    "detr": ("coco", dict(  # main.py's defaults
+        lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, clip_grad_norm=0.1, epochs=300, lr_steps=(200,), batch_size=2,
+        backbone="resnet50", dilation=False, hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,
+        dim_feedforward=2048, dropout=0.1, num_queries=100, aux_loss=True, set_cost_class=1.0, set_cost_bbox=5.0,
+        set_cost_giou=2.0, bbox_loss_coef=5.0, giou_loss_coef=2.0, eos_coef=0.1, min_size=800, max_size=1333)),
+    "fast_rcnn": ("voc", dict(  # lib/fast_rcnn/config.py, models/VGG16/solver.prototxt and train.prototxt
+        backbone="vgg16", frozen_stages=2, representation_size=4096, dropout=0.5, roi_size=7, roi_op="pool", stride=16,
+        scales=(600,), max_size=1000, batch_size=2, rois_per_image=64, fg_fraction=0.25, fg_iou_thresh=0.5,
+        bg_iou_thresh_hi=0.5, bg_iou_thresh_lo=0.1, normalize_targets=True, nms_thresh=0.3, lr=0.001, momentum=0.9,
+        weight_decay=5e-4)),
+    "rcnn": ("voc", dict(  # rcnn_train.m, rcnn_config.m, pascal_finetune_solver.prototxt and _train.prototxt
+        backbone="alexnet", crop_size=227, crop_padding=16, rois_per_batch=128, fg_fraction=0.25, fg_iou_thresh=0.5,
+        dropout=0.5, svm_c=0.001, svm_pos_weight=2.0, svm_bias=10.0, svm_neg_iou=0.3, svm_hard_thresh=-1.0001,
+        svm_evict_thresh=-1.2, svm_retrain_every=2000, feature_norm=20.0, bbox_lambda=1000.0, bbox_min_iou=0.6,
+        nms_thresh=0.3, lr=0.001, momentum=0.9, weight_decay=5e-4)),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_RECIPES)
+def test_presets_train_the_references_recipe(name):
+    preset, recipe = REFERENCE_RECIPES[name]
+    cfg = REGISTRY[name].module.make_config({}, None, preset)
+    assert {k: getattr(cfg, k) for k in recipe} == recipe
 
 
 @pytest.mark.parametrize("name", FROZEN_BN_NAMES)
