@@ -1315,6 +1315,10 @@ def resume_state(obj, state):
         if (run == "Adam") != ("betas" in obj.param_groups[0]):  # Adam's moments are no SGD momentum, nor the reverse
             raise SystemExit(f"--resume: the run's optimizer state is {run}'s, not {type(obj).__name__}'s: resume "
                              "with the run's --optimizer")
+        if (theirs := [len(g["params"]) for g in state["param_groups"]]) != (ours := [len(g["params"]) for g in
+                                                                               obj.param_groups]):
+            raise SystemExit(f"--resume: the run trained other parameters (groups of {theirs} tensors, here {ours}): "
+                             "resume with the run's settings of what is trained (e.g. --lr-backbone, --frozen-stages)")
         state = {**state, "param_groups": [{**saved, **{k: v for k, v in group.items() if k != "params"}}
                                            for saved, group in zip(state["param_groups"], obj.param_groups)]}
     base_lrs = getattr(obj, "base_lrs", None)
@@ -1491,7 +1495,7 @@ def predict_inputs(path, out):
     for file in image_files(path, out):
         try:
             image = load_image(file, upright=True)
-        except ValueError as e:  # load_image's: names the file and what PIL said
+        except (ValueError, FileNotFoundError) as e:  # load_image's, naming the file (not found: a broken link)
             if os.path.isfile(path):  # the one input given
                 raise SystemExit(str(e)) from None
             warnings.warn(f"{e}: skipped")

@@ -451,10 +451,10 @@ def test_voc_evaluate_iou_of_exactly_one_half_is_a_miss():
 
 
 def test_predict_folder_skips_hidden_files_and_huge_images_are_named(tmp_path, monkeypatch):
-    write_image(tmp_path / "b.png"), write_image(tmp_path / "a.jpg")
+    write_image(tmp_path / "b.png"), write_image(tmp_path / "a.jpg"), write_image(tmp_path / "C.JPG")  # (a camera's)
     for name in ("._a.jpg", "notes.txt"):  # ._a.jpg: macOS metadata, not an image
         (tmp_path / name).write_bytes(b"\0\5")
-    assert data.image_files(str(tmp_path)) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
+    assert data.image_files(str(tmp_path)) == [str(tmp_path / n) for n in ("C.JPG", "a.jpg", "b.png")]
     for path in (tmp_path, tmp_path / "a.jpg"):  # drawings under the images' names into their folder: refused
         with pytest.raises(SystemExit, match="the folder of the images or one above it, where drawings of the same"):
             data.image_files(str(path), str(tmp_path / "sub" / ".."))
@@ -468,14 +468,19 @@ def test_predict_folder_skips_hidden_files_and_huge_images_are_named(tmp_path, m
 
 
 def test_predict_inputs_skip_what_cannot_be_read_and_turn_photos_upright(tmp_path):
-    """--predict on a folder: a file that is no image is skipped with a warning naming it (the others are still
-    predicted); a photo with an EXIF orientation is read as a photo viewer shows it (for training, as stored)."""
+    """--predict on a folder: a file that is no image, or a link to no file, is skipped with a warning naming it (the
+    others are still predicted); a photo with an EXIF orientation is read as a photo viewer shows it (for training,
+    as stored)."""
     write_image(tmp_path / "a.jpg"), (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 32 wide and 24 high, shown turned 90 degrees: 24 wide and 32 high
     Image.new("RGB", (32, 24), 128).save(tmp_path / "c.jpg", exif=exif)
-    with pytest.warns(UserWarning, match=r"b.jpg: cannot read image .*: skipped"):
+    with pytest.warns(UserWarning) as warned:
         found = list(data.predict_inputs(str(tmp_path), str(tmp_path / "out")))
+    assert [str(w.message) for w in warned] == [f"{tmp_path / 'b.jpg'}: cannot read image (UnidentifiedImageError: "
+                                               f"cannot identify image file '{tmp_path / 'b.jpg'}'): skipped",
+                                               f"{tmp_path / 'broken.jpg'}: image file not found: skipped"]
     assert [(f, o) for f, _, o in found] == [(str(tmp_path / n), str(tmp_path / "out" / n)) for n in ("a.jpg", "c.jpg")]
     assert found[1][1].shape == (3, 32, 24) and data.load_image(str(tmp_path / "c.jpg")).shape == (3, 24, 32)
     with pytest.raises(SystemExit, match=r"b.jpg: cannot read image"):  # the one file given: nothing to skip to
@@ -672,6 +677,17 @@ def make_coco(tmp_path, images, annotations, categories=((1, "a"), (7, "b"))):
         "annotations": [{"id": k + 1, "iscrowd": 0, **a} for k, a in enumerate(annotations)],
         "categories": [{"id": i, "name": n} for i, n in categories]}))
     return str(tmp_path), str(ann_file)
+
+
+def test_coco_json_of_images_only_gives_images_without_boxes(tmp_path):
+    """A COCO json without "annotations" (as COCO's image_info_test2017.json): its images, none with a box."""
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}, {"id": 2, "file_name": "y.jpg"}], [])
+    content = json.loads(pathlib.Path(ann).read_text())
+    del content["annotations"]
+    pathlib.Path(ann).write_text(json.dumps(content))
+    with pytest.warns(UserWarning, match="without boxes"):
+        dataset = data.CocoDetection(image_dir, ann)
+    assert len(dataset) == 2 and all(len(dataset[i][1]["boxes"]) == 0 for i in range(2))
 
 
 def make_voc(tmp_path, objects_per_image, split="train", size=(32, 24)):
@@ -2070,6 +2086,54 @@ def run_rank(name, args, rank, port, log):
             raise
 
 
+# how the lr of one step follows two processes instead of one: linearly with the global batch (torchvision's recipes,
+# Caffe's); DETR's 1e-4 is for any batch; YOLOv5's lr is for its nominal batch of 64 (its weight decay follows)
+LR_PER_PROCESSES = {"faster_rcnn": 2, "retinanet": 2, "fcos": 2, "ssd": 2, "rcnn": 2, "fast_rcnn": 2, "detr": 1}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_follows_the_global_batch(name):
+    module = REGISTRY[name].module
+    cfg = tiny_config(name)
+    model = module.DETECTOR(cfg)
+    (one, first), (two, second) = (module.make_optimizer(model, cfg, 4, world_size) for world_size in (1, 2))
+    if name == "yolo":  # the same lrs; smart_optimizer's decay x images per optimiser step / 64
+        assert [g["lr"] for g in two.param_groups] == [g["lr"] for g in one.param_groups]
+        assert [g["weight_decay"] for g in two.param_groups] == [0.0, 2 * one.param_groups[1]["weight_decay"], 0.0]
+        return
+    assert [b / a for a, b in zip(first.base_lrs, second.base_lrs)] == pytest.approx(
+        [LR_PER_PROCESSES[name]] * len(first.base_lrs))
+
+
+def test_resume_state_sets_the_lr_of_the_step_it_resumes_at():
+    """A resumed LambdaLR sets each group's lr to its base lr x the schedule at the saved step (here: in the warmup,
+    then after an lr drop), as the run had it."""
+    for steps, expected in ((1, 0.1 * 2 / 3), (5, 0.01)):
+        schedules = []
+        for _ in range(2):
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+            schedules.append(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 3) * 0.1 ** (
+                s >= 4)))
+        for _ in range(steps):
+            schedules[0].optimizer.step(), schedules[0].step()
+        data.resume_state(schedules[1], schedules[0].state_dict())
+        assert schedules[1].optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+        assert schedules[0].optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("one_epoch", ["fcos"], indirect=True)
+def test_weights_of_a_resumed_run_start_a_new_run(one_epoch, tmp_path):
+    """--train --weights best.pt of a run that had been resumed (its config names a --resume): a new run from those
+    weights, from its first step, not a resume of that run."""
+    _, out, _ = one_epoch
+    checkpoint = torch.load(out / "best.pt", weights_only=True)
+    checkpoint["config"]["resume"] = str(out / "last.pt")
+    torch.save(checkpoint, tmp_path / "best.pt")
+    output = run_main("fcos", "--train", *tiny("fcos"), "--weights", tmp_path / "best.pt", "--out", tmp_path / "new")
+    assert "resumed from" not in output
+    assert json.loads(open(tmp_path / "new" / "metrics.jsonl").readline())["step"] == "1/4"
+
+
 def ddp_run(name, log, *args, stop_at=None):
     """A model file's main(args) in 2 processes joined as torchrun joins them (RANK, WORLD_SIZE, MASTER_ADDR/PORT),
     forked from a server that imported this file once: a torchrun launch imports torch three times, 7 s of a 2-core
@@ -2095,6 +2159,18 @@ def ddp_run(name, log, *args, stop_at=None):
         process.join(300)
         process.kill()  # if it still runs (a rank waiting for one that failed), the test fails on its exit code
     return [log.read_text() for log in logs], [process.exitcode for process in ranks]
+
+
+def test_ddp_a_stop_while_rank_0_evaluates_stops_both_at_the_epochs_end(tmp_path):
+    """2 processes: Ctrl-C while rank 0 evaluates epoch 0, with rank 1 already waiting for it in the stop's all-reduce
+    (its Python handler runs only when that returns): both ranks stop at the epoch's end and save it, as one process
+    would (without the all-reduce, rank 1 would go on into epoch 1 alone)."""
+    args = [*tiny("yolo"), "--num-train", "16", "--num-val", "128", "--epochs", "2"]  # 4 steps; a longer evaluation
+    outputs, codes = ddp_run("yolo", tmp_path / "log", "--train", *args, "--out", tmp_path / "a",
+                             stop_at="epoch 0 step 4/4")
+    assert codes == [130, 130], outputs
+    checkpoint = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0) and "epoch 0 iter 4 AP" in outputs[0]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -3336,6 +3412,7 @@ def test_yolo_optimizer_and_schedule_are_train_py(cos_lr):
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(lrs, abs=1e-12), step
         assert optimizer.param_groups[0]["momentum"] == pytest.approx(momentum)
         scheduler.step()
+    assert yolo.YoloSchedule(optimizer, cfg, 20).warmup == 100  # 3 epochs of 20 steps: train.py's 100 at least
     resumed = yolo.YoloSchedule(optimizer, cfg, 40)
     resumed.load_state_dict(scheduler.state_dict())
     assert optimizer.param_groups[1]["lr"] == pytest.approx(train_py_lr(cfg, 40, 200)[0][1])
@@ -4393,6 +4470,18 @@ def test_rcnn_features_padded_to_fixed_batch_sizes_are_the_same(tmp_path):
     for a, b in zip(plain, padded):
         assert a.shape == b.shape == (80, a.shape[1])
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("one_epoch", ["detr"], indirect=True)
+def test_resume_training_other_parameters_is_refused_in_one_line(one_epoch, tmp_path):
+    """--resume with a setting that changes what is trained (DETR's --lr-backbone 0 freezes its backbone): the run's
+    optimizer state does not fit, refused in one line that says what to keep, before anything is written."""
+    _, out, _ = one_epoch
+    shutil.copytree(out, tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"^--resume: the run trained other parameters \(groups of \[\d+, [1-9]\d*\] "
+                                         r"tensors, here \[\d+, 0\]\): resume with the run's settings of what is"):
+        run_main("detr", "--train", "--resume", tmp_path / "run" / "last.pt", "--epochs", "2", "--lr-backbone", "0")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize("one_epoch", ["rcnn"], indirect=True)
