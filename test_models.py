@@ -1064,6 +1064,8 @@ def test_make_loader_and_collate():
     assert [len(images) for images, _ in batches] == [4, 4, 2]  # evaluation: every image once, in order
     images, targets = batches[0]
     assert isinstance(images, list) and all(im.shape == (3, 48, 48) for im in images)
+    moved = data.to_device(targets, "cpu")  # tensors moved, the rest (image_id) kept
+    assert [t.keys() for t in moved] == [t.keys() for t in targets] and moved[1]["image_id"] == targets[1]["image_id"]
     assert [t["image_id"] for t in targets] == [0, 1, 2, 3]
     order = lambda loader: [t["image_id"] for _, ts in loader for t in ts]
 
@@ -3040,7 +3042,8 @@ def colour_classes(image):
 
 def test_ssd_augmentation_moves_boxes_with_their_pixels():
     """SSD's augmentation (photometric distortion, zoom out, IoU crop, flip) on a red and a blue rectangle on green:
-    every box it returns still frames its own colour, tightly; boxes it drops take their labels and iscrowd along."""
+    every box it returns still frames its own colour, tightly; boxes it drops take their labels and iscrowd along; the
+    colours are distorted in some of the runs (other pixel values than the image's and the mean colour's)."""
     cfg = ssd.Config(augment="ssd")
     image = torch.zeros(3, 120, 160)
     image[1] = 1.0  # green background
@@ -3049,11 +3052,13 @@ def test_ssd_augmentation_moves_boxes_with_their_pixels():
         image[:, y1:y2, x1:x2] = 0
         image[channel, y1:y2, x1:x2] = 1
     target = {"boxes": rects, "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([0, 1]), "image_id": 3}
-    transform, sizes, counts = ssd.train_transforms(cfg), set(), set()
+    transform, sizes, counts, distorted = ssd.train_transforms(cfg), set(), set(), set()
     for seed in range(30):
         data.seed_everything(seed)
         out, t = transform(image, target)
         H, W = out.shape[1:]
+        mean = ((out - torch.tensor(cfg.image_mean)[:, None, None]).abs() < 1e-6).all(0)
+        distorted.add(not (mean | ((out == 0) | (out == 1)).all(0)).all())
         sizes.add((H > 120) - (H < 120))
         counts.add(len(t["boxes"]))
         if H > 120:  # zoomed out: onto the mean colour (torchvision's recipe), not black
@@ -3075,6 +3080,7 @@ def test_ssd_augmentation_moves_boxes_with_their_pixels():
             assert len(ring) == 0 or (ring == colour).float().mean() < 0.5  # the box is tight
         assert len(set(inside_colour.values())) == len(inside_colour)  # red and blue stay apart
     assert sizes == {-1, 0, 1} and 2 in counts and min(counts) < 2  # zoomed out, cropped, untouched; boxes dropped
+    assert True in distorted
 
 
 def test_ssd_backbone_weights_and_frozen_stages(tmp_path):
@@ -3382,6 +3388,64 @@ def test_show_targets_of_ssd_and_yolo_draw_on_the_images_pixels(monkeypatch, tmp
             assert ((centres - torch.tensor([80.0, 60])).abs() <= 1.5 * stride / r + 1e-4).all(), (stride, centres)
 
 
+def test_show_targets_draw_each_assignment_on_the_images_pixels(monkeypatch, tmp_path):
+    """--show-targets on a 120 x 200 image with two boxes, what each file draws (its draw_boxes calls), in the image's
+    pixels and the colours its docstring names: Faster R-CNN's positive anchors (white) and its RoI head's sampled
+    foreground (blue, IoU >= 0.5) and as many background RoIs (red); RetinaNet's positive anchors; FCOS's points
+    inside their box, brightest at its centre (the centerness target); DETR's matched queries and their ground truth,
+    each with its own label; Fast R-CNN's foreground, background and unsampled (grey) proposals. Last, on top: the
+    ground truth."""
+    image = torch.rand(3, 120, 200)
+    gt = torch.tensor([[40.0, 30, 120, 90], [130, 20, 190, 110]])
+    target = {"boxes": gt, "labels": torch.tensor([1, 2])}
+    white, red, blue, grey = (255, 255, 255), (255, 0, 0), (0, 0, 255), (160, 160, 160)
+    iou = lambda boxes: common.box_iou(boxes, gt).max(1).values  # noqa: E731
+    for name in ("faster_rcnn", "retinanet", "fcos", "detr", "fast_rcnn"):
+        module, calls = REGISTRY[name].module, []
+        monkeypatch.setattr(module, "draw_boxes", lambda im, boxes, *a, **k: calls.append((boxes, a, k)) or im)
+        cfg = tiny_config(name, min_size=64, max_size=256) if name != "fast_rcnn" else tiny_config(name)
+        torch.manual_seed(0)
+        model = module.DETECTOR(cfg).eval()
+        if name == "detr":  # a known matching (query 5 to box 1, query 2 to box 0), of the last decoder layer's output
+            matched = []
+            monkeypatch.setattr(detr, "hungarian_match", lambda logits, *a: matched.append(logits) or (
+                torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), torch.tensor([5, 2]),
+                torch.tensor([1, 0])))
+        given = target if name != "fast_rcnn" else {**target, "proposals": torch.cat([
+            gt + 2, gt + torch.tensor([30.0, 0, 30, 0]), torch.tensor([[0.0, 0, 20, 20], [0, 100, 30, 120]])])}
+        module.draw_targets(model, image, given, None, str(tmp_path / "t.png"))
+        boxes, args, kwargs = calls[-1]
+        assert torch.equal(boxes.float(), gt) if name != "detr" else torch.allclose(boxes, gt[[1, 0]], atol=1e-3), name
+        colours = {tuple(k["color"]) if isinstance(k.get("color"), tuple) else None: b for b, _, k in calls[:-1]}
+        if name in ("faster_rcnn", "retinanet"):
+            anchors = colours[white]
+            assert len(anchors) and iou(anchors).min() >= 0.3, name  # (a box's best anchor may be under 0.5)
+            assert (common.box_iou(anchors, gt).max(0).values >= 0.5).all(), name  # every box has its anchors
+        if name == "faster_rcnn":
+            assert len(colours[blue]) and (iou(colours[blue]) >= 0.5).all() and (iou(colours[red]) < 0.5).all()
+            assert len(colours[red]) == min(len(colours[blue]), len(colours[red])) <= len(colours[blue])
+        if name == "fast_rcnn":
+            assert len(colours[blue]) and (iou(colours[blue]) >= 0.5).all() and (iou(colours[red]) < 0.5).all()
+            assert len(colours[red]) <= len(colours[blue]) and len(colours[grey])
+            assert not (colours[grey][:, None] == colours[blue][None]).all(2).any()  # unsampled: not among the RoIs
+        if name == "fcos":
+            dots, _, k = calls[0]
+            centres, brightness = (dots[:, :2] + dots[:, 2:]) / 2, torch.tensor([c[0] for c in k["color"]])
+            inside = ((centres[:, None] > gt[None, :, :2]) & (centres[:, None] < gt[None, :, 2:])).all(2).any(1)
+            assert len(dots) and inside.all()
+            box_centre = (gt[0, :2] + gt[0, 2:]) / 2
+            in_first = ((centres > gt[0, :2]) & (centres < gt[0, 2:])).all(1)
+            nearest = (centres[in_first] - box_centre).norm(dim=1).argmin()
+            assert brightness[in_first][nearest] == brightness[in_first].max() > 128
+        if name == "detr":
+            assert args[0].tolist() == [2, 1] and calls[0][1][2] == ["query 5", "query 2"]
+            batch, mask = detr.preprocess([image], [target], cfg, training=False)[:2]
+            logits, queries = model.predict(batch, mask)
+            assert torch.equal(matched[0], logits[-1:])
+            xyxy = torchvision.ops.box_convert(queries[-1, 0, [5, 2]], "cxcywh", "xyxy")
+            torch.testing.assert_close(calls[0][0], xyxy * torch.tensor([200.0, 120, 200, 120]))
+
+
 def train_py_lr(cfg, steps_per_epoch, step):
     """v7.0 train.py's lr (per group: biases, weights, batch norm) and momentum at a batch, written as it does it."""
     warmup = max(round(cfg.warmup_epochs * steps_per_epoch), cfg.warmup_iters)
@@ -3458,6 +3522,10 @@ def test_yolo_letterbox_is_val_py_rect_batches():
     assert frames == [(1.0, 0, 0)] * 2 and torch.equal(same["boxes"], moved["boxes"])
     wide = torch.rand(3, 512, 672)  # the shape of 640 x 480's batch, but its long side is not 640: it is resized
     assert yolo.letterbox([wide], None, cfg, training=False)[2][0][0] == 640 / 672
+    # two landscape images of 640 x 401 and 640 x 480: the batch fits the less wide (h / w 0.75, as val.py's shapes),
+    # the lower one centred with the odd pixel of its padding below it (top round(55.5 - 0.1), as yolov5's letterbox)
+    batch, _, frames = yolo.letterbox([torch.rand(3, 401, 640), image], None, cfg, training=False)
+    assert batch.shape == (2, 3, 512, 672) and frames == [(1.0, 16, 55), (1.0, 16, 16)]
     stripes = torch.tensor([1.0, 0, 0]).repeat(3, 300, 100)  # columns 1, 0, 0, 1, 0, 0, ...: shrunk 3x to 100 px
     cfg = dataclasses.replace(cfg, image_size=100, letterbox_pad=0.0)  # training samples the middle 0 of each three
     assert (yolo.letterbox([stripes], None, cfg, training=True)[0] == 0).all()  # (v7.0's INTER_LINEAR)
