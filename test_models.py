@@ -3365,45 +3365,25 @@ def test_yolo_augmentation_drops_thin_boxes_and_jitters_hsv(monkeypatch):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
 
 
-def test_show_targets_of_ssd_and_yolo_draw_on_the_images_pixels(monkeypatch, tmp_path):
-    """--show-targets on a 120 x 200 image: SSD's default boxes drawn are those matched to the box (IoU >= 0.5 in its
-    300 x 300 input) mapped back to the image, where they overlap the box as much (IoU is the same under a scaling of
-    each axis); YOLO's cells drawn are the box centre's cell or a neighbour (build_targets), the letterbox's padding
-    and scale taken off."""
-    image = torch.rand(3, 120, 200)
-    target = {"boxes": torch.tensor([[40.0, 30, 120, 90]]), "labels": torch.tensor([1])}
-    for name in ("ssd", "yolo"):
-        module, drawn = REGISTRY[name].module, []
-        monkeypatch.setattr(module, "draw_boxes", lambda image, boxes, *a, **k: drawn.append(boxes) or image)
-        cfg = tiny_config(name)
-        module.draw_targets(module.DETECTOR(cfg).eval(), image, target, None, str(tmp_path / "t.png"))
-        assert torch.equal(drawn[-1], target["boxes"])  # the ground truth, on top
-        if name == "ssd":
-            assert len(drawn[0]) and (common.box_iou(drawn[0], target["boxes"]) >= 0.5 - 1e-5).all()
-            continue
-        r = cfg.image_size / 200
-        for cells, stride in zip(drawn[:-1:2], yolo.STRIDES):  # (each level: its cells, then its anchors)
-            centres = (cells[:, :2] + cells[:, 2:]) / 2
-            assert torch.allclose(cells[:, 2:] - cells[:, :2], torch.tensor(stride / r))  # squares of a stride
-            assert ((centres - torch.tensor([80.0, 60])).abs() <= 1.5 * stride / r + 1e-4).all(), (stride, centres)
-
-
 def test_show_targets_draw_each_assignment_on_the_images_pixels(monkeypatch, tmp_path):
     """--show-targets on a 120 x 200 image with two boxes, what each file draws (its draw_boxes calls), in the image's
     pixels and the colours its docstring names: Faster R-CNN's positive anchors (white) and its RoI head's sampled
     foreground (blue, IoU >= 0.5) and as many background RoIs (red); RetinaNet's positive anchors; FCOS's points
     inside their box, brightest at its centre (the centerness target); DETR's matched queries and their ground truth,
-    each with its own label; Fast R-CNN's foreground, background and unsampled (grey) proposals. Last, on top: the
-    ground truth."""
+    each with its own label; Fast R-CNN's foreground, background and unsampled (grey) proposals; SSD's default boxes
+    matched to a box (IoU >= 0.5 in its 300 x 300 input, and as much in the image: IoU is the same under a scaling of
+    each axis); YOLO's cells, each the box centre's cell or a neighbour (build_targets), the letterbox's padding and
+    scale taken off. Last, on top: the ground truth."""
     image = torch.rand(3, 120, 200)
     gt = torch.tensor([[40.0, 30, 120, 90], [130, 20, 190, 110]])
     target = {"boxes": gt, "labels": torch.tensor([1, 2])}
     white, red, blue, grey = (255, 255, 255), (255, 0, 0), (0, 0, 255), (160, 160, 160)
     iou = lambda boxes: common.box_iou(boxes, gt).max(1).values  # noqa: E731
-    for name in ("faster_rcnn", "retinanet", "fcos", "detr", "fast_rcnn"):
+    for name in ("faster_rcnn", "retinanet", "fcos", "detr", "fast_rcnn", "ssd", "yolo"):
         module, calls = REGISTRY[name].module, []
         monkeypatch.setattr(module, "draw_boxes", lambda im, boxes, *a, **k: calls.append((boxes, a, k)) or im)
-        cfg = tiny_config(name, min_size=64, max_size=256) if name != "fast_rcnn" else tiny_config(name)
+        resized = dict(min_size=64, max_size=256) if name in ("faster_rcnn", "retinanet", "fcos", "detr") else {}
+        cfg = tiny_config(name, **resized)
         torch.manual_seed(0)
         model = module.DETECTOR(cfg).eval()
         if name == "detr":  # a known matching (query 5 to box 1, query 2 to box 0), of the last decoder layer's output
@@ -3444,6 +3424,18 @@ def test_show_targets_draw_each_assignment_on_the_images_pixels(monkeypatch, tmp
             assert torch.equal(matched[0], logits[-1:])
             xyxy = torchvision.ops.box_convert(queries[-1, 0, [5, 2]], "cxcywh", "xyxy")
             torch.testing.assert_close(calls[0][0], xyxy * torch.tensor([200.0, 120, 200, 120]))
+        if name == "ssd":
+            matched = calls[0][0]
+            assert len(matched) and (iou(matched) >= 0.5 - 1e-5).all()
+            assert (common.box_iou(matched, gt).max(0).values >= 0.5 - 1e-5).all()  # every box has its default boxes
+        if name == "yolo":
+            r, gt_centres = cfg.image_size / 200, (gt[:, :2] + gt[:, 2:]) / 2
+            assert sum(len(cells) for cells, _, _ in calls[:-1:2])
+            for (cells, _, _), stride in zip(calls[:-1:2], yolo.STRIDES):  # (each level: its cells, then its anchors)
+                centres = (cells[:, :2] + cells[:, 2:]) / 2
+                assert torch.allclose(cells[:, 2:] - cells[:, :2], torch.tensor(stride / r))  # squares of a stride
+                near = ((centres[:, None] - gt_centres[None]).abs() <= 1.5 * stride / r + 1e-4).all(2).any(1)
+                assert near.all(), (stride, centres)
 
 
 def train_py_lr(cfg, steps_per_epoch, step):

@@ -23,6 +23,6 @@ MUTANTS = [
     ('P4-YA3', ['yolo.py'], 'hue, saturation, value = hue * r[0] % 1,', 'hue, saturation, value = (hue + r[0]) % 1,', ['-k', 'yolo_augmentation_drops']),
     ('P4-AA1', ['yolo.py'], 'if (f_candidate := fitness(candidate)) > f:', 'if (f_candidate := fitness(candidate)) < f:', ['-k', 'autoanchor_keeps']),
     ('P4-DA1', ['detr.py'], 'top, left = int(torch.randint(H - h + 1, ())), int(torch.randint(W - w + 1, ()))', 'top, left = int(torch.randint(W - w + 1, ())), int(torch.randint(H - h + 1, ()))', ['-k', 'random_size_crop_of_a_wide']),
-    ('P4-DRS', ['ssd.py'], 'boxes = resize_boxes(anchors[positive], batch.shape[-2:], image.shape[-2:])', 'boxes = anchors[positive]', ['-k', 'show_targets_of_ssd_and_yolo']),
-    ('P4-DRY', ['yolo.py'], 'drawn = draw_boxes(drawn, (boxes - frame) / r, color=colour, width=1)', 'drawn = draw_boxes(drawn, boxes / r, color=colour, width=1)', ['-k', 'show_targets_of_ssd_and_yolo']),
+    ('P4-DRS', ['ssd.py'], 'boxes = resize_boxes(anchors[positive], batch.shape[-2:], image.shape[-2:])', 'boxes = anchors[positive]', ['-k', 'draw_each_assignment']),
+    ('P4-DRY', ['yolo.py'], 'drawn = draw_boxes(drawn, (boxes - frame) / r, color=colour, width=1)', 'drawn = draw_boxes(drawn, boxes / r, color=colour, width=1)', ['-k', 'draw_each_assignment']),
 ]
