@@ -973,13 +973,13 @@ def network(cfg: dict) -> str:
 
 
 def wall_minutes(path: str) -> str:
-    """The wall time of a run from its log's /usr/bin/time -v line (start-up and proposals included), else '—'."""
-    import re
+    """The wall time of a run from its log's /usr/bin/time -v lines (start-up and proposals included; a run resumed
+    into the same log: the sum of its parts), else '—'."""
     found = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", open(path).read()
                        if os.path.exists(path) else "")
     if not found:
         return "—"
-    seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(found[-1].split(":"))))
+    seconds = sum(float(x) * 60 ** i for part in found for i, x in enumerate(reversed(part.split(":"))))
     return f"{seconds / 60:.1f}"
 
 

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import inspect
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -1012,6 +1013,23 @@ def test_synthetic_shapes_stay_at_least_half_visible(monkeypatch):
         for _, patch, visible in ds.layout(i)[0]:
             fractions.append(int(visible.sum()) / areas[tuple(map(int, patch))])
     assert len(fractions) > 200 and min(fractions) >= 0.5 and sum(f < 0.9 for f in fractions) > 10
+
+
+def test_synthetic_sliver_one_pixel_across_is_left_unlabelled(monkeypatch):
+    """A shape whose visible pixels are one pixel wide or one pixel tall gets no box (the loaders drop such boxes, so
+    the synthetic data never asks for one); two pixels across keep it."""
+    ds = data.SyntheticShapes(40, (96, 128), seed=0)
+    for across, h_w in itertools.product((1, 2), ("tall", "wide")):
+        h, w = (20, across) if h_w == "tall" else (across, 20)
+        line = ((10, 10 + h, 30, 30 + w), np.ones((h, w), dtype=bool))  # every shape drawn as this line (20 pixels)
+        monkeypatch.setattr(ds, "_sample_mask", lambda rng, label, ys, xs: line)
+        layouts = [ds.layout(i) for i in range(len(ds))]
+        assert all(len(shapes) == len(boxes) == len(labels) for shapes, boxes, labels in layouts)
+        if across == 1:
+            assert all(len(boxes) == 0 for _, boxes, _ in layouts), h_w
+        else:  # later shapes would hide the first one wholly: one box per image that asked for shapes
+            boxes = [b.tolist() for _, b, _ in layouts if len(b)]
+            assert len(boxes) > 20 and all(b == [[30, 10, 30 + w, 10 + h]] for b in boxes), h_w
 
 
 def test_synthetic_colour_does_not_give_the_class_away():
@@ -2827,11 +2845,11 @@ def test_compare_reads_runs_on_a_dataset(tmp_path):
 
 def test_compare_reads_cpu_runs_on_synthetic_data(tmp_path):
     """Run-by-run records on the synthetic data (config.json: data synthetic) give the CPU table, not the dataset
-    table: the curve, the best evaluation, the wall time from /usr/bin/time's line in NAME.log, and whether the run
-    was this commit's cpu preset (else the fields that differ)."""
+    table: the curve, the best evaluation, the wall time from /usr/bin/time's lines in NAME.log (summed: a run resumed
+    into its log), and whether the run was this commit's cpu preset (else the fields that differ)."""
     import bench
     (tmp_path / "env.txt").write_text("CPU (x86_64, 2 cores), a test\nFri Nov 27 10:43:06 UTC 2026\n")
-    for name, change in (("fcos", {}), ("ssd", {"num_train": 7})):
+    for name, change in (("fcos", {}), ("ssd", {"num_train": 7}), ("retinanet", {})):
         cfg = {**json.loads(json.dumps(dataclasses.asdict(__import__(name).make_config({}, preset="cpu")))),
                "out": "elsewhere", **change}
         (tmp_path / f"{name}.config.json").write_text(json.dumps(cfg))
@@ -2841,13 +2859,52 @@ def test_compare_reads_cpu_runs_on_synthetic_data(tmp_path):
                     for e, ap in ((0, 0.1), (1, 0.25))]
         (tmp_path / f"{name}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "fcos.log").write_text("...\n\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:30.00\n")
+    (tmp_path / "retinanet.log").write_text("".join(f"...\n\tElapsed (wall clock) time (h:mm:ss or m:ss): {t}\n"
+                                                    for t in ("0:10:00", "5:30.00")))  # a run resumed into its log
     markdown = bench.compare_markdown([str(tmp_path)], open(os.path.join(ROOT, "README.md")).read())
     table = markdown[markdown.index("**Synthetic data on a CPU**"):]
     assert "| `fcos.py` | 0.200, 0.500<sup>a</sup> | 0.500 / 0.250 (0.125) | 2 of 5 (stopped by its time limit), 1.5 " \
            "| 62.5 | 10.5 |" in table and "this commit's cpu preset |" in table
     assert "| `ssd.py` | 0.200, 0.500" in table and "| — | 10.5 |" in table
     assert "the cpu preset but num_train 7 |" in table
+    assert "| 15.5 | 10.5 |" in next(line for line in table.splitlines() if line.startswith("| `retinanet.py`"))
     assert "**BCCD**" not in markdown  # no run on a dataset: no dataset table
+
+
+def test_gallery_pictures_and_the_runs_they_come_from(tmp_path, monkeypatch):
+    """bench.py gallery: each file's --show-targets pictures at the gallery's width (R-CNN's two panels at twice it);
+    its predictions from --predictions where that has its picture, else from --cpu-predictions, and sources.json says
+    which files' come from the cpu runs; the README's gallery names the best evaluation (highest AP, what best.pt
+    holds) of the run each picture comes from."""
+    import argparse
+    import bench
+    monkeypatch.setattr(bench, "GALLERY", str(tmp_path / "gallery"))
+
+    def show_targets(command, **kwargs):  # a 400 x 300 picture in place of the model file's --show-targets
+        Image.new("RGB", (400, 300), (9, 99, 199)).save(os.path.join(command[command.index("--out") + 1],
+                                                                     "targets_0.png"))
+    monkeypatch.setattr(subprocess, "run", show_targets)
+    for folder, name in (("gpu", "fcos"), ("cpu", "fcos"), ("cpu", "rcnn")):
+        (tmp_path / folder / f"pred_{name}").mkdir(parents=True)
+        Image.new("RGB", (400, 300), (200, 0, 0)).save(tmp_path / folder / f"pred_{name}" / "sample.png")
+    args = argparse.Namespace(files=["rcnn", "fcos"], gallery_width=50, predictions=str(tmp_path / "gpu"),
+                              predictions_run="records/gpu", cpu_predictions=str(tmp_path / "cpu"),
+                              cpu_predictions_run="records/cpu", bccd_predictions="", bccd_predictions_run="")
+    bench.bench_gallery(args)
+    sizes = {p.name: Image.open(p).size for p in (tmp_path / "gallery").glob("*.png")}
+    assert sizes == {"synthetic_targets_rcnn.png": (100, 75), "bccd_targets_rcnn.png": (100, 75),
+                     "synthetic_targets_fcos.png": (50, 38), "bccd_targets_fcos.png": (50, 38),
+                     "synthetic_pred_rcnn.png": (50, 38), "synthetic_pred_fcos.png": (50, 38)}
+    sources = json.load(open(tmp_path / "gallery" / "sources.json"))
+    assert sources["from_cpu_predictions"] == {"rcnn": "records/cpu"} and sources["predictions_run"] == "records/gpu"
+    evals = [{"epoch": e, "AP": ap, "AP50": ap50} for e, ap, ap50 in ((0, 0.3, 0.6), (1, 0.5, 0.9), (2, 0.4, 0.95))]
+    records = {"train": {"fcos": [({"evals": evals}, {"path": "records/gpu"})]},
+               "synthetic": {"rcnn": [({"evals": evals[::-1]}, {"path": "records/cpu"})]}, "data": {}}
+    rows = {line.split("`")[1]: line for line in bench.gallery_markdown(records, lambda s: f"[{s['path']}]")
+            if line.startswith("| `")}
+    for name, run in (("fcos", "gpu"), ("rcnn", "cpu")):
+        assert f"best.pt: epoch 1, mAP@0.5 0.900[records/{run}]" in rows[f"{name}.py"]
+    assert "best.pt" not in rows["ssd.py"] and rows["ssd.py"].count("—") == 4
 
 
 def test_compare_cpu_table_shows_the_earliest_run_of_the_preset(tmp_path):
