@@ -118,8 +118,8 @@ def pad_targets(targets: list):
 
 
 # --- IoU family ---
-# Pairwise versions are torchvision's; the element-wise ones ([N], [N] -> [N], for losses on matched pairs) are written
-# here with the same formulas, so elementwise_*(a, b) == diag(pairwise_*(a, b)).
+# Pairwise versions are torchvision's; the element-wise ones ([..., 4], [..., 4] -> [...], for losses on matched
+# pairs) are written here with the same formulas, so elementwise_*(a, b) == diag(pairwise_*(a, b)).
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

@@ -1311,10 +1311,10 @@ def resume_state(obj, state):
     keeps its groups' settings; a LambdaLR takes its step count and keeps its base lrs, and sets each group's lr for
     that step: the lr the new settings would have there (the run's own lr when no flag changed them)."""
     if isinstance(obj, torch.optim.Optimizer):
-        run = "Adam" if "betas" in state["param_groups"][0] else "SGD"  # (AdamW's state is Adam's)
-        if (run == "Adam") != ("betas" in obj.param_groups[0]):  # Adam's moments are no SGD momentum, nor the reverse
-            raise SystemExit(f"--resume: the run's optimizer state is {run}'s, not {type(obj).__name__}'s: resume "
-                             "with the run's --optimizer")
+        def kind(group):  # SGD's momentum is not Adam's moments; Adam's L2 decay is not AdamW's decoupled one
+            return "SGD" if "betas" not in group else "AdamW" if group["decoupled_weight_decay"] else "Adam"
+        if (run := kind(state["param_groups"][0])) != (here := kind(obj.param_groups[0])):
+            raise SystemExit(f"--resume: the run's optimizer was {run}, not {here}: resume with the run's --optimizer")
         if (theirs := [len(g["params"]) for g in state["param_groups"]]) != (ours := [len(g["params"]) for g in
                                                                                obj.param_groups]):
             raise SystemExit(f"--resume: the run trained other parameters (groups of {theirs} tensors, here {ours}): "

@@ -124,7 +124,7 @@ class Config:
     epochs: int = 30  # passes over the training set [300 or 500]
     batch_size: int = 16  # images per step and per process [2 per GPU x 8 GPUs]
     lr: float = 1e-4  # AdamW lr of the transformer, heads and input_proj (at 2e-4 the cpu preset's queries collapsed)
-    lr_backbone: float = 2e-4  # ... of the backbone (from scratch it learns with the rest) [1e-5]
+    lr_backbone: float = 2e-4  # ... of the backbone (from scratch: 2 x lr) [1e-5, from ImageNet weights]
     weight_decay: float = 1e-4  # AdamW weight decay, every trained parameter
     lr_steps: tuple = (25,)  # epochs at which the lr is multiplied by lr_gamma [200 (of 300), 400 (of 500)]
     lr_gamma: float = 0.1  # lr decay factor
@@ -515,7 +515,7 @@ def hungarian_match(pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, g
     gt_idx, each int64 [N] with N = L * sum(min(Q, num_gt[b]))."""
     L, B, Q, _ = pred_logits.shape
     M = gt_boxes.shape[1]
-    # classification cost: -p(ground-truth class), the paper's 1 - p without the constant
+    # classification cost: -p(ground-truth class), the paper's (the official matcher's 1 - p, its constant dropped)
     prob = pred_logits.softmax(-1)  # [L, B, Q, K + 1]
     cost_class = -prob.gather(3, gt_labels[None, :, None, :].expand(L, B, Q, M))  # [L, B, Q, M]
     # L1 distance between the boxes' normalised cx, cy, w, h

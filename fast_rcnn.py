@@ -146,7 +146,7 @@ class Config:
     # learns (README, Fast R-CNN). The paper's SGD at 0.001 from ImageNet VGG16: --preset voc
     optimizer: Literal["sgd", "adamw"] = "adamw"  # [sgd]
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 on weights (not on biases, as Caffe's decay_mult 0 for them)
+    weight_decay: float = 5e-4  # on weights, not biases (Caffe's decay_mult 0); sgd: L2, adamw: decoupled
     lr_steps: tuple = (6,)  # epochs at which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1  # lr decay factor
     warmup_iters: int = 200  # steps of linear warmup at the start, at most a third of the run [0]
@@ -371,12 +371,13 @@ class FastRCNN(nn.Module):
         if target is not None and "proposals" in target:
             boxes = target["proposals"]
         else:
-            key = (tuple(image.shape), hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest())
+            pixels = image.detach().float().cpu()  # (float32: numpy has no bf16)
+            key = (tuple(image.shape), hashlib.sha1(pixels.numpy().tobytes()).hexdigest())
             if key not in self.proposal_cache:
                 if len(self.proposal_cache) >= 256:
                     self.proposal_cache.pop(next(iter(self.proposal_cache)))
-                self.proposal_cache[key] = data.selective_search(image.detach().cpu(), cfg.proposals,
-                                                                 cfg.proposal_side, cfg.proposal_min_size)
+                self.proposal_cache[key] = data.selective_search(pixels, cfg.proposals, cfg.proposal_side,
+                                                                 cfg.proposal_min_size)
             boxes = self.proposal_cache[key]
         return clip_boxes_to_image(boxes[:cfg.proposals_per_image].to(image.device).float(), image.shape[-2:])
 
@@ -425,8 +426,10 @@ class FastRCNN(nn.Module):
         scaled = rois * factors[image_idx][:, None]  # [S, 4]
         rois = torch.cat([image_idx[:, None].to(rois.dtype), scaled], 1)  # [S, 5]: image index, x1, y1, x2, y2
         if self.cfg.roi_op == "align":  # bilinear samples at the exact scaled corners, averaged (torchvision's)
-            return roi_align(features.float(), rois.float(), size, 1 / self.cfg.stride, sampling_ratio=2)
-        return roi_pool(features.float(), rois.float(), size, 1 / self.cfg.stride)  # (no CPU bf16 kernel; exact)
+            pooled = roi_align(features.float(), rois.float(), size, 1 / self.cfg.stride, sampling_ratio=2)
+        else:  # (float32: a CPU has no bf16 kernel; the features' dtype again after)
+            pooled = roi_pool(features.float(), rois.float(), size, 1 / self.cfg.stride)
+        return pooled.to(features.dtype)
 
     def pyramid_roi_features(self, images: list, rois: Tensor, image_idx: Tensor) -> Tensor:
         """Test-time RoI features (im_detect): the images at every test scale; each RoI pooled from the scale where its

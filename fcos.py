@@ -93,7 +93,7 @@ class Config:
     center_sampling_radius: float = 1.5  # positives lie within radius * s of a box's centre (FCOS v2, torchvision)
     scale_range: tuple = (4, 8)  # side s regresses boxes with max(l, t, r, b) in (4 s, 8 s): 0, 64, .., 512, inf
     # head and loss
-    prior_probability: float = 0.01  # initial foreground probability of every class logit (paper section 4.1)
+    prior_probability: float = 0.01  # initial foreground probability of every class logit (RetinaNet paper 4.1)
     focal_alpha: float = 0.25  # focal loss weight of the positives (negatives get 1 - alpha)
     focal_gamma: float = 2.0  # focal loss focusing exponent: (1 - p_t) ** gamma
     # decoding
@@ -274,7 +274,7 @@ class Head(nn.Module):
                 nn.init.normal_(layer.weight, std=0.01)
                 nn.init.constant_(layer.bias, 0)
         # every class starts at probability prior_probability, so that the many easy negatives do not swamp the first
-        # iterations' loss (paper section 4.1, "Initialization")
+        # iterations' loss (RetinaNet paper section 4.1, "Initialization")
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_probability) / prior_probability))
 
     def forward(self, features: list):
@@ -307,7 +307,7 @@ def make_anchors(image_size, grid_sizes: list, cfg: Config, device=None):
         ws = ((1 / h_ratios)[:, None] * scales[None]).reshape(-1)  # [A_loc] ratio-major, as torchvision
         hs = (h_ratios[:, None] * scales[None]).reshape(-1)  # area scale ** 2 for every ratio
         cell = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [A_loc, 4]
-        # torchvision's stride is H // H_l: for P6, P7 of a padded size that is not a multiple of 128 it is not 64, 128
+        # torchvision's stride is H // H_l: not 64 (P6) or 128 (P7) for a padded size not a multiple of 64 or 128
         stride_y, stride_x = image_size[0] // H_l, image_size[1] // W_l
         shift_y, shift_x = torch.meshgrid(torch.arange(H_l, device=device) * stride_y,
                                           torch.arange(W_l, device=device) * stride_x, indexing="ij")

@@ -140,7 +140,7 @@ class Config:
     lr: float = 0.01  # backbone weights' lr (biases x2, the new classifier x10), scaled to the processes [0.001]
     optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw (lr ~1e-3): faster from scratch on little data
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 on weights (not on biases, as Caffe's weight_decay 0 for them)
+    weight_decay: float = 5e-4  # on weights, not biases (Caffe's weight_decay 0); sgd: L2, adamw: decoupled
     lr_steps: tuple = (3,)  # epochs at which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1  # lr decay factor
     warmup_iters: int = 100  # steps of linear warmup at the start, at most a third of the run [0]
@@ -256,12 +256,13 @@ class RCNN(nn.Module):
         if target is not None and "proposals" in target:
             boxes = target["proposals"]
         else:  # on the fly (--predict, tests); remembered for images seen again
-            key = (tuple(image.shape), hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest())
+            pixels = image.detach().float().cpu()  # (float32: numpy has no bf16)
+            key = (tuple(image.shape), hashlib.sha1(pixels.numpy().tobytes()).hexdigest())
             if key not in self.proposal_cache:
                 if len(self.proposal_cache) >= 256:
                     self.proposal_cache.pop(next(iter(self.proposal_cache)))
-                self.proposal_cache[key] = data.selective_search(image.detach().cpu(), cfg.proposals,
-                                                                 cfg.proposal_side, cfg.proposal_min_size)
+                self.proposal_cache[key] = data.selective_search(pixels, cfg.proposals, cfg.proposal_side,
+                                                                 cfg.proposal_min_size)
             boxes = self.proposal_cache[key]
         return clip_boxes_to_image(boxes[:cfg.proposals_per_image].to(image.device).float(), image.shape[-2:])
 
@@ -286,7 +287,7 @@ class RCNN(nn.Module):
         else:
             proposals = [clip_boxes_to_image(p[:cfg.proposals_per_image].float(), image.shape[-2:])
                          for p, image in zip(proposals, images)]
-        pool5, fc7 = self.features(images, proposals)
+        pool5, fc7 = (f.to(self.svm_weight.dtype) for f in self.features(images, proposals))  # (a model in bf16)
         cls_scores = self.score(self.cls_score(fc7).float(), fc7)  # [S, K]
         boxes = self.regress(pool5, torch.cat(proposals))  # [S, K, 4]
         return postprocess_detections(cls_scores, boxes, [len(p) for p in proposals],
@@ -398,10 +399,10 @@ def warp_regions(image: Tensor, boxes: Tensor, crop_size: int, padding: int) -> 
     ys, valid_y = axis(pad_y, crop_h, cy1, clip_h)
     grid = torch.stack([((2 * xs + 1) / W - 1)[:, None, :].expand(R, S, S),
                         ((2 * ys + 1) / H - 1)[:, :, None].expand(R, S, S)], -1)  # [R, S, S, 2]
-    crops = F.grid_sample(image[None].float(), grid.reshape(1, R * S, S, 2).to(image.dtype if image.is_floating_point()
-                          else torch.float32), mode="bilinear", padding_mode="border", align_corners=False)
+    crops = F.grid_sample(image[None].float(), grid.reshape(1, R * S, S, 2).float(), mode="bilinear",
+                          padding_mode="border", align_corners=False)  # (float32: bf16 would move the samples)
     crops = crops.reshape(3, R, S, S).transpose(0, 1)  # [R, 3, S, S]
-    return crops * (valid_y[:, :, None] & valid_x[:, None, :])[:, None].to(crops.dtype)
+    return (crops * (valid_y[:, :, None] & valid_x[:, None, :])[:, None]).to(image.dtype)
 
 
 def decode_boxes(deltas: Tensor, rois: Tensor) -> Tensor:
@@ -605,7 +606,7 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
     2. Positives (get_positive_pool5_features): fc7 of every ground-truth box.
     3. One pass over the images (rcnn_train.m): each image's regions (ground truth and proposals) are negatives of a
        class under svm_neg_iou IoU with its boxes; the first image adds all of them to the class's cache, later images
-       those scoring above svm_hard_thresh; a class is retrained after its first image, once more than
+       those scoring above svm_hard_thresh; every class is retrained after the first image, a class once more than
        svm_retrain_every negatives were added, and at the last image; after each retraining, negatives scoring below
        svm_evict_thresh leave the cache. The same pass keeps pool5 of the regions with IoU > bbox_min_iou to their best
        ground-truth box, and that box, for stage 3.
@@ -719,7 +720,7 @@ def train_svms_and_regressors(model: RCNN, dataset, device, checkpoint_every: in
     for k in range(1, K):
         sel = torch.where(bbox["labels"] == k)[0] if bbox["labels"] is not None else []
         if len(sel) < 2:
-            continue  # no examples: this class's boxes stay as proposed
+            continue  # fewer than 2 examples (no covariance to whiten): this class's boxes stay as proposed
         beta, mu, T_inv = fit_box_regressor(bbox["pool5"][sel].double(), encode_boxes(
             bbox["gt"][sel].double(), bbox["rois"][sel].double()), cfg.bbox_lambda)
         model.bbox_beta[k], model.bbox_mean[k], model.bbox_t_inv[k] = beta.float(), mu.float(), T_inv.float()

@@ -111,7 +111,7 @@ class Config:
     lr: float = 1e-3  # learning rate for 32 images per step, scaled linearly to batch_size x processes [0.002]
     optimizer: Literal["sgd", "adamw"] = "adamw"  # adamw: the runs from scratch | sgd: with pretrained VGG16 [sgd]
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 on all trained parameters
+    weight_decay: float = 5e-4  # on all trained parameters (sgd: L2; adamw: decoupled)
     lr_steps: tuple = (14, 18)  # epochs at which the lr is multiplied by lr_gamma [80, 110]
     lr_gamma: float = 0.1  # lr decay factor
     warmup_iters: int = 300  # steps of linear warmup at the start, at most a third of the run [1000]

@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 import types
+import typing
 import warnings
 
 import numpy as np
@@ -2628,9 +2629,11 @@ def test_resume_takes_the_runs_state_and_this_runs_settings(name):
         assert all(torch.equal(v, state[i][k]) for i, values in run[0]["state"].items() for k, v in values.items())
     assert settings(optimizer)[0]["lr"] != settings(built(6)[0])[0]["lr"]  # the new lr is another one
     if "optimizer" in module.Config.__dataclass_fields__:  # (detr.py: AdamW always) --optimizer changed on --resume
-        other = "sgd" if tiny_config(name).optimizer != "sgd" else "adamw"
-        with pytest.raises(SystemExit, match=r"--resume: the run's optimizer state is \w+'s, not \w+'s: resume with"):
-            data.resume_state(built(0, optimizer=other)[0], run[0])
+        names = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+        for other in set(typing.get_args(module.Config.__annotations__["optimizer"])) - {tiny_config(name).optimizer}:
+            with pytest.raises(SystemExit, match=rf"--resume: the run's optimizer was {names[tiny_config(name).optimizer]}"
+                                                 rf", not {names[other]}: resume with the run's --optimizer"):
+                data.resume_state(built(0, optimizer=other)[0], run[0])
 
 
 @pytest.mark.parametrize("one_epoch", ["fcos"], indirect=True)  # the loop is the same in every file
@@ -5055,11 +5058,16 @@ def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in images)
     with pytest.raises(TypeError, match=r"images: a list of float \[3, H, W\] tensors in \[0, 1\], got a torch.uint8"):
         model.eval()([(images[0] * 255).to(torch.uint8)])
-    if name not in ("retinanet", "fcos", "ssd"):  # a CPU has no bf16 roi_align nor antialiased resize (YOLO, DETR);
-        return  # selective search and the SVMs are numpy (bf16 autocast works in all: test_bf16_autocast_...)
-    with torch.no_grad():
-        found = model.eval().to(torch.bfloat16)([x.detach().bfloat16() for x in images])
-    assert len(found) == 2 and all(torch.isfinite(d["boxes"].float()).all() for d in found)
+    if name in ("yolo", "detr", "faster_rcnn"):  # a CPU has no bf16 antialiased resize (YOLO, DETR) nor roi_align
+        return  # (bf16 autocast works in all: test_bf16_autocast_...)
+    model.eval().to(torch.bfloat16)
+    for fitted in (False, True) if name == "rcnn" else (False,):  # R-CNN: softmax, then the SVMs and regressors
+        if fitted:
+            model.fitted_at.fill_(0)
+        with torch.no_grad():  # (R-CNN and Fast R-CNN: selective search on the images' pixels, in float32)
+            found = model([x.detach().bfloat16() for x in images])
+        assert len(found) == 2 and all(torch.isfinite(d["boxes"].float()).all() for d in found)
+        assert all(len(d["boxes"]) for d in found) or name not in ("rcnn", "fast_rcnn")  # (random weights: boxes)
 
 
 def test_detr_refuses_a_label_that_would_be_no_object():

@@ -471,9 +471,9 @@ def build_targets(gt: Tensor, anchors: Tensor, grid_sizes: list, anchor_t: float
     Unlike IoU matching (Faster R-CNN, RetinaNet), a box is learnt by EVERY anchor whose shape is close enough, on every
     level, and by up to THREE cells per anchor:
       1. shape: width and height ratios box / anchor r must satisfy max(r, 1 / r) < anchor_t (4) on both sides. The
-         decoded size (2 sigmoid)^2 x anchor spans 0 ... 4 x anchor, so a box outside that range could never be
-         predicted by the anchor. A box can match 0 to 9 anchors; one matching none is never learnt (AutoAnchor checks
-         for those before training).
+         decoded size (2 sigmoid)^2 x anchor spans 0 ... 4 x anchor, so a box over 4 x could never be predicted by
+         the anchor (the bound under anchor / 4 is yolov5's choice, symmetric). A box can match 0 to 9 anchors; one
+         matching none is never learnt (AutoAnchor checks for those before training).
       2. cells: the decoded centre is 2 sigmoid - 0.5 in (-0.5, 1.5) from a cell's corner, so the neighbour nearest to
          the centre horizontally (left if the centre is in the left half of its cell, else right) and vertically can
          predict it too. That triples the positives. No neighbour beyond the grid's first and last cell (x > 1).
