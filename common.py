@@ -76,6 +76,12 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
 
 
+def valid_box_mask(boxes: Tensor) -> Tensor:
+    """[N, 4] xyxy -> bool [N]: width and height > 0 and every coordinate finite. The others (zero width or height,
+    inverted, NaN, inf) have no IoU with anything and cannot be encoded: the models leave them out of training."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & torch.isfinite(boxes).all(1)
+
+
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """[N, 4] xyxy -> int64 [K] indices of the boxes with width and height both >= min_size (torchvision's rule)."""
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -101,9 +107,8 @@ def check_images(images: list):
 
 def pad_targets(targets: list):
     """B target dicts -> gt_boxes [B, M, 4], gt_labels [B, M], gt_valid [B, M] with M = max(1, most boxes in an image),
-    so that assignment runs for the whole batch at once. Padding and degenerate boxes (zero width or height, which have
-    no IoU with anything and cannot be encoded) are invalid: they match nothing, so empty images and bad annotations
-    give only negatives and finite losses."""
+    so that assignment runs for the whole batch at once. Padding and degenerate boxes (valid_box_mask; stored as zeros)
+    are invalid: they match nothing, so empty images and bad annotations give only negatives and finite losses."""
     M = max([1] + [len(t["boxes"]) for t in targets])
     device = targets[0]["boxes"].device
     gt_boxes = torch.zeros(len(targets), M, 4, device=device)
@@ -111,9 +116,9 @@ def pad_targets(targets: list):
     gt_valid = torch.zeros(len(targets), M, dtype=torch.bool, device=device)
     for i, t in enumerate(targets):
         n = len(t["boxes"])
-        gt_boxes[i, :n] = t["boxes"]
+        gt_valid[i, :n] = valid = valid_box_mask(t["boxes"])
+        gt_boxes[i, :n] = torch.where(valid[:, None], t["boxes"], 0.0)  # (no inf reaches the IoUs)
         gt_labels[i, :n] = t["labels"]
-        gt_valid[i, :n] = (t["boxes"][:, 2] > t["boxes"][:, 0]) & (t["boxes"][:, 3] > t["boxes"][:, 1])
     return gt_boxes, gt_labels, gt_valid
 
 

@@ -69,7 +69,7 @@ from torchvision.transforms import v2
 
 import data
 from common import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, check_images, draw_boxes, elementwise_generalized_box_iou,
-                    resize_boxes)
+                    resize_boxes, valid_box_mask)
 
 # --- Config ---
 
@@ -487,12 +487,12 @@ def detr_augmentation(cfg: Config):
 def prepare_targets(targets: list, image_sizes: list):
     """B target dicts (xyxy pixels of the resized images) -> gt_boxes [B, M, 4] normalised cx, cy, w, h of the
     unpadded image, gt_labels [B, M], num_gt [B] (the first num_gt[b] of row b are real; M = max(1, max count)).
-    As the official dataset code: crowd boxes and boxes without width or height are dropped (empty images work: they
-    teach every query "no object")."""
+    As the official dataset code: crowd boxes and boxes without width or height (or not finite) are dropped (empty
+    images work: they teach every query "no object")."""
     kept = []
     for t, (h, w) in zip(targets, image_sizes):
         boxes = t["boxes"]
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        keep = valid_box_mask(boxes)
         if "iscrowd" in t:
             keep &= t["iscrowd"] == 0
         scale = torch.tensor([w, h, w, h], dtype=torch.float32).to(boxes.device, non_blocking=True)

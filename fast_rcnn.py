@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_align, roi_pool
 
 import data
-from common import check_images, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets
+from common import check_images, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets, valid_box_mask
 
 # --- Config ---
 
@@ -383,11 +383,12 @@ class FastRCNN(nn.Module):
 
     def forward(self, images: list, targets: list = None, proposals: list = None):
         cfg = self.cfg
+        check_images(images)  # before selective search sees them
         if self.training:
             if targets is None:
                 raise ValueError("FastRCNN: targets are required in training mode")
             proposals = [self.proposals_of(image, target) for image, target in zip(images, targets)]
-            valid = [(t["boxes"][:, 2] > t["boxes"][:, 0]) & (t["boxes"][:, 3] > t["boxes"][:, 1]) for t in targets]
+            valid = [valid_box_mask(t["boxes"]) for t in targets]
             gt_boxes, gt_labels, gt_valid = pad_targets([{"boxes": t["boxes"][v].float(), "labels": t["labels"][v]}
                                                          for t, v in zip(targets, valid)])  # [B, M, 4], [B, M], ..
             rois, image_idx, labels, regression_targets = sample_rois(proposals, gt_boxes, gt_labels, gt_valid, cfg)
@@ -679,7 +680,7 @@ def draw_targets(model: FastRCNN, image: Tensor, target: dict, class_names, path
     colours): foreground RoIs blue, background RoIs red (as many as foreground: the 48 sampled would hide the image),
     and grey the best 30 proposals that were not sampled."""
     proposals = model.proposals_of(image, target)
-    valid = (target["boxes"][:, 2] > target["boxes"][:, 0]) & (target["boxes"][:, 3] > target["boxes"][:, 1])
+    valid = valid_box_mask(target["boxes"])
     gt_boxes, gt_labels, gt_valid = pad_targets([{"boxes": target["boxes"][valid].float(),
                                                   "labels": target["labels"][valid]}])
     rois, _, labels, _ = sample_rois([proposals], gt_boxes, gt_labels, gt_valid, model.cfg)

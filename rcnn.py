@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 import data
-from common import box_iou, check_images, clip_boxes_to_image, draw_boxes
+from common import box_iou, check_images, clip_boxes_to_image, draw_boxes, valid_box_mask
 
 # --- Config ---
 
@@ -268,6 +268,7 @@ class RCNN(nn.Module):
 
     def forward(self, images: list, targets: list = None, proposals: list = None):
         cfg = self.cfg
+        check_images(images)  # before selective search sees them
         if self.training:
             if targets is None:
                 raise ValueError("RCNN: targets are required in training mode")
@@ -435,9 +436,9 @@ def reference_weights(weights: str, state_dict: dict = None):
 
 
 def valid_boxes(target: dict):
-    """A target's boxes [M, 4] and labels [M] without the degenerate ones (width or height <= 0)."""
+    """A target's boxes [M, 4] and labels [M] without the degenerate ones (width or height <= 0, not finite)."""
     boxes = target["boxes"].float()
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep = valid_box_mask(boxes)
     return boxes[keep], target["labels"][keep]
 
 

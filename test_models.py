@@ -1637,8 +1637,9 @@ def test_empty_and_degenerate_targets_give_finite_losses(name):
     torch.manual_seed(0)
     model = row.module.DETECTOR(tiny_config(name, num_classes=NUM_CLASSES, **row.deterministic)).train()
     images = make_images()
-    degenerate = {"boxes": torch.tensor([[30.0, 30, 30, 60], [10, 10, 50, 10], [60, 60, 40, 80]]),
-                  "labels": torch.tensor([1, 2, 3])}  # zero width, zero height, inverted
+    degenerate = {"boxes": torch.tensor([[30.0, 30, 30, 60], [10, 10, 50, 10], [60, 60, 40, 80], [5, 5, math.inf, 50],
+                                         [5, math.nan, 40, 50], [-math.inf, 5, 40, 50]]),
+                  "labels": torch.tensor([1, 2, 3, 1, 2, 3])}  # zero width, zero height, inverted, not finite
     mixed = {"boxes": torch.tensor([[20.0, 20, 90, 100], [40, 40, 40, 40]]), "labels": torch.tensor([3, 4])}
     for targets in ([EMPTY, degenerate, mixed], [EMPTY, EMPTY, EMPTY], [degenerate, degenerate, degenerate]):
         losses = model(images, targets)
@@ -5045,7 +5046,7 @@ def test_classes_without_a_training_box_are_named(tmp_path):
 def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
     """model(images[, targets]) as a user's project calls it: images that require grad (saliency, a learnable module
     in front) get gradients in training and evaluation; a model cast to bf16 detects on bf16 images; uint8 images
-    (values up to 255) are refused with what was given, as torchvision refuses them."""
+    (values up to 255), no images and [H, W, 3] images are refused with what was given, as torchvision refuses them."""
     module = REGISTRY[name].module
     torch.manual_seed(0)
     model = module.DETECTOR(tiny_config(name, num_classes=3))
@@ -5058,6 +5059,9 @@ def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in images)
     with pytest.raises(TypeError, match=r"images: a list of float \[3, H, W\] tensors in \[0, 1\], got a torch.uint8"):
         model.eval()([(images[0] * 255).to(torch.uint8)])
+    for mode, given in ((model.eval, ([],)), (model.train, ([], [])), (model.eval, ([torch.rand(64, 64, 3)],))):
+        with pytest.raises(TypeError, match=r"images: a (non-empty )?list of float \[3, H, W\] tensors"):
+            mode()(*given)  # (R-CNN, Fast R-CNN: before selective search sees them)
     if name in ("yolo", "detr", "faster_rcnn"):  # a CPU has no bf16 antialiased resize (YOLO, DETR) nor roi_align
         return  # (bf16 autocast works in all: test_bf16_autocast_...)
     model.eval().to(torch.bfloat16)
