@@ -100,9 +100,28 @@ def check_images(images: list):
     if not isinstance(images, (list, tuple)) or not images:
         raise TypeError(f"images: a non-empty list of float [3, H, W] tensors, got {type(images).__name__}")
     for image in images:
-        if not isinstance(image, Tensor) or not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3:
+        if (not isinstance(image, Tensor) or not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3
+                or not image[0].numel()):  # (an image of no pixels too)
             what = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
             raise TypeError(f"images: a list of float [3, H, W] tensors in [0, 1], got a {what}")
+
+
+def check_targets(images: list, targets: list, model: str):
+    """What every model takes in training: one dict per image with "boxes" [N, 4] (xyxy pixels) and "labels" int64
+    [N]. Anything else stops here, named, rather than deep in the assignment, or trains on fewer images without a word.
+    Shapes and types only: a check of the label values would make each training step wait for the GPU."""
+    if targets is None:
+        raise ValueError(f"{model}: targets are required in training mode")
+    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+        got = f"{len(targets)} targets" if isinstance(targets, (list, tuple)) else type(targets).__name__
+        raise ValueError(f"{model}: targets: a list of one dict per image ({len(images)}), got {got}")
+    for i, t in enumerate(targets):
+        boxes, labels = (t.get(key) if isinstance(t, dict) else None for key in ("boxes", "labels"))
+        if not (isinstance(boxes, Tensor) and boxes.dim() == 2 and boxes.shape[1] == 4 and isinstance(labels, Tensor)
+                and labels.dtype == torch.int64 and labels.shape == boxes.shape[:1]):
+            got = ", ".join(f"{key} {f'{v.dtype} {tuple(v.shape)}' if isinstance(v, Tensor) else type(v).__name__}"
+                            for key, v in (("boxes", boxes), ("labels", labels)))
+            raise ValueError(f"{model}: targets[{i}]: 'boxes' a [N, 4] tensor and 'labels' an int64 [N] one, got {got}")
 
 
 def pad_targets(targets: list):

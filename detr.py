@@ -68,8 +68,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.transforms import v2
 
 import data
-from common import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, check_images, draw_boxes, elementwise_generalized_box_iou,
-                    resize_boxes, valid_box_mask)
+from common import (box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, check_images, check_targets, draw_boxes,
+                    elementwise_generalized_box_iou, resize_boxes, valid_box_mask)
 
 # --- Config ---
 
@@ -370,8 +370,8 @@ class DETR(nn.Module):
         self.bbox_embed = MLP(cfg.hidden_dim, cfg.hidden_dim, 4, 3)
 
     def forward(self, images: list, targets: list = None):
-        if self.training and targets is None:
-            raise ValueError("DETR: targets are required in training mode")
+        if self.training:
+            check_targets(images, targets, "DETR")
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, mask, image_sizes, targets = preprocess(images, targets, self.cfg, self.training)
         pred_logits, pred_boxes = self.predict(batch, mask)  # [dec_layers, B, Q, K + 1], [dec_layers, B, Q, 4]

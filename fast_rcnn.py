@@ -79,7 +79,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_align, roi_pool
 
 import data
-from common import check_images, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets, valid_box_mask
+from common import (check_images, check_targets, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
+                    valid_box_mask)
 
 # --- Config ---
 
@@ -385,8 +386,7 @@ class FastRCNN(nn.Module):
         cfg = self.cfg
         check_images(images)  # before selective search sees them
         if self.training:
-            if targets is None:
-                raise ValueError("FastRCNN: targets are required in training mode")
+            check_targets(images, targets, "FastRCNN")
             proposals = [self.proposals_of(image, target) for image, target in zip(images, targets)]
             valid = [valid_box_mask(t["boxes"]) for t in targets]
             gt_boxes, gt_labels, gt_valid = pad_targets([{"boxes": t["boxes"][v].float(), "labels": t["labels"][v]}

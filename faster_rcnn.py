@@ -60,8 +60,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, nms, roi_align
 
 import data
-from common import (BoxCoder, check_images, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
-                    remove_small_boxes, resize_boxes)
+from common import (BoxCoder, check_images, check_targets, clip_boxes_to_image, draw_boxes, elementwise_box_iou,
+                    pad_targets, remove_small_boxes, resize_boxes)
 
 # --- Config ---
 
@@ -398,8 +398,8 @@ class FasterRCNN(nn.Module):
         self.strides = [4, 8, 16, 32, 64]  # of P2..P6; RoIAlign uses the first four
 
     def forward(self, images: list, targets: list = None):
-        if self.training and targets is None:
-            raise ValueError("FasterRCNN: targets are required in training mode")
+        if self.training:
+            check_targets(images, targets, "FasterRCNN")
         cfg = self.cfg
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, image_sizes, targets = preprocess(images, targets, cfg)  # [B, 3, H, W]

@@ -63,7 +63,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
 import data
-from common import box_area, check_images, clip_boxes_to_image, draw_boxes, pad_targets, resize_boxes
+from common import (box_area, check_images, check_targets, clip_boxes_to_image, draw_boxes, pad_targets,
+                    resize_boxes)
 
 # --- Config ---
 
@@ -330,8 +331,8 @@ class FCOS(nn.Module):
         self.box_coder = BoxLinearCoder()
 
     def forward(self, images: list, targets: list = None):
-        if self.training and targets is None:
-            raise ValueError("FCOS: targets are required in training mode")
+        if self.training:
+            check_targets(images, targets, "FCOS")
         cfg = self.cfg
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, image_sizes, targets = preprocess(images, targets, cfg)  # [B, 3, H, W]

@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 import data
-from common import box_iou, check_images, clip_boxes_to_image, draw_boxes, valid_box_mask
+from common import box_iou, check_images, check_targets, clip_boxes_to_image, draw_boxes, valid_box_mask
 
 # --- Config ---
 
@@ -270,8 +270,7 @@ class RCNN(nn.Module):
         cfg = self.cfg
         check_images(images)  # before selective search sees them
         if self.training:
-            if targets is None:
-                raise ValueError("RCNN: targets are required in training mode")
+            check_targets(images, targets, "RCNN")
             self.steps += 1
             proposals = [self.proposals_of(image, target) for image, target in zip(images, targets)]
             rois, image_idx, labels = sample_regions(proposals, targets, cfg)  # [S, 4], [S], [S]

@@ -59,8 +59,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
 import data
-from common import (BoxCoder, check_images, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
-                    resize_boxes)
+from common import (BoxCoder, check_images, check_targets, clip_boxes_to_image, draw_boxes, elementwise_box_iou,
+                    pad_targets, resize_boxes)
 
 # --- Config ---
 
@@ -335,8 +335,8 @@ class RetinaNet(nn.Module):
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
     def forward(self, images: list, targets: list = None):
-        if self.training and targets is None:
-            raise ValueError("RetinaNet: targets are required in training mode")
+        if self.training:
+            check_targets(images, targets, "RetinaNet")
         cfg = self.cfg
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, image_sizes, targets = preprocess(images, targets, cfg)  # [B, 3, H, W]

@@ -61,8 +61,8 @@ from torchvision.ops import nms
 from torchvision.transforms import v2
 
 import data
-from common import (PALETTE, BoxCoder, check_images, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
-                    resize_boxes)
+from common import (PALETTE, BoxCoder, check_images, check_targets, clip_boxes_to_image, draw_boxes,
+                    elementwise_box_iou, pad_targets, resize_boxes)
 
 # --- Config ---
 
@@ -357,8 +357,8 @@ class SSD(nn.Module):
         self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
     def forward(self, images: list, targets: list = None):
-        if self.training and targets is None:
-            raise ValueError("SSD: targets are required in training mode")
+        if self.training:
+            check_targets(images, targets, "SSD")
         cfg = self.cfg
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, targets = preprocess(images, targets, cfg)  # [B, 3, S, S]

@@ -5046,7 +5046,7 @@ def test_classes_without_a_training_box_are_named(tmp_path):
 def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
     """model(images[, targets]) as a user's project calls it: images that require grad (saliency, a learnable module
     in front) get gradients in training and evaluation; a model cast to bf16 detects on bf16 images; uint8 images
-    (values up to 255), no images and [H, W, 3] images are refused with what was given, as torchvision refuses them."""
+    (values up to 255), no images, [H, W, 3] images and images of no pixels are refused with what was given, as torchvision refuses them."""
     module = REGISTRY[name].module
     torch.manual_seed(0)
     model = module.DETECTOR(tiny_config(name, num_classes=3))
@@ -5059,7 +5059,8 @@ def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in images)
     with pytest.raises(TypeError, match=r"images: a list of float \[3, H, W\] tensors in \[0, 1\], got a torch.uint8"):
         model.eval()([(images[0] * 255).to(torch.uint8)])
-    for mode, given in ((model.eval, ([],)), (model.train, ([], [])), (model.eval, ([torch.rand(64, 64, 3)],))):
+    for mode, given in ((model.eval, ([],)), (model.train, ([], [])), (model.eval, ([torch.rand(64, 64, 3)],)),
+                        (model.eval, ([torch.rand(3, 0, 64)],))):
         with pytest.raises(TypeError, match=r"images: a (non-empty )?list of float \[3, H, W\] tensors"):
             mode()(*given)  # (R-CNN, Fast R-CNN: before selective search sees them)
     if name in ("yolo", "detr", "faster_rcnn"):  # a CPU has no bf16 antialiased resize (YOLO, DETR) nor roi_align
@@ -5072,6 +5073,27 @@ def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
             found = model([x.detach().bfloat16() for x in images])
         assert len(found) == 2 and all(torch.isfinite(d["boxes"].float()).all() for d in found)
         assert all(len(d["boxes"]) for d in found) or name not in ("rcnn", "fast_rcnn")  # (random weights: boxes)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_malformed_targets_are_refused_in_one_line(name):
+    """Training targets that are not one dict per image with boxes [N, 4] and int64 labels [N] stop at the model's
+    door with its name and what was given (before: an IndexError or a shape error deep in the assignment, or, in
+    R-CNN, Fast R-CNN and YOLO, training on the first image only when one target came for two images)."""
+    model = REGISTRY[name].module.DETECTOR(tiny_config(name, num_classes=3)).train()
+    images, box = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)], torch.tensor([[5.0, 6.0, 40.0, 44.0]])
+    good = {"boxes": box, "labels": torch.tensor([1])}
+    for targets, message in ((None, "targets are required in training mode"),
+                             ([good], r"targets: a list of one dict per image \(2\), got 1 targets"),
+                             ((good, good, good), r"got 3 targets"),
+                             ([good, {**good, "boxes": box.tolist()}], r"targets\[1\]: .*got boxes list, labels"),
+                             ([good, {**good, "boxes": torch.tensor([])}], r"got boxes torch.float32 \(0,\)"),
+                             ([{"boxes": box}, good], r"targets\[0\]: .*labels NoneType"),
+                             ([good, {**good, "labels": torch.tensor([1.0])}], r"labels torch.float32 \(1,\)"),
+                             ([good, {**good, "labels": torch.tensor([1, 2])}], r"labels torch.int64 \(2,\)"),
+                             ([good, [box]], r"got boxes NoneType")):
+        with pytest.raises(ValueError, match=rf"^{type(model).__name__}: .*" + message):
+            model(images, targets)
 
 
 def test_detr_refuses_a_label_that_would_be_no_object():

@@ -67,7 +67,7 @@ from scipy.cluster.vq import kmeans
 from torch import Tensor, nn
 
 import data
-from common import box_cxcywh_to_xyxy, check_images, clip_boxes_to_image, draw_boxes
+from common import box_cxcywh_to_xyxy, check_images, check_targets, clip_boxes_to_image, draw_boxes
 
 # --- Config ---
 
@@ -371,8 +371,8 @@ class YOLO(nn.Module):
                 module.eps, module.momentum = 1e-3, cfg.bn_momentum
 
     def forward(self, images: list, targets: list = None):
-        if self.training and targets is None:
-            raise ValueError("YOLO: targets are required in training mode")
+        if self.training:
+            check_targets(images, targets, "YOLO")
         batch, targets, frames = letterbox(images, targets, self.cfg, self.training)  # [B, 3, H, W]
         outputs = self.head(self.neck(self.backbone(batch)))  # L x [B, A, H_l, W_l, O]
         if self.training:
