@@ -112,7 +112,8 @@ def check_images(paths, sizes, source, where):
                 return key, cache[path][1]
             with Image.open(path) as im:
                 im.load()  # decodes every pixel: a truncated file fails here
-                return key, [*im.size, int(im.getexif().get(0x0112, 1))]  # width, height, EXIF orientation
+                orientation = im.getexif().get(0x0112, 1)  # (a malformed tag is none, as for exif_transpose)
+                return key, [*im.size, orientation if isinstance(orientation, int) else 1]  # width, height, EXIF
         except FileNotFoundError:
             return None, "image file not found"
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # as load_image
@@ -480,8 +481,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.images = []  # {"id", "file_name", "width", "height"} in json order
         position = {}
         for k, img in enumerate(data["images"]):
-            if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-                raise ValueError(f"{ann_file}: images[{k}] needs 'id' and 'file_name' (a string)")
+            if (not isinstance(img, dict) or not isinstance(img.get("id"), (int, float, str))
+                    or isinstance(img["id"], bool) or not isinstance(img.get("file_name"), str)):
+                raise ValueError(f"{ann_file}: images[{k}] needs 'id' (a number or string) and 'file_name' (a string)")
             if not all(isinstance(img.get(key), (int, float, type(None))) for key in ("width", "height")):
                 raise ValueError(f"{ann_file}: images[{k}]: 'width' and 'height' must be numbers (or absent), got "
                                  f"{img.get('width')!r}, {img.get('height')!r}")
@@ -504,7 +506,8 @@ class CocoDetection(torch.utils.data.Dataset):
         per_image = [[] for _ in self.images]  # (box xyxy, label, iscrowd, area)
         for k, ann in enumerate(annotations):
             ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
-            if not isinstance(ann, dict) or ann.get("image_id") not in position:
+            if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), (int, float, str)) \
+                    or ann["image_id"] not in position:
                 raise ValueError(f"{ann_file}: annotation {ann_id}: 'image_id' "
                                  f"{ann.get('image_id') if isinstance(ann, dict) else None!r} is not in 'images'")
             try:  # int, as the ids of 'categories' are: some exports write both as strings ("1")
@@ -583,6 +586,18 @@ def _xml_text(node, field, xml_file, where):
     return text.strip()
 
 
+def read_xml(path: str):
+    """The root element of an annotation file, its tags without a namespace (an export that declares one, <annotation
+    xmlns="...">, would otherwise hide every object from findall("object")); corrupt xml stops naming the file."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise ValueError(f"{path}: corrupt xml ({e})") from None
+    for element in root.iter():
+        element.tag = element.tag.rpartition("}")[2]
+    return root
+
+
 class VocDetection(torch.utils.data.Dataset):
     """Pascal VOC layout: root/Annotations/<id>.xml, root/JPEGImages/<id>.jpg, root/ImageSets/Main/<split>.txt.
 
@@ -636,11 +651,7 @@ class VocDetection(torch.utils.data.Dataset):
             paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(ann_dir) for name in names)
             for path in paths:
                 if path.endswith(".xml") and os.path.relpath(path, ann_dir)[:-4].replace(os.sep, "/") not in split_ids:
-                    try:
-                        objects = ET.parse(path).getroot().iter("object")
-                        found.update((o.findtext("name") or "").strip() for o in objects)
-                    except ET.ParseError as e:
-                        raise ValueError(f"{path}: corrupt xml ({e})") from None
+                    found.update((o.findtext("name") or "").strip() for o in read_xml(path).iter("object"))
             found.discard("")
             class_names = sorted(found)  # (VOC's 20 sorted are in VOC's order: aeroplane ... tvmonitor)
         class_names = [c for c in class_names if c != "__background__"]
@@ -676,10 +687,7 @@ class VocDetection(torch.utils.data.Dataset):
         "objects": [(name, x1, y1, x2, y2, difficult)]}."""
         if not os.path.isfile(xml_file):
             raise FileNotFoundError(f"{xml_file}: annotation file not found")
-        try:
-            root = ET.parse(xml_file).getroot()
-        except ET.ParseError as e:
-            raise ValueError(f"{xml_file}: corrupt xml ({e})") from None
+        root = read_xml(xml_file)
         image = os.path.join(self.root, "JPEGImages", f"{image_id}.jpg")  # the id's subfolder, if any, kept
         if not os.path.isfile(image) and root.findtext("filename"):  # e.g. PNG datasets; in the id's subfolder
             image = os.path.join(self.root, "JPEGImages", os.path.dirname(image_id), root.findtext("filename").strip())
@@ -698,6 +706,8 @@ class VocDetection(torch.utils.data.Dataset):
                 x1, y1, x2, y2 = (float(_xml_text(obj, f"bndbox/{k}", xml_file, f"{where} ({name})"))
                                   for k in ("xmin", "ymin", "xmax", "ymax"))
                 difficult = int(float(obj.findtext("difficult") or 0))
+                if not all(map(math.isfinite, (x1, y1, x2, y2))):
+                    raise ValueError(f"not finite: {x1}, {y1}, {x2}, {y2}")
             except ValueError as e:
                 if str(e).startswith(xml_file):
                     raise

@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -776,13 +777,18 @@ def test_coco_bad_bbox(tmp_path):
 
 def test_coco_area_and_image_fields(tmp_path):
     """area null is the box's (pycocotools would count a NaN in every size range); a string area, a file_name that is
-    no string and a width that is no number stop in one line naming the field."""
+    no string, an image id that is no number or string (null, a list: a TypeError or a crash of the evaluation before)
+    and a width that is no number stop in one line naming the field."""
     image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
                                [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 4], "area": None}])
     assert data.CocoDetection(image_dir, ann).coco_gt()["annotations"][0]["area"] == 20
     data_ = json.loads(open(ann).read())
     for field, value, message in ((("annotations", "area"), "n/a", r"annotation 1: 'area' must be a finite number"),
-                                  (("images", "file_name"), None, r"images\[0\] needs 'id' and 'file_name' \(a string"),
+                                  (("images", "file_name"), None, r"images\[0\] needs 'id' \(a number or string\) and "
+                                   r"'file_name' \(a string"),
+                                  (("images", "id"), None, r"images\[0\] needs 'id' \(a number or string\)"),
+                                  (("images", "id"), [1], r"images\[0\] needs 'id' \(a number or string\)"),
+                                  (("annotations", "image_id"), [1], r"annotation 1: 'image_id' \[1\] is not in 'images'"),
                                   (("images", "width"), "32", r"images\[0\]: 'width' and 'height' must be numbers")):
         broken = copy.deepcopy(data_)
         broken[field[0]][0][field[1]] = value
@@ -872,6 +878,25 @@ def test_voc_missing_xml(tmp_path):
     open(os.path.join(root, "instances.json"), "w").write("{}")  # a COCO json there: --data coco is named
     with pytest.raises(FileNotFoundError, match=r"without extension .*; for the COCO json there: --data coco"):
         data.VocDetection(root, "test")
+
+
+def test_voc_xml_with_a_namespace_and_not_finite_coordinates(tmp_path):
+    """An export that declares a default namespace (<annotation xmlns="...">) is read as a plain one (its objects were
+    all dropped, the image kept as a negative); a coordinate nan or inf stops naming the object, as COCO's do."""
+    root = make_voc(tmp_path, {"a": [("dog", 1, 1, 5, 5, 0)], "b": [("cat", 2, 2, 9, 9, 1)]})
+    for stem in ("a", "b"):
+        xml = os.path.join(root, "Annotations", f"{stem}.xml")
+        text = open(xml).read()
+        open(xml, "w").write(text.replace("<annotation>", '<annotation xmlns="http://example.com/voc">'))
+    ds = data.VocDetection(root, "train")
+    assert list(ds.class_names) == ["__background__", "cat", "dog"]
+    assert [b.tolist() for b in ds.boxes] == [[[0.0, 0.0, 5.0, 5.0]], [[1.0, 1.0, 9.0, 9.0]]]  # (1-based: -1)
+    assert [d.tolist() for d in ds.difficult] == [[0], [1]]
+    for value in ("nan", "inf", "-inf"):
+        root = make_voc(tmp_path / value, {"a": [("dog", 1, 1, value, 5, 0)]})
+        with pytest.raises(ValueError, match=r"a.xml: object 0 \(dog\): 'bndbox' and 'difficult' must be numbers \(not "
+                                             r"finite"):
+            data.VocDetection(root, "train")
 
 
 def test_voc_split_ids_written_with_their_extension(tmp_path):
@@ -5163,6 +5188,21 @@ def test_voc_empty_size_is_the_images(tmp_path):
                                                                               "<height> </height>"))
     ds = data.VocDetection(root, "train")
     assert (ds.images[0]["width"], ds.images[0]["height"]) == (32, 24)
+
+
+def test_a_malformed_exif_orientation_is_none(tmp_path):
+    """An orientation tag that is no integer (a text, bytes: some cameras and editors write them) is no orientation,
+    as for PIL's exif_transpose, which --predict uses: the image is read (it was refused as unreadable)."""
+    image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                               [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    for kind, count, value, read in ((2, 3, b"ab\x00\x00", "ab"), (7, 1, b"\x06\x00\x00\x00", b"\x06")):  # ASCII,
+        # UNDEFINED: TIFF types of the tag that are no SHORT
+        ifd = struct.pack(">HHHI", 1, 0x0112, kind, count) + value + struct.pack(">I", 0)  # one tag: orientation
+        Image.new("RGB", (32, 24), 128).save(tmp_path / "x.jpg", exif=b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd)
+        assert Image.open(tmp_path / "x.jpg").getexif().get(0x0112) == read  # the tag as written
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no orientation named either
+            assert data.CocoDetection(image_dir, ann).images[0]["width"] == 32
 
 
 def test_exif_orientation_outside_2_to_8_is_not_named(tmp_path):
