@@ -1687,6 +1687,11 @@ def restores_signals(train):
     return wrapped
 
 
+# Tuple fields of one value per colour channel, box coordinate or pyramid level: as many as their default has
+FIXED_LENGTH = ("image_mean", "image_std", "bbox_reg_weights", "hsv", "scale_range", "balance", "anchor_sizes",
+                "crop_size")
+
+
 def parse_args(argv, config_class, presets, make_config):
     """The command line of every model file: a mode (--train, --eval, --predict, --show-targets), --preset, and one
     --field-name flag per field of its Config dataclass, whose help is the field's comment and whose default shown is
@@ -1719,10 +1724,31 @@ def parse_args(argv, config_class, presets, make_config):
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # a command line: no source lines
     args.preset_given, args.preset = hasattr(args, "preset"), getattr(args, "preset", preset)
     for name, least in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("log_every", 1),
-                        ("lr", 0), ("workers", 0)):  # (numpy's generators take no negative seed; some divide; the
-        if getattr(args, name, least) < least:  # optimizer would name a negative lr after its scaling, not as given)
-            parser.error(f"--{name.replace('_', '-')}: a number >= {least}")
+                        ("lr", 0), ("workers", 0), ("num_train", 1), ("num_val", 1), ("image_size", 1)):  # (numpy's
+        if getattr(args, name, least) < least:  # generators take no negative seed; some divide; the optimizer would
+            parser.error(f"--{name.replace('_', '-')}: a number >= {least}")  # name a negative lr after its scaling)
     given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
+    for f in fields:
+        if f.type is tuple and f.name in FIXED_LENGTH and len(given.get(f.name, f.default)) != len(f.default):
+            parser.error(f"--{f.name.replace('_', '-')}: {len(f.default)} values (default {f.default}), got "
+                         f"{len(given[f.name])}")
+    if given.get("device"):
+        try:
+            kind = torch.device(given["device"]).type
+        except RuntimeError:
+            parser.error(f"--device {given['device']}: cpu, cuda or cuda:N")
+        if kind == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {given['device']}: no CUDA device here (torch.cuda.is_available() is False)")
+    if "out" in given and (not given["out"] or os.path.isfile(given["out"])):
+        parser.error(f"--out {given['out']!r}: a folder to write into" + (", not a file" if given["out"] else ""))
+    if given.get("resume"):
+        if not args.train:
+            parser.error("--resume: with --train (to evaluate or draw a run's weights: --weights RUN/last.pt)")
+        if given.get("weights"):
+            parser.error("--resume goes on with the run's own weights: no --weights with it")
+        if os.path.isdir(given["resume"]):
+            parser.error(f"--resume {given['resume']}: a folder; --resume takes a run's checkpoint file "
+                         f"({os.path.join(given['resume'], 'last.pt')})")
     if args.predict and not os.path.exists(args.predict):
         parser.error(f"--predict {args.predict}: no such file or folder")
     args.synthetic_only = {k for k, c in comments.items() if c.startswith("synthetic:")}  # (also announce_preset)

@@ -788,7 +788,8 @@ def test_coco_area_and_image_fields(tmp_path):
                                    r"'file_name' \(a string"),
                                   (("images", "id"), None, r"images\[0\] needs 'id' \(a number or string\)"),
                                   (("images", "id"), [1], r"images\[0\] needs 'id' \(a number or string\)"),
-                                  (("annotations", "image_id"), [1], r"annotation 1: 'image_id' \[1\] is not in 'images'"),
+                                  (("annotations", "image_id"), [1],
+                                   r"annotation 1: 'image_id' \[1\] is not in 'images'"),
                                   (("images", "width"), "32", r"images\[0\]: 'width' and 'height' must be numbers")):
         broken = copy.deepcopy(data_)
         broken[field[0]][0][field[1]] = value
@@ -2334,10 +2335,11 @@ def test_command_line_fields(name):
     """Every Config field is a flag; tuples, bools and presets behave; frozen_bn follows the weights unless set; the
     run's folder and data root are absolute, so that --resume and --eval of its checkpoints work from any folder."""
     module = REGISTRY[name].module
-    first, second = [f.name for f in dataclasses.fields(module.Config) if f.type is tuple][:2]  # two tuple fields
+    first, *second = [f.name for f in dataclasses.fields(module.Config)  # tuple fields of any length
+                      if f.type is tuple and f.name not in data.FIXED_LENGTH][:2]
     args, given = parse_args(module, ["--train", f"--{first.replace('_', '-')}", "8", "16", "--no-amp", "--lr", "0.01",
-                                      f"--{second.replace('_', '-')}"])
-    assert given == {first: (8, 16), "amp": False, "lr": 0.01, second: ()}
+                                      *(f"--{k.replace('_', '-')}" for k in second)])
+    assert given == {first: (8, 16), "amp": False, "lr": 0.01, **{k: () for k in second}}
     negative = parse_args(module, ["--eval", "--draw-thresh", "-1e-3", "--seed", "0"])[1]
     assert negative == {"draw_thresh": -1e-3, "seed": 0}
     paper = next(p for p in module.PRESETS if p != "cpu")  # coco, or voc (R-CNN)
@@ -2346,12 +2348,49 @@ def test_command_line_fields(name):
     cfg = module.make_config({"data_root": "bccd"})
     assert cfg.out == os.path.abspath(module.Config.out) and cfg.data_root == os.path.abspath("bccd")
     for field in dataclasses.fields(module.Config):
-        value = [] if field.type in (bool, tuple) else [str(field.default) if field.default != "" else "x"]
-        assert parse_args(module, ["--eval", "--" + field.name.replace("_", "-"), *value])[1].keys() == {field.name}
+        value = ([repr(v) for v in field.default] if field.type is tuple and field.name in data.FIXED_LENGTH
+                 else [] if field.type in (bool, tuple)
+                 else ["cpu"] if field.name == "device" else [str(field.default) if field.default != "" else "x"])
+        mode = "--train" if field.name == "resume" else "--eval"  # (--resume goes with --train alone)
+        assert parse_args(module, [mode, "--" + field.name.replace("_", "-"), *value])[1].keys() == {field.name}
     if name in FROZEN_BN_NAMES:
         assert not module.make_config({}).frozen_bn and module.make_config({"backbone_weights": "imagenet"}).frozen_bn
         assert module.make_config({"weights": "w.pt"}).frozen_bn
         assert not module.make_config({"weights": "w.pt", "frozen_bn": False}).frozen_bn
+
+
+def test_command_line_refuses_what_would_fail_later(tmp_path, capsys, monkeypatch):
+    """Stopped in one line by argparse, before a model or a dataset is built: a tuple of per-channel, per-coordinate or
+    per-level values of the wrong length (a shape error or IndexError deep in the model before), a data size of 0, a
+    CUDA device on a machine without one or a device torch does not know, an --out that is a file, --resume outside
+    --train (ignored before), with --weights (ignored before) or given the run's folder."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "file").write_text("")
+    for name, argv, message in (
+            ("fcos", ["--train", "--image-mean", "0.5", "0.5"],
+             "--image-mean: 3 values (default (0.485, 0.456, 0.406)), got 2"),
+            ("fcos", ["--eval", "--scale-range", "4"], "--scale-range: 2 values (default (4, 8)), got 1"),
+            ("faster_rcnn", ["--train", "--bbox-reg-weights", "1", "1"], "--bbox-reg-weights: 4 values"),
+            ("retinanet", ["--train", "--anchor-sizes", "8", "16"], "--anchor-sizes: 5 values"),
+            ("yolo", ["--train", "--hsv", "0.1"], "--hsv: 3 values"),
+            ("yolo", ["--train", "--balance"], "--balance: 3 values"),
+            ("fcos", ["--train", "--num-train", "0"], "--num-train: a number >= 1"),
+            ("fcos", ["--train", "--num-val", "0"], "--num-val: a number >= 1"),
+            ("detr", ["--train", "--image-size", "0"], "--image-size: a number >= 1"),
+            ("fcos", ["--train", "--device", "cuda"], "--device cuda: no CUDA device here"),
+            ("fcos", ["--eval", "--device", "gpu"], "--device gpu: cpu, cuda or cuda:N"),
+            ("fcos", ["--train", "--out", str(tmp_path / "file")], "file': a folder to write into, not a file"),
+            ("fcos", ["--predict", str(tmp_path), "--out", ""], "--out '': a folder to write into"),
+            ("fcos", ["--eval", "--resume", "x.pt"], "--resume: with --train (to evaluate or draw a run's weights: "
+                                                     "--weights RUN/last.pt)"),
+            ("fcos", ["--show-targets", "--resume", "x.pt"], "--resume: with --train"),
+            ("fcos", ["--train", "--resume", "x.pt", "--weights", "w.pt"], "no --weights with it"),
+            ("fcos", ["--train", "--resume", str(tmp_path)], f"a folder; --resume takes a run's checkpoint file "
+                                                             f"({tmp_path / 'last.pt'})")):
+        with pytest.raises(SystemExit):
+            parse_args(REGISTRY[name].module, argv)
+        err = capsys.readouterr().err
+        assert message in err and err.endswith("(--help lists every flag)\n") and len(err.splitlines()) == 1, err
 
 
 def test_command_line_refuses_what_it_would_ignore(tmp_path, capsys):
@@ -2657,8 +2696,9 @@ def test_resume_takes_the_runs_state_and_this_runs_settings(name):
     if "optimizer" in module.Config.__dataclass_fields__:  # (detr.py: AdamW always) --optimizer changed on --resume
         names = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
         for other in set(typing.get_args(module.Config.__annotations__["optimizer"])) - {tiny_config(name).optimizer}:
-            with pytest.raises(SystemExit, match=rf"--resume: the run's optimizer was {names[tiny_config(name).optimizer]}"
-                                                 rf", not {names[other]}: resume with the run's --optimizer"):
+            run_name = names[tiny_config(name).optimizer]
+            with pytest.raises(SystemExit, match=rf"--resume: the run's optimizer was {run_name}, not {names[other]}: "
+                                                 r"resume with the run's --optimizer"):
                 data.resume_state(built(0, optimizer=other)[0], run[0])
 
 
@@ -5071,7 +5111,8 @@ def test_classes_without_a_training_box_are_named(tmp_path):
 def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
     """model(images[, targets]) as a user's project calls it: images that require grad (saliency, a learnable module
     in front) get gradients in training and evaluation; a model cast to bf16 detects on bf16 images; uint8 images
-    (values up to 255), no images, [H, W, 3] images and images of no pixels are refused with what was given, as torchvision refuses them."""
+    (values up to 255), no images, [H, W, 3] images and images of no pixels are refused with what was given, as
+    torchvision refuses them."""
     module = REGISTRY[name].module
     torch.manual_seed(0)
     model = module.DETECTOR(tiny_config(name, num_classes=3))
@@ -5198,7 +5239,8 @@ def test_a_malformed_exif_orientation_is_none(tmp_path):
     for kind, count, value, read in ((2, 3, b"ab\x00\x00", "ab"), (7, 1, b"\x06\x00\x00\x00", b"\x06")):  # ASCII,
         # UNDEFINED: TIFF types of the tag that are no SHORT
         ifd = struct.pack(">HHHI", 1, 0x0112, kind, count) + value + struct.pack(">I", 0)  # one tag: orientation
-        Image.new("RGB", (32, 24), 128).save(tmp_path / "x.jpg", exif=b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd)
+        exif = b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd  # big-endian TIFF header, the IFD at 8
+        Image.new("RGB", (32, 24), 128).save(tmp_path / "x.jpg", exif=exif)
         assert Image.open(tmp_path / "x.jpg").getexif().get(0x0112) == read  # the tag as written
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no orientation named either
