@@ -39,6 +39,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -1357,11 +1358,18 @@ def load_checkpoint(path, flag="--weights"):
 
 def check_out_folder(out, resume):
     """Stops with one line when a run would write into a folder that holds another run's last.pt (never replaced): a
-    new run, or a resumed one whose --out is not the folder of the checkpoint it resumes."""
+    new run, or a resumed one whose --out is not the folder of the checkpoint it resumes. A run resumed into another
+    folder goes on there with its best.pt and its log (rank 0 copies them), so that the folder holds the whole run."""
     last = os.path.join(out, "last.pt")
-    if os.path.isfile(last) and not (resume and os.path.realpath(os.path.dirname(resume)) == os.path.realpath(out)):
+    here = resume and os.path.realpath(os.path.dirname(resume)) == os.path.realpath(out)
+    if os.path.isfile(last) and not here:
         raise SystemExit(f"{out} holds a run already (--out): to go on with it, --train --resume {last}; to start "
                          "over, --out ANOTHER_FOLDER or delete that last.pt")
+    if resume and not here and os.path.isfile(resume) and int(os.environ.get("RANK", 0)) == 0:
+        os.makedirs(out, exist_ok=True)
+        for name in ("best.pt", "metrics.jsonl"):
+            if os.path.isfile(source := os.path.join(os.path.dirname(resume), name)):
+                shutil.copyfile(source, os.path.join(out, name))
 
 
 def check_resume(checkpoint, path, batch, steps, epochs, accumulate=1):

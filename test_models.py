@@ -1918,6 +1918,26 @@ def test_unreadable_checkpoints_are_refused_in_one_line(one_epoch, tmp_path):
         main(["--train", "--resume", str(tmp_path / "nothing.pt")])
 
 
+def test_resume_into_another_folder_brings_the_runs_best_and_log(tmp_path, monkeypatch):
+    """--resume RUN/last.pt --out NEW: rank 0 copies the run's best.pt and metrics.jsonl into NEW first (the final
+    line named NEW/best.pt, which did not exist when the resumed epochs did not beat the run's best; the log stayed
+    behind); resumed in its own folder, or on another rank, nothing is copied."""
+    run, new = tmp_path / "run", tmp_path / "new"
+    run.mkdir()
+    for name, text in (("last.pt", "last"), ("best.pt", "best"), ("metrics.jsonl", '{"iter": 1}\n')):
+        (run / name).write_text(text)
+    data.check_out_folder(str(run), str(run / "last.pt"))
+    monkeypatch.setenv("RANK", "1")
+    data.check_out_folder(str(new), str(run / "last.pt"))
+    assert not new.exists()
+    monkeypatch.setenv("RANK", "0")
+    data.check_out_folder(str(new), str(run / "last.pt"))
+    assert sorted(p.name for p in new.iterdir()) == ["best.pt", "metrics.jsonl"]
+    assert (new / "best.pt").read_text() == "best" and (new / "metrics.jsonl").read_text() == '{"iter": 1}\n'
+    with pytest.raises(SystemExit, match=r"holds a run already"):  # and a folder of another run is still refused
+        data.check_out_folder(str(run), str(new / "last.pt"))
+
+
 def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monkeypatch, capfd):
     """SIGTERM mid-epoch (a scheduler's; Ctrl-C's SIGINT takes the same path) saves the step and says how to go on;
     --resume says so and continues to the weights of the run never interrupted (one_epoch's, without a worker
@@ -1969,6 +1989,10 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
     assert [(r["epoch"], r.get("step")) for r in records] == [(0, "1/4"), (0, "2/4"), (0, "3/4"), (0, "4/4"), (0, None)]
     times = [r["time_s"] for r in records]  # the run's time, over its resume: the log's second part goes on from
     assert times == sorted(times) and times[2] >= torch.load(tmp_path / "a" / "last.pt")["time_s"] > 0  # the first's
+    # resumed with --out another folder: the run goes on there, its log with it (test_resume_into_another_folder_...)
+    run_main(name, "--train", "--resume", tmp_path / "a" / "last.pt", "--out", tmp_path / "c")
+    assert [(r["epoch"], r.get("step")) for r in map(json.loads, open(tmp_path / "c" / "metrics.jsonl"))] == [
+        (r["epoch"], r.get("step")) for r in records]
 
 
 def terminate_in_step(monkeypatch, n):
@@ -2709,7 +2733,8 @@ def test_a_new_lr_given_with_resume_is_applied(one_epoch, tmp_path):
     for lr in (0.01, 0.03):
         run_main("fcos", "--train", "--resume", out / "last.pt", "--epochs", "2", "--lr", lr,
                  "--out", tmp_path / str(lr))
-        lrs[lr] = [r["lr"] for r in map(json.loads, open(tmp_path / str(lr) / "metrics.jsonl")) if "lr" in r]
+        lrs[lr] = [r["lr"] for r in map(json.loads, open(tmp_path / str(lr) / "metrics.jsonl"))
+                   if "lr" in r and r["epoch"] == 1]  # (the log holds the run's first epoch too)
     assert len(lrs[0.01]) == 4 and lrs[0.03] == pytest.approx([3 * lr for lr in lrs[0.01]])
 
 
