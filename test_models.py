@@ -5148,6 +5148,10 @@ def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
         targets = [{**t, "proposals": torch.tensor([[4.0, 4.0, 42.0, 44.0], [0.0, 0.0, 30.0, 30.0]])} for t in targets]
     sum(model.train()(images, targets).values()).backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in images)
+    losses = model(images, [{**t, "boxes": t["boxes"].double()} for t in targets])  # float64 boxes: float32 losses
+    assert all(v.dtype == torch.float32 for v in losses.values()), losses  # (YOLO's were float64)
+    empty = [{**t, "boxes": t["boxes"][:0], "labels": t["labels"][:0]} for t in targets]
+    assert all(v.requires_grad for v in model(images, empty).values())  # each term in the graph (YOLO's box, cls not)
     with pytest.raises(TypeError, match=r"images: a list of float \[3, H, W\] tensors in \[0, 1\], got a torch.uint8"):
         model.eval()([(images[0] * 255).to(torch.uint8)])
     for mode, given in ((model.eval, ([],)), (model.train, ([], [])), (model.eval, ([torch.rand(64, 64, 3)],)),

@@ -447,7 +447,7 @@ def yolo_targets(targets: list, size) -> Tensor:
     area are dropped (the ratio test would keep an inverted one) in one selection over the batch (each boolean
     selection makes a GPU wait)."""
     H, W = size
-    boxes = torch.cat([t["boxes"] for t in targets])  # [N, 4]
+    boxes = torch.cat([t["boxes"] for t in targets]).float()  # [N, 4]
     labels = torch.cat([t["labels"] for t in targets]).to(boxes.dtype)
     image = torch.cat([torch.full_like(t["labels"], i) for i, t in enumerate(targets)]).to(boxes.dtype)
     gt = torch.stack([image, labels - 1, (boxes[:, 0] + boxes[:, 2]) / 2 / W, (boxes[:, 1] + boxes[:, 3]) / 2 / H,
@@ -610,7 +610,7 @@ def compute_loss(outputs: list, gt: Tensor, anchors: Tensor, cfg: Config) -> dic
     train.py multiplies by the number of processes (DDP averages gradients): we return each term x B x processes, so
     that the gradient, and with it lr, weight decay and gradient clipping, are v7.0's. Divide by B to compare."""
     K = outputs[0].shape[-1] - 5
-    zero = outputs[0].new_zeros(())
+    zero = outputs[0].sum() * 0  # (in the graph: without boxes, box and cls are still terms that backpropagate)
     box_loss, obj_loss, cls_loss = zero, zero, zero
     for level, (output, t) in enumerate(zip(outputs, build_targets(gt, anchors, [o.shape[2:4] for o in outputs],
                                                                      cfg.anchor_t))):
