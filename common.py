@@ -101,7 +101,7 @@ def check_images(images: list):
         raise TypeError(f"images: a non-empty list of float [3, H, W] tensors, got {type(images).__name__}")
     for image in images:
         if (not isinstance(image, Tensor) or not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3
-                or not image[0].numel()):  # (an image of no pixels too)
+                or not image.numel()):  # (an image of no pixels too)
             what = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
             raise TypeError(f"images: a list of float [3, H, W] tensors in [0, 1], got a {what}")
 

@@ -328,7 +328,7 @@ def scale_factor(size: tuple, target_size: int, max_size: int) -> float:
 def preprocess(images: list, scales: list, cfg: Config):
     """Normalise, resize and zero-pad (test.py _get_image_blob): images B x [3, h_i, w_i] in [0, 1], one target size
     per image -> batch [B, 3, H, W] and the scale factor of each image (its boxes x this = boxes on the batch)."""
-    check_images(images)  # float [3, h, w]; mean and std take their dtype (a model cast to bf16 runs on bf16 images)
+    # (forward checked the images: float [3, h, w]); mean and std take their dtype (a model cast to bf16: bf16 images)
     # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
     mean = torch.tensor(cfg.image_mean, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
     std = torch.tensor(cfg.image_std, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
@@ -384,7 +384,7 @@ class FastRCNN(nn.Module):
 
     def forward(self, images: list, targets: list = None, proposals: list = None):
         cfg = self.cfg
-        check_images(images)  # before selective search sees them
+        check_images(images)  # before selective search or preprocessing sees them
         if self.training:
             check_targets(images, targets, "FastRCNN")
             proposals = [self.proposals_of(image, target) for image, target in zip(images, targets)]

@@ -268,7 +268,7 @@ class RCNN(nn.Module):
 
     def forward(self, images: list, targets: list = None, proposals: list = None):
         cfg = self.cfg
-        check_images(images)  # before selective search sees them
+        check_images(images)  # before selective search or preprocessing sees them
         if self.training:
             check_targets(images, targets, "RCNN")
             self.steps += 1
@@ -353,7 +353,7 @@ def proposal_settings(cfg: Config) -> dict:
 def normalise(images: list, cfg: Config) -> list:
     """B x [3, h, w] in [0, 1] -> B x [3, h, w] with ImageNet's mean and std: the mean is 0 then, so the zero canvas of
     warp_regions is the mean colour."""
-    check_images(images)  # float [3, h, w]; mean and std take their dtype (a model cast to bf16 runs on bf16 images)
+    # (forward checked the images: float [3, h, w]); mean and std take their dtype (a model cast to bf16: bf16 images)
     # (non_blocking: a blocking copy to a GPU would first wait for all the work queued on it)
     mean = torch.tensor(cfg.image_mean, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]
     std = torch.tensor(cfg.image_std, dtype=images[0].dtype).to(images[0].device, non_blocking=True)[:, None, None]

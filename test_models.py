@@ -4381,7 +4381,10 @@ def test_selective_search_stops_in_one_line_without_leaving_workers(tmp_path):
                       "data.compute_proposals(data.SyntheticShapes(400, 128, seed=0), workers=2)\n")
     for sig in (signal.SIGINT, signal.SIGTERM):
         process = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
-        time.sleep(4)  # (the pool is searching)
+        deadline = time.time() + 60  # the pool is searching: its 2 forked workers run (a fixed wait failed under load,
+        while len(processes_running(script)) < 3 and time.time() < deadline:  # the signal came before the import)
+            time.sleep(0.2)
+        time.sleep(1)
         process.send_signal(sig)
         err = process.communicate(timeout=60)[1]
         assert process.returncode == 1 and err.strip().startswith("stopped during the selective search of synthetic")
