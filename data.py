@@ -416,6 +416,13 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 # --- COCO ---
 
+def integer(value):
+    """A json id as an int: 3, 3.0 or "3"; ValueError for 3.5, true or "3.5" (int() takes 3.5 and true, as 3 and 1)."""
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{value!r} is not an integer")
+    return int(value)
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Any COCO-format detection json: images under `image_dir`, `file_name` relative to it (a list of folders: the
     first that holds the first image).
@@ -453,8 +460,8 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(f"{ann_file}: field 'annotations' is not a list")
 
         try:
-            categories = sorted(data["categories"], key=lambda c: int(c["id"]))  # int: ids "2" < "10", as 2 < 10
-            self.cat_ids = [int(c["id"]) for c in categories]
+            categories = sorted(data["categories"], key=lambda c: integer(c["id"]))  # ids "2" < "10", as 2 < 10
+            self.cat_ids = [integer(c["id"]) for c in categories]
             self.class_names = ("__background__",) + tuple(str(c.get("name", c["id"])) for c in categories)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{ann_file}: every entry of 'categories' needs an integer 'id' ({e!r})") from None
@@ -512,7 +519,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise ValueError(f"{ann_file}: annotation {ann_id}: 'image_id' "
                                  f"{ann.get('image_id') if isinstance(ann, dict) else None!r} is not in 'images'")
             try:  # int, as the ids of 'categories' are: some exports write both as strings ("1")
-                category_id = int(ann.get("category_id"))
+                category_id = integer(ann.get("category_id"))
             except (TypeError, ValueError):
                 raise ValueError(f"{ann_file}: annotation {ann_id}: 'category_id' must be an integer, got "
                                  f"{ann.get('category_id')!r}") from None
@@ -1489,9 +1496,9 @@ def evaluate(model, dataset, batch_size, workers, device, class_names=None, out=
 
 
 def image_files(path, out=None):
-    """An image file -> [it]; a folder -> its image files, sorted, hidden ones (macOS's ._x.jpg) left out. out: the
-    folder their drawings go to under the same names; SystemExit if it is theirs or one above it (a drawing could
-    replace an image of its name)."""
+    """An image file -> [it]; a folder -> its image files, sorted, hidden ones (macOS's ._x.jpg) left out, a warning
+    naming the others. out: the folder their drawings go to under the same names; SystemExit if it is theirs or one
+    above it (a drawing could replace an image of its name)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
@@ -1500,10 +1507,13 @@ def image_files(path, out=None):
                          "could replace images: choose another")
     if os.path.isfile(path):
         return [path]
-    kinds = IMAGE_EXTENSIONS
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(kinds) and f[0] != ".")
+    kinds, names = IMAGE_EXTENSIONS, sorted(f for f in os.listdir(path) if f[0] != ".")
+    files = [os.path.join(path, f) for f in names if f.lower().endswith(kinds)]
     if not files:
         raise SystemExit(f"{path}: no {', '.join(kinds[:-1])} or {kinds[-1]} file in this folder")
+    if others := [f + "/" * os.path.isdir(os.path.join(path, f)) for f in names if not f.lower().endswith(kinds)]:
+        warnings.warn(f"{path}: {len(others)} other entries left out (not {', '.join(kinds)}; subfolders are not "
+                      f"searched): {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}")
     return files
 
 
@@ -1698,6 +1708,10 @@ def restores_signals(train):
 # Tuple fields of one value per colour channel, box coordinate or pyramid level: as many as their default has
 FIXED_LENGTH = ("image_mean", "image_std", "bbox_reg_weights", "hsv", "scale_range", "balance", "anchor_sizes",
                 "crop_size")
+# Fields that only steer the optimisation: given to another mode than --train, a warning says they do nothing
+OPTIMISATION = ("epochs", "lr", "lr_backbone", "optimizer", "momentum", "weight_decay", "lr_steps", "lr_gamma", "lrf",
+                "cos_lr", "warmup_iters", "warmup_factor", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
+                "accumulate", "ema_decay", "clip_grad_norm", "log_every")
 
 
 def parse_args(argv, config_class, presets, make_config):
@@ -1757,6 +1771,10 @@ def parse_args(argv, config_class, presets, make_config):
         if os.path.isdir(given["resume"]):
             parser.error(f"--resume {given['resume']}: a folder; --resume takes a run's checkpoint file "
                          f"({os.path.join(given['resume'], 'last.pt')})")
+    if not args.train and (unused := [f"--{k.replace('_', '-')}" for k in given if k in OPTIMISATION]):
+        mode = "--eval" if args.eval else "--predict" if args.predict else "--show-targets"
+        warnings.warn(f"{', '.join(unused)}: how --train optimises; {mode} does not use "
+                      f"{'them' if unused[1:] else 'it'}")
     if args.predict and not os.path.exists(args.predict):
         parser.error(f"--predict {args.predict}: no such file or folder")
     args.synthetic_only = {k for k, c in comments.items() if c.startswith("synthetic:")}  # (also announce_preset)

@@ -495,8 +495,8 @@ def caffe_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list
 
 def reference_weights(weights: str, state_dict: dict = None):
     """Fast R-CNN has no reference weights to load: the original are Caffe models."""
-    raise SystemExit(f"--weights {weights}: " + ("not a checkpoint of fast_rcnn.py (Fast R-CNN has no reference "
-                                                 "weights to load)" if os.path.exists(weights) else "no such file"))
+    what = "not a checkpoint of fast_rcnn.py" if os.path.exists(weights) else "no such file"
+    raise SystemExit(f"--weights {weights}: {what} (Fast R-CNN has no reference weights to load)")
 
 
 # --- Targets ---

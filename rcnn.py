@@ -427,8 +427,8 @@ def encode_boxes(gt: Tensor, rois: Tensor) -> Tensor:
 
 def reference_weights(weights: str, state_dict: dict = None):
     """R-CNN has no reference weights to load: the original are Caffe models."""
-    raise SystemExit(f"--weights {weights}: " + ("not a checkpoint of rcnn.py (R-CNN has no reference weights to load)"
-                                                 if os.path.exists(weights) else "no such file"))
+    what = "not a checkpoint of rcnn.py" if os.path.exists(weights) else "no such file"
+    raise SystemExit(f"--weights {weights}: {what} (R-CNN has no reference weights to load)")
 
 
 # --- Targets ---

@@ -457,7 +457,12 @@ def test_predict_folder_skips_hidden_files_and_huge_images_are_named(tmp_path, m
     write_image(tmp_path / "b.png"), write_image(tmp_path / "a.jpg"), write_image(tmp_path / "C.JPG")  # (a camera's)
     for name in ("._a.jpg", "notes.txt"):  # ._a.jpg: macOS metadata, not an image
         (tmp_path / name).write_bytes(b"\0\5")
-    assert data.image_files(str(tmp_path)) == [str(tmp_path / n) for n in ("C.JPG", "a.jpg", "b.png")]
+    (tmp_path / "more").mkdir()
+    with pytest.warns(UserWarning) as warned:
+        assert data.image_files(str(tmp_path)) == [str(tmp_path / n) for n in ("C.JPG", "a.jpg", "b.png")]
+    assert [str(w.message) for w in warned] == [  # what is not read is said, not passed over in silence
+        f"{tmp_path}: 2 other entries left out (not .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp; subfolders are not "
+        "searched): more/, notes.txt"]
     for path in (tmp_path, tmp_path / "a.jpg"):  # drawings under the images' names into their folder: refused
         with pytest.raises(SystemExit, match="the folder of the images or one above it, where drawings of the same"):
             data.image_files(str(path), str(tmp_path / "sub" / ".."))
@@ -2442,6 +2447,25 @@ def test_command_line_refuses_what_it_would_ignore(tmp_path, capsys):
         data.image_files(str(tmp_path), str(tmp_path / "out"))
 
 
+def test_optimisation_flags_outside_train_are_said_to_do_nothing():
+    """--eval --epochs 3 (or --lr, ...) runs as without them, and a warning says so; --train takes them in silence."""
+    module = REGISTRY["fcos"].module
+    for argv, message in ((["--eval", "--epochs", "3", "--lr", "0.1", "--batch-size", "2"],
+                           "--epochs, --lr: how --train optimises; --eval does not use them"),
+                          (["--predict", ".", "--ema-decay", "0.9"], "--ema-decay: how --train optimises; --predict "
+                                                                       "does not use it"),
+                          (["--show-targets", "--warmup-iters", "9"], "--warmup-iters: how --train optimises")):
+        with pytest.warns(UserWarning) as warned:
+            parse_args(module, argv)
+        said = [str(w.message) for w in warned if "optimises" in str(w.message)]
+        assert len(said) == 1 and message in said[0], said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_args(module, ["--train", "--epochs", "3", "--lr", "0.1"])
+    fields = {f.name for entry in REGISTRY.values() for f in dataclasses.fields(entry.module.Config)}
+    assert set(data.OPTIMISATION) <= fields  # no stale name: each is some file's field
+
+
 def test_another_data_root_leaves_the_checkpoints_annotation_files(tmp_path):
     """--eval or fine-tuning with --weights and another --data-root: the checkpoint's annotation and proposal files
     (its old dataset's) are not carried over, its other settings are; with the same root they are."""
@@ -2610,6 +2634,9 @@ def test_weights_of_something_else_are_refused_in_one_line(name, tmp_path):
                        (tmp_path, "(neither|not) a checkpoint"), (tmp_path / "bset.pt", "no such file")):
         with pytest.raises(SystemExit, match=rf"--weights {re.escape(str(path))}: {what}"):
             REGISTRY[name].module.load_weights(str(path))
+    if name in ("rcnn", "fast_rcnn", "yolo"):  # the name of torchvision's weights in four other files: why not here
+        with pytest.raises(SystemExit, match=r"--weights torchvision: .*has no (reference weights to load|YOLOv5)"):
+            REGISTRY[name].module.load_weights("torchvision")
 
 
 @pytest.mark.parametrize("name", TORCHVISION_NAMES)
@@ -5300,7 +5327,7 @@ def test_exif_orientation_outside_2_to_8_is_not_named(tmp_path):
 
 def test_coco_string_category_ids(tmp_path):
     """Category ids written as strings in 'categories' and in annotations ("10") are read as the integers they are,
-    sorted as integers; a category_id that is no integer stops naming the annotation."""
+    sorted as integers (9.0 is 9); a category id that is no integer (1.5, true) stops, naming the annotation."""
     image_dir, ann = make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
                                [{"image_id": 1, "category_id": "10", "bbox": [1, 1, 5, 5]},
                                 {"image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]}],
@@ -5312,6 +5339,17 @@ def test_coco_string_category_ids(tmp_path):
               categories=(("10", "b"), ("9", "a")))
     with pytest.raises(ValueError, match=r"annotation 1: 'category_id' must be an integer, got 'b'"):
         data.CocoDetection(image_dir, ann)
+    for bad in (1.5, True):  # int() takes both, as 1: a wrong class in silence
+        make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}],
+                  [{"image_id": 1, "category_id": bad, "bbox": [1, 1, 5, 5]}], categories=((9, "a"),))
+        with pytest.raises(ValueError, match=rf"annotation 1: 'category_id' must be an integer, got {bad}"):
+            data.CocoDetection(image_dir, ann)
+        make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}], [], categories=((bad, "a"), (2, "b")))
+        with pytest.raises(ValueError, match=rf"'categories' needs an integer 'id' \(ValueError\('{bad} is"):
+            data.CocoDetection(image_dir, ann)
+    make_coco(tmp_path, [{"id": 1, "file_name": "x.jpg"}], [{"image_id": 1, "category_id": 9.0, "bbox": [1, 1, 5, 5]}],
+              categories=((9, "a"),))
+    assert data.CocoDetection(image_dir, ann)[0][1]["labels"].tolist() == [1]  # 9.0 is 9
 
 
 def test_draw_boxes_skips_non_finite_boxes_and_orders_corners():

@@ -420,6 +420,8 @@ def reference_weights(weights: str, state_dict: dict = None):
         if os.path.exists(weights):
             raise SystemExit(f"--weights {weights}: neither a checkpoint of yolo.py nor a v7.0 DetectionModel state "
                              f"dict. {recipe}")
+        if weights == "torchvision":  # the other files' name for their reference's weights
+            raise SystemExit(f"--weights torchvision: torchvision has no YOLOv5. {recipe}")
         released = os.path.basename(weights).startswith("yolov5")  # a released file's name: the recipe too
         raise SystemExit(f"--weights {weights}: no such file" + (f". {recipe}" if released else ""))
     state_dict = convert_yolov5(state_dict)
