@@ -1244,7 +1244,8 @@ def bench_gallery(args):
     print(f"{GALLERY}: {len(os.listdir(GALLERY))} files, {total / 1e3:.0f} kB")
 
 
-def main():
+def main(argv=None, run=True):
+    """The command line; run=False: only its arguments (the README's commands are checked against it)."""
     benchmarks = {"coco_eval": bench_coco_eval, "selective_search": bench_selective_search, "yolo": bench_yolo,
                   "detr": bench_detr, "fast_rcnn": bench_fast_rcnn, "gallery": bench_gallery,
                   "compare": bench_compare, "speed": bench_speed,
@@ -1291,8 +1292,8 @@ def main():
     parser.add_argument("--gallery-width", type=int, default=200, help="gallery: picture width in pixels")
     parser.add_argument("--files", nargs="*", default=[], choices=FILES, help="gallery: only these model files' "
                         "pictures (default: all; the others' stay as they are)")
-    args = parser.parse_args()
-    benchmarks[args.name](args)
+    args = parser.parse_args(argv)
+    return benchmarks[args.name](args) if run else args
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import colorsys
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import io
 import itertools
@@ -24,12 +25,14 @@ import pathlib
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 import types
@@ -1893,6 +1896,33 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
         assert (tmp_path / "t" / f"targets_{i}.png").read_bytes() == (tmp_path / "t2" / f"targets_{i}.png").read_bytes()
 
 
+def test_readme_code_runs_for_every_file(one_epoch):
+    """README's "In your own code" block, with this file's module and class, a tiny Config and this run's best.pt: the
+    training call gives the file's losses with gradients, the inference call one detection dict per image, and the
+    loaded model holds the checkpoint's weights."""
+    name, out, _ = one_epoch
+    module = REGISTRY[name].module
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"## In your own code\n.*?\n\n((?:    [^\n]*\n|\n)+)", readme, re.DOTALL).group(1)
+    code = textwrap.dedent(block).replace("runs/faster_rcnn/best.pt", str(out / "best.pt"))
+    code = code.replace("faster_rcnn", name).replace("FasterRCNN", module.DETECTOR.__name__)
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    tiny_values = {k: v for k, v in {**TINY, **REGISTRY[name].tiny}.items() if k in fields}
+    imports, use = code.split("\n\n", 1)
+    use, load = use.split("\nstate_dict, class_names")  # the calls, then loading a checkpoint
+    scope = {}
+    exec(compile(imports, "README.md", "exec"), scope)
+    scope["Config"] = functools.partial(module.Config, **tiny_values)  # (seconds, not minutes)
+    exec(compile(use, "README.md", "exec"), scope)
+    assert scope["losses"] and all(v.dim() == 0 for v in scope["losses"].values())
+    assert sum(p.grad.abs().sum() for p in scope["model"].parameters() if p.grad is not None) > 0
+    assert len(scope["detections"]) == 2 and all(d["boxes"].shape[1:] == (4,) and {"scores", "labels"} <= d.keys()
+                                                  for d in scope["detections"])
+    exec(compile("state_dict, class_names" + load, "README.md", "exec"), scope)
+    model, saved = scope["model"].state_dict(), scope["state_dict"]
+    assert model.keys() == saved.keys() and all(torch.equal(v, saved[k]) for k, v in model.items())
+
+
 def test_checkpoint_of_another_detector_is_refused_in_one_line(one_epoch):
     name, out, _ = one_epoch
     other = NAMES[(NAMES.index(name) + 1) % len(NAMES)]
@@ -2420,6 +2450,27 @@ def test_command_line_refuses_what_would_fail_later(tmp_path, capsys, monkeypatc
             parse_args(REGISTRY[name].module, argv)
         err = capsys.readouterr().err
         assert message in err and err.endswith("(--help lists every flag)\n") and len(err.splitlines()) == 1, err
+
+
+def test_readme_commands_are_command_lines_of_their_files(tmp_path, capsys):
+    """Every `python NAME.py ...` and `torchrun ... NAME.py ...` of the README (X.py: each model file; $D: as defined
+    there) is taken by that file's command line (bench.py's too): a flag renamed, dropped or given a value it no longer
+    takes fails here, not for a reader who copies the command."""
+    import bench
+    text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")  # continued lines
+    text = re.sub(r"`[^`]*`", lambda m: m.group(0).replace("\n", " "), text)  # inline code over two lines
+    variables = dict(re.findall(r'^\s*(\w+)="([^"]*)"', text, re.MULTILINE))  # D="--preset cpu --data voc ..."
+    checked = []
+    for file, rest in re.findall(r"(?:python|torchrun [-=\w]+) (\w+)\.py ([^`#\n]*)", text):
+        rest = re.sub(r"\$(\w+)", lambda m: variables[m.group(1)], re.sub(r"\[[^\]]*\]|\.\.\.", "", rest))
+        argv = [str(tmp_path) if arg == "IMG_OR_DIR" else arg for arg in shlex.split(rest)]  # ([data flags], ...: to
+        for name in NAMES if file == "X" else [file] if file in REGISTRY or file == "bench" else []:  # fill in)
+            try:
+                bench.main(argv, run=False) if name == "bench" else parse_args(REGISTRY[name].module, argv)
+            except SystemExit:
+                raise AssertionError(f"python {name}.py {rest}: {capsys.readouterr().err}") from None
+            checked.append(name)
+    assert set(checked) == {*NAMES, "bench"} and len(checked) > 60, checked
 
 
 def test_command_line_refuses_what_it_would_ignore(tmp_path, capsys):
