@@ -94,16 +94,24 @@ def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
     return boxes * ratios[[1, 0, 1, 0]].to(boxes.device, non_blocking=True)  # (no waiting for a GPU)
 
 
+def described(value) -> str:
+    """What an error message says was given: a tensor's dtype and shape, else the type's name."""
+    return f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
 def check_images(images: list):
     """What every model takes: a non-empty list of float [3, H, W] tensors in [0, 1]. Anything else stops here, named
-    (a uint8 image would pass through as values up to 255; torchvision refuses it likewise)."""
+    (a uint8 image would pass through as values up to 255; torchvision refuses it likewise), and so does float64 (the
+    models compute in float32 or lower; numpy's array / 255 is float64: before, a dtype error deep in a convolution)."""
     if not isinstance(images, (list, tuple)) or not images:
         raise TypeError(f"images: a non-empty list of float [3, H, W] tensors, got {type(images).__name__}")
     for image in images:
         if (not isinstance(image, Tensor) or not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3
                 or not image.numel()):  # (an image of no pixels too)
-            what = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
-            raise TypeError(f"images: a list of float [3, H, W] tensors in [0, 1], got a {what}")
+            raise TypeError(f"images: a list of float [3, H, W] tensors in [0, 1], got a {described(image)}")
+        if image.dtype == torch.float64:
+            raise TypeError(f"images: float64 {tuple(image.shape)}: the models compute in float32 (or bf16, fp16): "
+                            "image.float()")
 
 
 def check_targets(images: list, targets: list, model: str):
@@ -117,11 +125,24 @@ def check_targets(images: list, targets: list, model: str):
         raise ValueError(f"{model}: targets: a list of one dict per image ({len(images)}), got {got}")
     for i, t in enumerate(targets):
         boxes, labels = (t.get(key) if isinstance(t, dict) else None for key in ("boxes", "labels"))
+        proposals = t.get("proposals", boxes) if isinstance(t, dict) else None  # (R-CNN's, Fast R-CNN's)
         if not (isinstance(boxes, Tensor) and boxes.dim() == 2 and boxes.shape[1] == 4 and isinstance(labels, Tensor)
                 and labels.dtype == torch.int64 and labels.shape == boxes.shape[:1]):
-            got = ", ".join(f"{key} {f'{v.dtype} {tuple(v.shape)}' if isinstance(v, Tensor) else type(v).__name__}"
-                            for key, v in (("boxes", boxes), ("labels", labels)))
-            raise ValueError(f"{model}: targets[{i}]: 'boxes' a [N, 4] tensor and 'labels' an int64 [N] one, got {got}")
+            raise ValueError(f"{model}: targets[{i}]: 'boxes' a [N, 4] tensor and 'labels' an int64 [N] one, got "
+                             f"boxes {described(boxes)}, labels {described(labels)}")
+        if not (isinstance(proposals, Tensor) and proposals.dim() == 2 and proposals.shape[1] == 4):
+            raise ValueError(f"{model}: targets[{i}]: 'proposals' a [P, 4] tensor, got {described(proposals)}")
+
+
+def check_proposals(images: list, proposals: list, model: str) -> list:
+    """R-CNN's and Fast R-CNN's proposals=: one [P, 4] tensor (xyxy pixels) per image, returned as they are; anything
+    else stops here, named (a shorter list dropped images from the detections without a word)."""
+    if not (isinstance(proposals, (list, tuple)) and len(proposals) == len(images) and all(
+            isinstance(p, Tensor) and p.dim() == 2 and p.shape[1] == 4 for p in proposals)):
+        got = f"[{', '.join(map(described, proposals))}]" if isinstance(proposals, (list, tuple)) else \
+            described(proposals)
+        raise ValueError(f"{model}: proposals: a list of one [P, 4] tensor per image ({len(images)}), got {got}")
+    return proposals
 
 
 def pad_targets(targets: list):

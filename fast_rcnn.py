@@ -46,9 +46,9 @@ Run (--help lists every Config field as a flag, with the values a plain --train 
     python -m pytest -q test_models.py -k fast_rcnn
 
 The model's call (the other files' call, with proposals): train mode model(images, targets) -> {"loss_classifier",
-"loss_box_reg"}, each target with "proposals" [R, 4] (data.attach_proposals); eval mode model(images, proposals=None) ->
-detections, proposals a list of [R_i, 4] boxes in the images' pixels; images without them get selective search on the
-fly.
+"loss_box_reg"}, each target with "proposals" [R, 4] (data.attach_proposals); eval mode model(images) -> detections.
+Either takes proposals=[[R_i, 4] boxes in the images' pixels, one per image] instead; without any, selective search runs
+on the fly.
 
 Tensor shapes (legend used in every comment below):
     B images in the batch, H x W the padded batch, R proposals of one image, M ground-truth boxes of one image (padded
@@ -79,8 +79,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_align, roi_pool
 
 import data
-from common import (check_images, check_targets, clip_boxes_to_image, draw_boxes, elementwise_box_iou, pad_targets,
-                    valid_box_mask)
+from common import (check_images, check_proposals, check_targets, clip_boxes_to_image, draw_boxes, elementwise_box_iou,
+                    pad_targets, valid_box_mask)
 
 # --- Config ---
 
@@ -366,8 +366,8 @@ class FastRCNN(nn.Module):
         self.svd_cache = (None, None)  # (the fc weights' versions, the truncated layers)
 
     def proposals_of(self, image: Tensor, target: dict | None = None) -> Tensor:
-        """The image's proposals, its first proposals_per_image, clipped: the target's (the dataset's) or selective
-        search on the fly, remembered for images seen again."""
+        """The image's proposals, its first proposals_per_image, clipped: the target's (the dataset's, the caller's) or
+        selective search on the fly, remembered for images seen again."""
         cfg = self.cfg
         if target is not None and "proposals" in target:
             boxes = target["proposals"]
@@ -387,7 +387,11 @@ class FastRCNN(nn.Module):
         check_images(images)  # before selective search or preprocessing sees them
         if self.training:
             check_targets(images, targets, "FastRCNN")
-            proposals = [self.proposals_of(image, target) for image, target in zip(images, targets)]
+        given = targets if self.training else [None] * len(images)  # the dataset's proposals, else a search
+        if proposals is not None:  # the caller's, in training too
+            given = [{"proposals": p} for p in check_proposals(images, proposals, "FastRCNN")]
+        proposals = [self.proposals_of(image, target) for image, target in zip(images, given)]
+        if self.training:
             valid = [valid_box_mask(t["boxes"]) for t in targets]
             gt_boxes, gt_labels, gt_valid = pad_targets([{"boxes": t["boxes"][v].float(), "labels": t["labels"][v]}
                                                          for t, v in zip(targets, valid)])  # [B, M, 4], [B, M], ..
@@ -402,11 +406,6 @@ class FastRCNN(nn.Module):
             cls_logits, bbox_regression = [x.float() for x in self.box_predictor(self.box_head(box_features))]
             return fast_rcnn_loss(cls_logits, bbox_regression, labels, regression_targets)
 
-        if proposals is None:
-            proposals = [self.proposals_of(image) for image in images]
-        else:
-            proposals = [clip_boxes_to_image(p[:cfg.proposals_per_image].float(), image.shape[-2:])
-                         for p, image in zip(proposals, images)]
         rois = torch.cat(proposals)  # [S, 4]
         image_idx = torch.cat([torch.full((len(p),), i, device=rois.device) for i, p in enumerate(proposals)])  # [S]
         box_features = self.pyramid_roi_features(images, rois, image_idx)  # [S, C, 7, 7]

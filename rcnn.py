@@ -44,8 +44,8 @@ Run (--help lists every Config field as a flag, with the values a plain --train 
     python -m pytest -q test_models.py -k rcnn
 
 The model's call (the other files' call, with proposals): train mode model(images, targets) -> {"loss_classifier"}, each
-target with "proposals" [R, 4] (data.attach_proposals); eval mode model(images, proposals=None) -> detections, where
-proposals is a list of [R_i, 4] boxes in the images' pixels; images without them get selective search on the fly.
+target with "proposals" [R, 4] (data.attach_proposals); eval mode model(images) -> detections. Either takes proposals=
+[[R_i, 4] boxes in the images' pixels, one per image] instead; without any, selective search runs on the fly.
 
 Tensor shapes (legend used in every comment below):
     B images in the batch, R proposals of one image, M ground-truth boxes of one image, S warped regions,
@@ -76,7 +76,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 import data
-from common import box_iou, check_images, check_targets, clip_boxes_to_image, draw_boxes, valid_box_mask
+from common import (box_iou, check_images, check_proposals, check_targets, clip_boxes_to_image, draw_boxes,
+                    valid_box_mask)
 
 # --- Config ---
 
@@ -251,7 +252,8 @@ class RCNN(nn.Module):
         return F.adaptive_avg_pool2d(x, 2).flatten(1), x.mean((2, 3))  # ResNet
 
     def proposals_of(self, image: Tensor, target: dict | None = None) -> Tensor:
-        """The image's proposals: the target's (the dataset's) or selective search, first proposals_per_image."""
+        """The image's proposals: the target's (the dataset's, the caller's) or selective search, the first
+        proposals_per_image, clipped."""
         cfg = self.cfg
         if target is not None and "proposals" in target:
             boxes = target["proposals"]
@@ -271,8 +273,12 @@ class RCNN(nn.Module):
         check_images(images)  # before selective search or preprocessing sees them
         if self.training:
             check_targets(images, targets, "RCNN")
+        given = targets if self.training else [None] * len(images)  # the dataset's proposals, else a search
+        if proposals is not None:  # the caller's, in training too
+            given = [{"proposals": p} for p in check_proposals(images, proposals, "RCNN")]
+        proposals = [self.proposals_of(image, target) for image, target in zip(images, given)]
+        if self.training:
             self.steps += 1
-            proposals = [self.proposals_of(image, target) for image, target in zip(images, targets)]
             rois, image_idx, labels = sample_regions(proposals, targets, cfg)  # [S, 4], [S], [S]
             crops = torch.cat([warp_regions(image, rois[image_idx == i], cfg.crop_size, cfg.crop_padding)
                                for i, image in enumerate(normalise(images, cfg))])  # [S, 3, crop, crop]
@@ -282,11 +288,6 @@ class RCNN(nn.Module):
         if int(self.finetune_steps) > 0 and int(self.steps) >= int(self.finetune_steps) \
                 and int(self.fitted_at) != int(self.steps) and cfg.scoring == "svm":
             self.fit_stages_2_and_3(images[0].device)  # the first evaluation after fine-tuning
-        if proposals is None:
-            proposals = [self.proposals_of(image) for image in images]
-        else:
-            proposals = [clip_boxes_to_image(p[:cfg.proposals_per_image].float(), image.shape[-2:])
-                         for p, image in zip(proposals, images)]
         pool5, fc7 = (f.to(self.svm_weight.dtype) for f in self.features(images, proposals))  # (a model in bf16)
         cls_scores = self.score(self.cls_score(fc7).float(), fc7)  # [S, K]
         boxes = self.regress(pool5, torch.cat(proposals))  # [S, K, 4]

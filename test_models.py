@@ -5218,7 +5218,7 @@ def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
     """model(images[, targets]) as a user's project calls it: images that require grad (saliency, a learnable module
     in front) get gradients in training and evaluation; a model cast to bf16 detects on bf16 images; uint8 images
     (values up to 255), no images, [H, W, 3] images and images of no pixels are refused with what was given, as
-    torchvision refuses them."""
+    torchvision refuses them, and float64 images with what to do."""
     module = REGISTRY[name].module
     torch.manual_seed(0)
     model = module.DETECTOR(tiny_config(name, num_classes=3))
@@ -5235,6 +5235,10 @@ def test_model_input_contract_images_requiring_grad_bf16_and_wrong_dtypes(name):
     assert all(v.requires_grad for v in model(images, empty).values())  # each term in the graph (YOLO's box, cls not)
     with pytest.raises(TypeError, match=r"images: a list of float \[3, H, W\] tensors in \[0, 1\], got a torch.uint8"):
         model.eval()([(images[0] * 255).to(torch.uint8)])
+    doubles = [x.detach().double() for x in images]
+    for mode, given in ((model.eval, (doubles,)), (model.train, (doubles, targets))):
+        with pytest.raises(TypeError, match=r"images: float64 \(3, 64, 64\): the models compute in float32"):
+            mode()(*given)  # (numpy's / 255: before, a dtype error inside a convolution)
     for mode, given in ((model.eval, ([],)), (model.train, ([], [])), (model.eval, ([torch.rand(64, 64, 3)],)),
                         (model.eval, ([torch.rand(3, 0, 64)],))):
         with pytest.raises(TypeError, match=r"images: a (non-empty )?list of float \[3, H, W\] tensors"):
@@ -5270,6 +5274,35 @@ def test_malformed_targets_are_refused_in_one_line(name):
                              ([good, [box]], r"got boxes NoneType")):
         with pytest.raises(ValueError, match=rf"^{type(model).__name__}: .*" + message):
             model(images, targets)
+
+
+@pytest.mark.parametrize("name", ["rcnn", "fast_rcnn"])
+def test_proposals_given_to_the_call(name, monkeypatch):
+    """model(images, targets, proposals=[...]) and model(images, proposals=[...]): the caller's proposals, one [P, 4]
+    tensor per image, in training as in detection (training took the targets' or searched, ignoring them), the same
+    as targets[i]["proposals"]; a list of another length (detections for the first images only, without a word), a
+    tensor instead of a list, or proposals of another shape stop in one line."""
+    model = REGISTRY[name].module.DETECTOR(tiny_config(name, num_classes=3))
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 80)]
+    P = [torch.tensor([[4.0, 4.0, 42.0, 44.0], [0.0, 0.0, 30.0, 30.0], [20, 10, 60, 40]]),
+         torch.tensor([[8.0, 2.0, 70.0, 30.0], [30.0, 0.0, 80.0, 48.0]])]
+    targets = [{"boxes": torch.tensor([[5.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 4.0, 70.0, 30.0]]), "labels": torch.tensor([2])}]
+    monkeypatch.setattr(data, "selective_search", lambda *a, **k: pytest.fail("searched despite proposals"))
+    losses = []
+    for given, kwargs in ((targets, dict(proposals=P)), ([{**t, "proposals": p} for t, p in zip(targets, P)], {})):
+        torch.manual_seed(0)
+        losses.append(model.train()(images, given, **kwargs))
+    assert losses[0].keys() == losses[1].keys() and all(torch.equal(losses[0][k], losses[1][k]) for k in losses[0])
+    model.eval()
+    assert len(model(images, proposals=P)) == 2
+    for given, got in (([P[0]], r"got \[torch.float32 \(3, 4\)\]"), (P[0], r"got torch.float32 \(3, 4\)$"),
+                       ([P[0], P[1][:, :2]], r"got \[torch.float32 \(3, 4\), torch.float32 \(2, 2\)\]")):
+        for call in (lambda: model.eval()(images, proposals=given), lambda: model.train()(images, targets, given)):
+            with pytest.raises(ValueError, match=rf"proposals: a list of one \[P, 4\] tensor per image \(2\), {got}"):
+                call()
+    with pytest.raises(ValueError, match=r"targets\[1\]: 'proposals' a \[P, 4\] tensor, got torch.float32 \(4,\)"):
+        model.train()(images, [targets[0], {**targets[1], "proposals": P[1][0]}])
 
 
 def test_detr_refuses_a_label_that_would_be_no_object():
