@@ -104,13 +104,16 @@ def check_images(paths, sizes, source, where):
             cache = json.load(f)
     except (OSError, ValueError):
         cache = {}
+    cache = cache if isinstance(cache, dict) else {}  # (json of another shape: checked again, rewritten)
 
     def check(path):  # -> (stat key, [width, height, EXIF orientation]) or (None, error message)
         try:
             stat = os.stat(path)
             key = f"{stat.st_size}:{stat.st_mtime_ns}"
-            if cache.get(path, [None])[0] == key and len(cache[path][1]) == 3:
-                return key, cache[path][1]
+            entry = cache.get(path)
+            if isinstance(entry, list) and len(entry) == 2 and entry[0] == key and isinstance(entry[1], list) \
+                    and len(entry[1]) == 3:
+                return key, entry[1]
             with Image.open(path) as im:
                 im.load()  # decodes every pixel: a truncated file fails here
                 orientation = im.getexif().get(0x0112, 1)  # (a malformed tag is none, as for exif_transpose)
@@ -162,15 +165,18 @@ def clean_boxes(boxes, width, height, counts, ids):
     """Clip xyxy boxes [N, 4] (numpy) to the image and find the degenerate ones; returns the keep mask [N].
 
     A box is degenerate when, after clipping, it spans at most one pixel in x or y (x2 - x1 <= 1 or y2 - y1 <= 1):
-    a click rather than an object (BCCD has two such 1x1 boxes, VOC xml with xmin == xmax). `counts` (a dict) collects
-    the ids [N] of the 'clipped' and 'degenerate' boxes for the dataset's one warning.
+    a click rather than an object (BCCD has two such 1x1 boxes, VOC xml with xmin == xmax); inverted when x2 < x1 or
+    y2 < y1 (a negative COCO width, xmin > xmax). Both are dropped. `counts` (a dict) collects the ids [N] of the
+    'clipped', 'inverted' and 'degenerate' boxes for the dataset's one warning.
     """
     clipped = boxes.copy()
     clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
     clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
     keep = ((clipped[:, 2] - clipped[:, 0]) > 1) & ((clipped[:, 3] - clipped[:, 1]) > 1)
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])  # (dropped too: a format mixed up?)
     changed = (np.abs(clipped - boxes) > 1e-6).any(axis=1) & keep
-    counts.setdefault("degenerate", []).extend(i for i, k in zip(ids, keep) if not k)
+    counts.setdefault("inverted", []).extend(i for i, v in zip(ids, inverted) if v)
+    counts.setdefault("degenerate", []).extend(i for i, k, v in zip(ids, keep, inverted) if not k and not v)
     counts.setdefault("clipped", []).extend(i for i, c in zip(ids, changed) if c)
     boxes[:] = clipped
     return keep
@@ -179,7 +185,8 @@ def clean_boxes(boxes, width, height, counts, ids):
 def warn_counts(source, counts, num_images):
     """The one warning per dataset that sums up what was done to noisy annotations, naming the first few."""
     parts = []
-    for key, what in (("degenerate", "dropped {} degenerate boxes (width or height <= 1 px)"),
+    for key, what in (("inverted", "dropped {} boxes of negative width or height (x2 < x1 or y2 < y1)"),
+                      ("degenerate", "dropped {} degenerate boxes (width or height <= 1 px)"),
                       ("clipped", "clipped {} boxes to the image")):
         ids = counts.get(key, [])
         if ids:
@@ -416,6 +423,17 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 # --- COCO ---
 
+def warn_same_names(class_names, source):
+    """Class names equal but for case or spaces ('Dog', 'dog'; two categories named 'car') are separate classes: a
+    warning names them, since labelling tools make such splits without meaning them."""
+    groups = {}
+    for name in class_names:
+        groups.setdefault(" ".join(str(name).split()).casefold(), []).append(name)
+    if same := [names for names in groups.values() if len(names) > 1]:
+        warnings.warn(f"{source}: class names {', '.join(' and '.join(map(repr, n)) for n in same[:3])} are separate "
+                      "classes; rename them to one name to merge them", stacklevel=3)
+
+
 def integer(value):
     """A json id as an int: 3, 3.0 or "3"; ValueError for 3.5, true or "3.5" (int() takes 3.5 and true, as 3 and 1)."""
     if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
@@ -467,6 +485,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(f"{ann_file}: every entry of 'categories' needs an integer 'id' ({e!r})") from None
         if len(set(self.cat_ids)) != len(self.cat_ids):
             raise ValueError(f"{ann_file}: duplicate category ids in 'categories'")
+        warn_same_names(self.class_names[1:], ann_file)
         self._categories = [{"id": k + 1, "name": name} for k, name in enumerate(self.class_names[1:])]
         label_of = {cat_id: k + 1 for k, cat_id in enumerate(self.cat_ids)}
         if not contiguous_labels:
@@ -504,6 +523,13 @@ class CocoDetection(torch.utils.data.Dataset):
             position[img["id"]] = len(self.images)
             self.images.append({"id": img["id"], "file_name": img["file_name"], "width": img.get("width"),
                                 "height": img.get("height")})
+        counted = {}
+        for img in self.images:
+            counted.setdefault(os.path.normpath(img["file_name"]), []).append(img["id"])
+        if twice := [(name, ids) for name, ids in counted.items() if len(ids) > 1]:
+            warnings.warn(f"{ann_file}: {len(twice)} image files are listed under several image ids (e.g. "
+                          f"{twice[0][0]!r}: ids {', '.join(map(str, twice[0][1][:5]))}): each id is an image with "
+                          "its own boxes only (the other ids' objects are background to it)", stacklevel=2)
         # labelling tools sometimes leave the size out: then the image's own size
         sizes = check_images([os.path.join(image_dir, img["file_name"]) for img in self.images],
                              [(img["width"], img["height"]) if img["width"] and img["height"] else None
@@ -515,7 +541,7 @@ class CocoDetection(torch.utils.data.Dataset):
         for k, ann in enumerate(annotations):
             ann_id = ann.get("id", f"#{k}") if isinstance(ann, dict) else f"#{k}"
             if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), (int, float, str)) \
-                    or ann["image_id"] not in position:
+                    or isinstance(ann["image_id"], bool) or ann["image_id"] not in position:  # (true == 1)
                 raise ValueError(f"{ann_file}: annotation {ann_id}: 'image_id' "
                                  f"{ann.get('image_id') if isinstance(ann, dict) else None!r} is not in 'images'")
             try:  # int, as the ids of 'categories' are: some exports write both as strings ("1")
@@ -626,11 +652,14 @@ class VocDetection(torch.utils.data.Dataset):
             there = sorted(f[:-4] for f in os.listdir(os.path.dirname(split_file)) if f.endswith(".txt")) \
                 if os.path.isdir(os.path.dirname(split_file)) else []
             jsons = any(f.endswith(".json") for _, _, names in os.walk(root) for f in names)  # (the first ends it)
+            inside = [os.path.join(root, d) for d in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+                      if os.path.isdir(os.path.join(root, d, "ImageSets"))]  # VOCdevkit/ given for VOCdevkit/VOC2007/
             raise FileNotFoundError(f"{split_file}: split file not found (split {split!r}; there: "
                                     f"{', '.join(there) or 'none'}); a split file lists image ids, one per line, "
                                     "without extension (Annotations/<id>.xml)"
                                     + ("; for the COCO json there: --data coco --train-ann F --val-ann F" if jsons
-                                       else ""))
+                                       else "")
+                                    + (f"; the VOC folder inside: --data-root {inside[0]}" if inside else ""))
         ann_dir = os.path.join(root, "Annotations")
         with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad's) is skipped
             lines = [line.strip() for line in f if line.strip()]
@@ -662,6 +691,7 @@ class VocDetection(torch.utils.data.Dataset):
                     found.update((o.findtext("name") or "").strip() for o in read_xml(path).iter("object"))
             found.discard("")
             class_names = sorted(found)  # (VOC's 20 sorted are in VOC's order: aeroplane ... tvmonitor)
+            warn_same_names(class_names, ann_dir)
         class_names = [c for c in class_names if c != "__background__"]
         self.class_names = ("__background__",) + tuple(class_names)
         self.num_classes = len(self.class_names)
@@ -1596,13 +1626,13 @@ def _coco_image_dir(data_root, ann_file):
     first image): <root>/NAME without 'instances_' (instances_val2017 -> val2017, COCO 2017 layout), <root>/<NAME's
     part after its last '_'> (person_keypoints_val2017 -> val2017; image_info_test-dev2017 -> test-dev2017, else
     test2017, where COCO keeps test-dev's images), <root>/JPEGImages, <root>/images, <root>/images/NAME (CVAT's
-    instances_default.json: images/default), where they exist; then the json's own folder unless it is
-    <root>/annotations (Roboflow's train/_annotations.coco.json sits beside its images), and <root> (Label Studio's
-    result.json names images/a.jpg)."""
+    instances_default.json: images/default), <root>/data (FiftyOne's labels.json), where they exist; then the json's
+    own folder unless it is <root>/annotations (Roboflow's train/_annotations.coco.json sits beside its images), and
+    <root> (Label Studio's result.json names images/a.jpg)."""
     name = os.path.splitext(os.path.basename(ann_file))[0].removeprefix("instances_")
     last = name.rsplit("_", 1)[-1]
     folders = [os.path.join(data_root, folder) for folder in (name, last, last.replace("test-dev", "test"),
-               "JPEGImages", "images", os.path.join("images", name))
+               "JPEGImages", "images", os.path.join("images", name), "data")
                if folder and os.path.isdir(os.path.join(data_root, folder))]  # "": no name
     own = os.path.dirname(ann_file) or "."
     if os.path.abspath(own) != os.path.abspath(os.path.join(data_root, "annotations")):

@@ -749,6 +749,10 @@ def test_image_check_is_cached_beside_the_annotations(tmp_path, monkeypatch):
     write_image(tmp_path / "y.jpg", size=(32, 24), mode="L")  # a changed file is checked again
     data.CocoDetection(image_dir, ann)
     assert list(map(os.path.basename, decoded)) == ["y.jpg"]
+    for other in ("null", "[]", json.dumps({str(tmp_path / "x.jpg"): 5}), json.dumps({str(tmp_path / "x.jpg"): [1]})):
+        (tmp_path / ".instances.json.checked.json").write_text(other)  # json of another shape: checked again
+        decoded.clear()
+        assert len(data.CocoDetection(image_dir, ann)) == 2 and "x.jpg" in map(os.path.basename, decoded)
 
 
 def test_corrupt_json(tmp_path):
@@ -887,6 +891,8 @@ def test_voc_missing_xml(tmp_path):
     open(os.path.join(root, "instances.json"), "w").write("{}")  # a COCO json there: --data coco is named
     with pytest.raises(FileNotFoundError, match=r"without extension .*; for the COCO json there: --data coco"):
         data.VocDetection(root, "test")
+    with pytest.raises(FileNotFoundError, match=rf"; the VOC folder inside: --data-root {re.escape(root)}$"):
+        data.VocDetection(os.path.dirname(root), "train")  # VOCdevkit/ given for VOCdevkit/VOC2007/
 
 
 def test_voc_xml_with_a_namespace_and_not_finite_coordinates(tmp_path):
@@ -906,6 +912,28 @@ def test_voc_xml_with_a_namespace_and_not_finite_coordinates(tmp_path):
         with pytest.raises(ValueError, match=r"a.xml: object 0 \(dog\): 'bndbox' and 'difficult' must be numbers \(not "
                                              r"finite"):
             data.VocDetection(root, "train")
+
+
+def test_coco_image_id_true_duplicate_files_and_class_names_that_differ_in_case(tmp_path):
+    """An annotation's image_id true is no image id (true == 1 put its box on image 1); one file listed under two
+    image ids (each holding part of its boxes) and class names equal but for case or spaces (VOC's 'Dog' and 'dog',
+    two COCO categories 'car') are named in a warning."""
+    images = [{"id": 1, "file_name": "a.jpg"}]
+    image_dir, ann = make_coco(tmp_path, images, [{"image_id": True, "category_id": 1, "bbox": [2, 3, 10, 8]}])
+    with pytest.raises(ValueError, match=r"annotation 1: 'image_id' True is not in 'images'"):
+        data.CocoDetection(image_dir, ann)
+    make_coco(tmp_path, images + [{"id": 2, "file_name": "./a.jpg"}], [{"image_id": 1, "category_id": 1,
+                                                                        "bbox": [2, 3, 10, 8]}],
+              categories=((1, "car"), (2, " Car"), (3, "bus")))
+    with pytest.warns(UserWarning) as warned:
+        data.CocoDetection(image_dir, ann)
+    assert sorted(str(w.message) for w in warned if "without boxes" not in str(w.message)) == [
+        f"{ann}: 1 image files are listed under several image ids (e.g. 'a.jpg': ids 1, 2): each id is an image with "
+        "its own boxes only (the other ids' objects are background to it)",
+        f"{ann}: class names 'car' and ' Car' are separate classes; rename them to one name to merge them"]
+    root = make_voc(tmp_path, {"a": [("Dog", 1, 1, 5, 5, 0)], "b": [("dog", 2, 2, 9, 9, 0), ("cat", 2, 2, 9, 9, 0)]})
+    with pytest.warns(UserWarning, match=r"Annotations: class names 'Dog' and 'dog' are separate classes"):
+        assert data.VocDetection(root, "train").class_names == ("__background__", "Dog", "cat", "dog")
 
 
 def test_voc_split_ids_written_with_their_extension(tmp_path):
@@ -939,13 +967,15 @@ def test_noise_one_counted_warning(tmp_path):
          {"image_id": 1, "category_id": 7, "bbox": [5, 5, 1, 1]},  # 1x1 click: dropped
          {"image_id": 1, "category_id": 1, "bbox": [-4, 2, 10, 10]},  # left of the image: clipped
          {"image_id": 1, "category_id": 7, "bbox": [20, 20, 30, 30]},  # beyond the right and bottom: clipped
-         {"image_id": 1, "category_id": 1, "bbox": [40, 2, 10, 10]}])  # wholly outside: degenerate once clipped
+         {"image_id": 1, "category_id": 1, "bbox": [40, 2, 10, 10]},  # wholly outside: degenerate once clipped
+         {"image_id": 1, "category_id": 1, "bbox": [20, 20, -10, -10]}])  # negative size: said apart
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         ds = data.CocoDetection(image_dir, ann)
     assert len(record) == 1
     assert str(record[0].message) == (
-        f"{ann}: dropped 3 degenerate boxes (width or height <= 1 px) (annotation 2, annotation 3, annotation 6), "
+        f"{ann}: dropped 1 boxes of negative width or height (x2 < x1 or y2 < y1) (annotation 7), "
+        f"dropped 3 degenerate boxes (width or height <= 1 px) (annotation 2, annotation 3, annotation 6), "
         f"clipped 2 boxes to the image (annotation 4, annotation 5), kept 1 of 2 images without boxes as negatives")
     _, target = ds[0]
     assert target["boxes"].tolist() == [[2, 3, 12, 13], [0, 2, 6, 12], [20, 20, 32, 24]]
@@ -5172,7 +5202,7 @@ def test_voc_split_ids_with_spaces_and_per_class_files(tmp_path):
 def test_coco_images_beside_the_json_or_after_its_last_underscore(tmp_path):
     """Roboflow's train/_annotations.coco.json sits beside its images; person_keypoints_val2017.json's are in val2017/;
     a json in annotations/ still has its images in the root when no folder is named after it; COCO's test-dev image
-    list, image_info_test-dev2017.json, has its images in test2017/."""
+    list, image_info_test-dev2017.json, has its images in test2017/; FiftyOne's labels.json in data/."""
     for folder in ("annotations", "val2017", "train", "test2017"):
         (tmp_path / folder).mkdir()
     root = str(tmp_path)
@@ -5201,6 +5231,15 @@ def test_coco_images_beside_the_json_or_after_its_last_underscore(tmp_path):
                                 seed=0)
     train, val = data.build_datasets(cfg)
     assert train.image_dir == str(studio) and val[0][0].shape == (3, 24, 32)
+    # FiftyOne: labels.json beside data/, which holds the images
+    fifty = tmp_path / "fifty"
+    (fifty / "data").mkdir(parents=True)
+    make_coco(fifty / "data", [{"id": 1, "file_name": "a.jpg"}], [{"image_id": 1, "category_id": 1,
+                                                                     "bbox": [2, 2, 10, 10]}])
+    os.rename(fifty / "data" / "instances.json", fifty / "labels.json")
+    cfg = types.SimpleNamespace(data="coco", data_root=str(fifty), train_ann="labels.json", val_ann="labels.json",
+                                seed=0)
+    assert data.build_datasets(cfg)[0].image_dir == str(fifty / "data")
 
 
 def test_classes_without_a_training_box_are_named(tmp_path):
