@@ -649,16 +649,18 @@ class VocDetection(torch.utils.data.Dataset):
         self.root, self.split, self.transforms = root, split, transforms
         split_file = self.source = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
         if not os.path.isfile(split_file):
-            there = sorted(f[:-4] for f in os.listdir(os.path.dirname(split_file)) if f.endswith(".txt")) \
-                if os.path.isdir(os.path.dirname(split_file)) else []
+            folder = os.path.dirname(split_file)
+            there = (f"there: {', '.join(sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.txt'))) or 'none'}"
+                     if os.path.isdir(folder) else "no folder ImageSets/Main/")
             jsons = any(f.endswith(".json") for _, _, names in os.walk(root) for f in names)  # (the first ends it)
+            coco = any(os.path.isfile(os.path.join(root, "annotations", f"instances_{s}.json"))
+                       for s in ("train2017", "train"))  # where --data coco looks by itself
             inside = [os.path.join(root, d) for d in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
                       if os.path.isdir(os.path.join(root, d, "ImageSets"))]  # VOCdevkit/ given for VOCdevkit/VOC2007/
-            raise FileNotFoundError(f"{split_file}: split file not found (split {split!r}; there: "
-                                    f"{', '.join(there) or 'none'}); a split file lists image ids, one per line, "
-                                    "without extension (Annotations/<id>.xml)"
-                                    + ("; for the COCO json there: --data coco --train-ann F --val-ann F" if jsons
-                                       else "")
+            raise FileNotFoundError(f"{split_file}: split file not found (split {split!r}; {there}); a split file "
+                                    "lists image ids, one per line, without extension (Annotations/<id>.xml)"
+                                    + ("; for the COCO json there: --data coco" + ("" if coco else
+                                       " --train-ann F --val-ann F") if jsons else "")
                                     + (f"; the VOC folder inside: --data-root {inside[0]}" if inside else ""))
         ann_dir = os.path.join(root, "Annotations")
         with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Notepad's) is skipped
@@ -1569,13 +1571,17 @@ def predict(model, path, out, class_names, draw_thresh, device):
     "label": 1..K, "class": its name, "score"}, ...]} (YOLOv5's detect.py --save-txt and --save-conf, as one json)."""
     model.eval()
     records = []
+    # the model's own cut, before --draw-thresh (YOLOv5's 0.25 as detect.py's, RetinaNet's 0.05 ...): said when lower
+    floor = next(((k, getattr(model.cfg, k)) for k in SCORE_FLOORS if hasattr(getattr(model, "cfg", None), k)), None)
+    below = f" (the model keeps none below its --{floor[0].replace('_', '-')} {floor[1]})" \
+        if floor and floor[1] > draw_thresh else ""
     for file, image, drawn in predict_inputs(path, out):
         det = model([image.to(device)])[0]
         keep = det["scores"] >= draw_thresh
         boxes, labels, scores = det["boxes"][keep].float(), det["labels"][keep], det["scores"][keep].float()
         draw_boxes(image, boxes, labels, scores, class_names, drawn)
         best = f" (the best {float(det['scores'].max()):.3g}: --draw-thresh)" if len(keep) and not keep.any() else ""
-        print(f"{file}: {len(boxes)} detections scoring >= {draw_thresh}{best} -> {drawn}")
+        print(f"{file}: {len(boxes)} detections scoring >= {draw_thresh}{best or below} -> {drawn}")
         records.append({"file": file, "width": image.shape[-1], "height": image.shape[-2], "detections": [
             {"box": [round(x, 2) for x in box], "label": label, "score": round(score, 5),
              "class": class_names[label] if 0 <= label < len(class_names) else str(label)}
@@ -1583,7 +1589,8 @@ def predict(model, path, out, class_names, draw_thresh, device):
     os.makedirs(out, exist_ok=True)  # (also when every file was skipped)
     with open(os.path.join(out, "predictions.json"), "w") as f:
         json.dump(records, f, indent=1)
-    print(f"wrote the detections of {len(records)} images to {os.path.join(out, 'predictions.json')}")
+    print(f"wrote the detections of {len(records)} image{'s' * (len(records) != 1)} to "
+          f"{os.path.join(out, 'predictions.json')}")
 
 
 def _unnamed(class_names):
@@ -1738,6 +1745,8 @@ def restores_signals(train):
 # Tuple fields of one value per colour channel, box coordinate or pyramid level: as many as their default has
 FIXED_LENGTH = ("image_mean", "image_std", "bbox_reg_weights", "hsv", "scale_range", "balance", "anchor_sizes",
                 "crop_size")
+# Score thresholds of the decoding (Faster R-CNN's, the one-stage files', YOLOv5's): --predict names the one in force
+SCORE_FLOORS = ("box_score_thresh", "score_thresh", "conf_thresh")
 # Fields that only steer the optimisation: given to another mode than --train, a warning says they do nothing
 OPTIMISATION = ("epochs", "lr", "lr_backbone", "optimizer", "momentum", "weight_decay", "lr_steps", "lr_gamma", "lrf",
                 "cos_lr", "warmup_iters", "warmup_factor", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",

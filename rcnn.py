@@ -324,7 +324,9 @@ class RCNN(nn.Module):
     def training_set(self):
         """The training images of this model's Config with their proposals (stages 2 and 3 need them): the cached
         or given file, as at the start of training; no augmentation."""
-        dataset = data.build_datasets(dataclasses.replace(self.cfg, proposals=""))[0]
+        with warnings.catch_warnings():  # its warnings (dropped boxes ...) were given when training started
+            warnings.simplefilter("ignore")
+            dataset = data.build_datasets(dataclasses.replace(self.cfg, proposals=""))[0]
         data.attach_proposals(dataset, self.cfg.train_proposals, os.path.join(self.cfg.out, "proposals_train.npz"),
                               self.cfg.workers, collective=False, **proposal_settings(self.cfg))
         return dataset

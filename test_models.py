@@ -893,6 +893,12 @@ def test_voc_missing_xml(tmp_path):
         data.VocDetection(root, "test")
     with pytest.raises(FileNotFoundError, match=rf"; the VOC folder inside: --data-root {re.escape(root)}$"):
         data.VocDetection(os.path.dirname(root), "train")  # VOCdevkit/ given for VOCdevkit/VOC2007/
+    coco = tmp_path / "coco"  # COCO's own layout, which --data coco finds by itself
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "annotations" / "instances_train2017.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"\(split 'train'; no folder ImageSets/Main/\); .*; for the COCO json "
+                                                r"there: --data coco$"):
+        data.VocDetection(str(coco), "train")
 
 
 def test_voc_xml_with_a_namespace_and_not_finite_coordinates(tmp_path):
@@ -1909,6 +1915,9 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
         det = model([data.load_image(str(images / "img0.png"))])[0]
     keep = det["scores"] >= 0
     assert len(records[1]["detections"]) == detected == int(keep.sum())
+    if floor := next((k for k in data.SCORE_FLOORS if getattr(cfg, k, 0) > 0), None):  # the model's own cut, named
+        assert f"img0.png: {detected} detections scoring >= 0.0 (the model keeps none below its " \
+               f"--{floor.replace('_', '-')} {getattr(cfg, floor)})" in output
     for d, box, label, score in zip(records[1]["detections"], det["boxes"][keep].tolist(), det["labels"][keep].tolist(),
                                     det["scores"][keep].tolist()):
         assert d == {"box": pytest.approx(box, abs=0.006), "label": label, "class": class_names[label],
@@ -1924,6 +1933,19 @@ def test_eval_predict_show_targets(one_epoch, tmp_path):
         "targets_0.png", "targets_1.png", "targets_2.png"]
     for i in range(3):  # the same random weights and sampling each time: pictures that can be reproduced
         assert (tmp_path / "t" / f"targets_{i}.png").read_bytes() == (tmp_path / "t2" / f"targets_{i}.png").read_bytes()
+
+
+def test_rcnn_stage_two_reads_its_training_set_without_repeating_its_warnings(tmp_path):
+    """The SVMs' training set is read again after the last epoch: the data's warnings (dropped boxes ...), given when
+    training started, are not printed a second time among the stage-2 lines."""
+    root = make_voc(tmp_path, {"a": [("dog", 1, 1, 20, 20, 0), ("dog", 3, 3, 3, 9, 0)]}, size=(64, 48))
+    cfg = tiny_config("rcnn", data="voc", data_root=root, train_split="train", val_split="train",
+                      out=str(tmp_path / "run"))
+    with pytest.warns(UserWarning, match="dropped 1 degenerate boxes"):
+        data.build_datasets(cfg)  # at the start of training: said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(rcnn.RCNN(dataclasses.replace(cfg, num_classes=2)).training_set()) == 1
 
 
 def test_readme_code_runs_for_every_file(one_epoch):
