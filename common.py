@@ -134,15 +134,19 @@ def check_targets(images: list, targets: list, model: str):
             raise ValueError(f"{model}: targets[{i}]: 'proposals' a [P, 4] tensor, got {described(proposals)}")
 
 
-def check_proposals(images: list, proposals: list, model: str) -> list:
-    """R-CNN's and Fast R-CNN's proposals=: one [P, 4] tensor (xyxy pixels) per image, returned as they are; anything
-    else stops here, named (a shorter list dropped images from the detections without a word)."""
+def proposal_sources(images: list, targets: list, proposals: list, training: bool, model: str) -> list:
+    """Where R-CNN and Fast R-CNN take each image's proposals from (their proposals_of): proposals= of the call, one
+    [P, 4] tensor (xyxy pixels) per image, as {"proposals": P}; else in training the image's target (the dataset's
+    "proposals"); else None (selective search). proposals= of another form stops here, named (a shorter list dropped
+    images from the detections without a word)."""
+    if proposals is None:
+        return targets if training else [None] * len(images)
     if not (isinstance(proposals, (list, tuple)) and len(proposals) == len(images) and all(
             isinstance(p, Tensor) and p.dim() == 2 and p.shape[1] == 4 for p in proposals)):
         got = f"[{', '.join(map(described, proposals))}]" if isinstance(proposals, (list, tuple)) else \
             described(proposals)
         raise ValueError(f"{model}: proposals: a list of one [P, 4] tensor per image ({len(images)}), got {got}")
-    return proposals
+    return [{"proposals": p} for p in proposals]
 
 
 def pad_targets(targets: list):

@@ -79,8 +79,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, roi_align, roi_pool
 
 import data
-from common import (check_images, check_proposals, check_targets, clip_boxes_to_image, draw_boxes, elementwise_box_iou,
-                    pad_targets, valid_box_mask)
+from common import (check_images, check_targets, clip_boxes_to_image, draw_boxes, elementwise_box_iou,
+                    pad_targets, proposal_sources, valid_box_mask)
 
 # --- Config ---
 
@@ -387,10 +387,8 @@ class FastRCNN(nn.Module):
         check_images(images)  # before selective search or preprocessing sees them
         if self.training:
             check_targets(images, targets, "FastRCNN")
-        given = targets if self.training else [None] * len(images)  # the dataset's proposals, else a search
-        if proposals is not None:  # the caller's, in training too
-            given = [{"proposals": p} for p in check_proposals(images, proposals, "FastRCNN")]
-        proposals = [self.proposals_of(image, target) for image, target in zip(images, given)]
+        sources = proposal_sources(images, targets, proposals, self.training, "FastRCNN")  # proposals= or the targets'
+        proposals = [self.proposals_of(image, source) for image, source in zip(images, sources)]  # None: searched
         if self.training:
             valid = [valid_box_mask(t["boxes"]) for t in targets]
             gt_boxes, gt_labels, gt_valid = pad_targets([{"boxes": t["boxes"][v].float(), "labels": t["labels"][v]}

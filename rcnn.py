@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 import data
-from common import (box_iou, check_images, check_proposals, check_targets, clip_boxes_to_image, draw_boxes,
+from common import (box_iou, check_images, check_targets, clip_boxes_to_image, draw_boxes, proposal_sources,
                     valid_box_mask)
 
 # --- Config ---
@@ -273,10 +273,8 @@ class RCNN(nn.Module):
         check_images(images)  # before selective search or preprocessing sees them
         if self.training:
             check_targets(images, targets, "RCNN")
-        given = targets if self.training else [None] * len(images)  # the dataset's proposals, else a search
-        if proposals is not None:  # the caller's, in training too
-            given = [{"proposals": p} for p in check_proposals(images, proposals, "RCNN")]
-        proposals = [self.proposals_of(image, target) for image, target in zip(images, given)]
+        sources = proposal_sources(images, targets, proposals, self.training, "RCNN")  # proposals= or the targets'
+        proposals = [self.proposals_of(image, source) for image, source in zip(images, sources)]  # None: searched
         if self.training:
             self.steps += 1
             rois, image_idx, labels = sample_regions(proposals, targets, cfg)  # [S, 4], [S], [S]
