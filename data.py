@@ -1682,6 +1682,8 @@ def build_datasets(cfg, train_transforms=None, train=True, search=True):
 def _build_datasets(cfg, train_transforms, train):
     data, data_root, seed = cfg.data, cfg.data_root, cfg.seed
     if data == "synthetic":
+        if data_root:  # (--eval or --resume of a synthetic run: the checkpoint's data, not the folder given)
+            raise ValueError(f"--data-root {data_root}: for --data coco or voc; this run's data is synthetic")
         return (SyntheticShapes(cfg.num_train, cfg.image_size, seed, train_transforms) if train else None,
                 SyntheticShapes(cfg.num_val, cfg.image_size, seed + 1))
     if data not in ("coco", "voc"):
@@ -1783,6 +1785,8 @@ def parse_args(argv, config_class, presets, make_config):
             f"{comments.get(f.name, '')} (default: {getattr(shown, f.name)!r})").replace("%", "%%"))
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # a command line: no source lines
+    if int(os.environ.get("RANK", 0)):  # torchrun's other processes read the same data: rank 0 warns for them all
+        warnings.simplefilter("ignore")
     args.preset_given, args.preset = hasattr(args, "preset"), getattr(args, "preset", preset)
     for name, least in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("log_every", 1),
                         ("lr", 0), ("workers", 0), ("num_train", 1), ("num_val", 1), ("image_size", 1)):  # (numpy's

@@ -2156,12 +2156,20 @@ def test_a_stop_in_the_runs_last_step_ends_it_done(tmp_path, monkeypatch):
         run_main("yolo", "--train", "--resume", tmp_path / "last.pt")
 
 
-def test_data_root_without_data_is_refused(capsys):
-    """--data-root without --data would train on the synthetic shapes, the folder unread: refused, naming --data."""
+@pytest.mark.parametrize("one_epoch", ["fcos"], indirect=True)  # (data.build_datasets: the same in every file)
+def test_data_root_without_data_is_refused(one_epoch, capsys):
+    """--data-root without --data would train on the synthetic shapes, the folder unread: refused, naming --data;
+    so is --eval (or --resume) of a synthetic run's checkpoint with --data-root alone, which evaluated on the
+    synthetic val split."""
     with pytest.raises(SystemExit):
         parse_args(yolo, ["--train", "--data-root", BCCD])
     assert "--data-root: for --data coco or voc; without --data the data is synthetic" in capsys.readouterr().err
     assert parse_args(yolo, ["--train", "--data", "voc", "--data-root", BCCD])[1]["data"] == "voc"
+    best, last = one_epoch[1] / "best.pt", one_epoch[1] / "last.pt"
+    for args in (["--eval", "--weights", best], ["--train", "--resume", last, "--epochs", "2"]):
+        with pytest.raises(SystemExit, match=r"--data-root .*bccd: for --data coco or voc; this run's data is "
+                                             r"synthetic"):
+            run_main("fcos", *args, "--data-root", BCCD)
 
 
 def test_best_pt_goes_to_the_later_epoch_on_a_tie(tmp_path, monkeypatch):
@@ -2330,6 +2338,16 @@ def test_ddp_a_stop_while_rank_0_evaluates_stops_both_at_the_epochs_end(tmp_path
     assert codes == [130, 130], outputs
     checkpoint = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0) and "epoch 0 iter 4 AP" in outputs[0]
+
+
+def test_ddp_data_warnings_are_said_once(tmp_path):
+    """Under torchrun every process reads the data: its warnings (BCCD's two degenerate boxes) come from rank 0 only,
+    not once per process."""
+    args = [*tiny("yolo", num_train=None, num_val=None), "--data", "voc", "--data-root", BCCD, "--epochs", "1"]
+    outputs, codes = ddp_run("yolo", tmp_path / "log", "--train", *args, "--out", tmp_path / "a")
+    assert codes == [0, 0], outputs
+    assert outputs[0].count("warning: ") == 2 and "dropped 1 degenerate boxes" in outputs[0], outputs[0]
+    assert "warning" not in outputs[1], outputs[1]
 
 
 @pytest.mark.parametrize("name", NAMES)
