@@ -1765,8 +1765,10 @@ def parse_args(argv, config_class, presets, make_config):
     preset = "none" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=f"Defaults shown: a plain --train's here (preset {preset}).")
     parser._negative_number_matcher = re.compile(r"-\.?\d")  # --draw-thresh -1e-3 a number, as Python 3.13 reads it
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (--help lists every flag)\n")  # not
-    # the usage line first: with a flag per Config field, it would push the message off the screen
+    rank = int(os.environ.get("RANK", 0))  # torchrun's other processes, given the same flags: rank 0 speaks for them
+    parser.error = lambda message: parser.exit(2, None if rank else f"{parser.prog}: error: {message} (--help lists "
+                                               "every flag)\n")  # not the usage line first: with a flag per Config
+    # field, it would push the message off the screen
     modes = parser.add_mutually_exclusive_group(required=True)
     modes.add_argument("--train", action="store_true", help="train, evaluate each epoch, save into --out")
     modes.add_argument("--eval", action="store_true", help="print the 12 COCO numbers of --weights on the val split")
@@ -1785,8 +1787,11 @@ def parse_args(argv, config_class, presets, make_config):
             f"{comments.get(f.name, '')} (default: {getattr(shown, f.name)!r})").replace("%", "%%"))
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # a command line: no source lines
-    if int(os.environ.get("RANK", 0)):  # torchrun's other processes read the same data: rank 0 warns for them all
+    if rank:  # (they read the same data: rank 0 warns for them all)
         warnings.simplefilter("ignore")
+    mode = "--train" if args.train else "--eval" if args.eval else "--predict" if args.predict else "--show-targets"
+    if not args.train and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # each process would do all of it, into one folder
+        parser.error(f"{mode} runs in one process: python {parser.prog} {mode} ... (torchrun: for --train)")
     args.preset_given, args.preset = hasattr(args, "preset"), getattr(args, "preset", preset)
     for name, least in (("seed", 0), ("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("log_every", 1),
                         ("lr", 0), ("workers", 0), ("num_train", 1), ("num_val", 1), ("image_size", 1)):  # (numpy's
@@ -1815,7 +1820,6 @@ def parse_args(argv, config_class, presets, make_config):
             parser.error(f"--resume {given['resume']}: a folder; --resume takes a run's checkpoint file "
                          f"({os.path.join(given['resume'], 'last.pt')})")
     if not args.train and (unused := [f"--{k.replace('_', '-')}" for k in given if k in OPTIMISATION]):
-        mode = "--eval" if args.eval else "--predict" if args.predict else "--show-targets"
         warnings.warn(f"{', '.join(unused)}: how --train optimises; {mode} does not use "
                       f"{'them' if unused[1:] else 'it'}")
     if args.predict and not os.path.exists(args.predict):

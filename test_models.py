@@ -2340,6 +2340,22 @@ def test_ddp_a_stop_while_rank_0_evaluates_stops_both_at_the_epochs_end(tmp_path
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0) and "epoch 0 iter 4 AP" in outputs[0]
 
 
+def test_modes_other_than_train_refuse_torchrun(monkeypatch, capsys):
+    """--eval, --predict and --show-targets under torchrun: every process did all of the work and wrote the same files
+    (two evaluations printed, one json written by two processes); refused in one line that gives the command, said by
+    rank 0 only."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for mode in (["--eval", "--weights", "x.pt"], ["--predict", BCCD], ["--show-targets"]):
+        with pytest.raises(SystemExit):
+            parse_args(yolo, mode)
+        assert f"{mode[0]} runs in one process: python " in capsys.readouterr().err
+    assert parse_args(yolo, ["--train"])[0].train
+    monkeypatch.setenv("RANK", "1")  # the other processes stop too, without saying it again
+    with pytest.raises(SystemExit):
+        parse_args(yolo, ["--eval", "--weights", "x.pt"])
+    assert capsys.readouterr().err == ""
+
+
 def test_ddp_data_warnings_are_said_once(tmp_path):
     """Under torchrun every process reads the data: its warnings (BCCD's two degenerate boxes) come from rank 0 only,
     not once per process."""
