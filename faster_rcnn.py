@@ -753,8 +753,7 @@ def train(cfg: Config):
     def log(record):  # rank 0 prints one line and appends it to metrics.jsonl
         if main_process:
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            open(metrics, "a").write(json.dumps(record) + "\n")
 
     def save(checkpoint, name):  # to a temporary file, then renamed: a checkpoint is never left half-written
         checkpoint = {"detector": DETECTOR.__name__, "file": os.path.basename(__file__), **checkpoint}
@@ -845,6 +844,7 @@ def train(cfg: Config):
     if main_process:
         print(f"done: best AP {best['AP']:.4f} (AP50 {best.get('AP50', -1):.4f}) after epoch {best.get('epoch')}; "
               f"weights {cfg.out}/best.pt, to resume {cfg.out}/last.pt, log {metrics}")
+    del model  # DDP's wrapper goes before its process group: after it, torch 2.11's gloo could hang at times
     ddp and dist.destroy_process_group()
     return raw_model
 

@@ -2025,6 +2025,12 @@ def test_resume_into_another_folder_brings_the_runs_best_and_log(tmp_path, monke
         data.check_out_folder(str(run), str(new / "last.pt"))
 
 
+# R-CNN's SVMs, float64 Newton solves on the CPU between rounds of hard negative mining: under torch 2.11 a solve repeated
+# in one process varies in its last bits (~1e-16), the negatives mined next with it, and the weights end ~1e-6 apart
+# (relative) between two identical runs; under 2.14 they come out bit for bit, as every other weight
+FLOAT64_SOLVES = ("svm_weight", "svm_bias")
+
+
 def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monkeypatch, capfd):
     """SIGTERM mid-epoch (a scheduler's; Ctrl-C's SIGINT takes the same path) saves the step and says how to go on;
     --resume says so and continues to the weights of the run never interrupted (one_epoch's, without a worker
@@ -2071,7 +2077,8 @@ def test_interrupt_saves_and_resume_continues_exactly(one_epoch, tmp_path, monke
     assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["step"] == 2  # the first folder as it was left
     resumed, straight = (torch.load(run / "last.pt", weights_only=True) for run in (tmp_path / "b", straight))
     assert resumed["epoch"] == straight["epoch"] == 1 and resumed["step"] == 0
-    assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
+    assert all(torch.equal(v, resumed["model"][k]) if k not in FLOAT64_SOLVES else  # (R-CNN's, after its stage 2)
+               torch.allclose(v, resumed["model"][k], rtol=1e-4, atol=1e-7) for k, v in straight["model"].items())
     records = list(map(json.loads, open(tmp_path / "b" / "metrics.jsonl")))
     assert [(r["epoch"], r.get("step")) for r in records] == [(0, "1/4"), (0, "2/4"), (0, "3/4"), (0, "4/4"), (0, None)]
     times = [r["time_s"] for r in records]  # the run's time, over its resume: the log's second part goes on from
