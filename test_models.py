@@ -2025,9 +2025,9 @@ def test_resume_into_another_folder_brings_the_runs_best_and_log(tmp_path, monke
         data.check_out_folder(str(run), str(new / "last.pt"))
 
 
-# R-CNN's SVMs, float64 Newton solves on the CPU between rounds of hard negative mining: under torch 2.11 a solve repeated
-# in one process varies in its last bits (~1e-16), the negatives mined next with it, and the weights end ~1e-6 apart
-# (relative) between two identical runs; under 2.14 they come out bit for bit, as every other weight
+# R-CNN's SVMs, float64 Newton solves on the CPU between rounds of hard negative mining: under torch 2.11 a solve
+# repeated in one process varies in its last bits (~1e-16), the negatives mined next with it, and the weights end ~1e-6
+# apart (relative) between two identical runs; under 2.14 they come out bit for bit, as every other weight
 FLOAT64_SOLVES = ("svm_weight", "svm_bias")
 
 
@@ -5313,6 +5313,44 @@ def test_classes_without_a_training_box_are_named(tmp_path):
     cfg = types.SimpleNamespace(data="coco", data_root=str(tmp_path), train_ann=ann, val_ann=ann, seed=0)
     with pytest.warns(UserWarning, match=r"instances.json: no training box of class a: it is learnt as never there"):
         data.build_datasets(cfg)
+
+
+class FactoryCalls(torch.overrides.TorchFunctionMode):
+    """Records the tensors that the model files' own lines make with torch's factories and no device=: (file:line,
+    the line, the result)."""
+    FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.linspace, torch.rand,
+                 torch.randn, torch.randint, torch.randperm, torch.eye, torch.tensor, torch.as_tensor, torch.from_numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        caller = traceback.extract_stack(limit=2)[0]  # (a factory that torchvision calls is torchvision's concern)
+        if func in self.FACTORIES and "device" not in (kwargs or {}) and os.path.basename(caller.filename) in {
+                f"{name}.py" for name in NAMES}:
+            self.calls.append((f"{os.path.basename(caller.filename)}:{caller.lineno}", caller.line, out))
+        return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_makes_its_tensors_on_the_models_device(name):
+    """No GPU here, so a tensor made in a forward pass without device= would land on the CPU unnoticed, and on a GPU
+    meet the model's tensors in a device error. In a training and an evaluation forward of each model file, every
+    tensor its own lines make with a factory and no device= is a 0-dim scalar (which mixes with any device), or is moved
+    on the same line (.to(...), as the means, stds and anchor shapes are), or read back to Python there (.tolist())."""
+    dataset = data.SyntheticShapes(2, 64, seed=0)
+    images, targets = data.collate_fn([dataset[0], dataset[1]])
+    model = REGISTRY[name].module.DETECTOR(tiny_config(name))
+    with FactoryCalls() as recorded:
+        sum(model.train()(images, targets).values()).backward()
+        with torch.no_grad():
+            model.eval()(images)
+    off_device = [f"{where}: {line}" for where, line, out in recorded.calls
+                  if out.dim() and ".to(" not in line and ".tolist()" not in line]
+    assert not off_device, off_device
+    assert any(".to(" in line for _, line, _ in recorded.calls)  # (the recording sees the model files' lines)
 
 
 @pytest.mark.parametrize("name", NAMES)
