@@ -5320,6 +5320,7 @@ class FactoryCalls(torch.overrides.TorchFunctionMode):
     the line, the result)."""
     FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.linspace, torch.rand,
                  torch.randn, torch.randint, torch.randperm, torch.eye, torch.tensor, torch.as_tensor, torch.from_numpy}
+    FILES = {f"{name}.py" for name in NAMES}
 
     def __init__(self):
         super().__init__()
@@ -5327,10 +5328,10 @@ class FactoryCalls(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        caller = traceback.extract_stack(limit=2)[0]  # (a factory that torchvision calls is torchvision's concern)
-        if func in self.FACTORIES and "device" not in (kwargs or {}) and os.path.basename(caller.filename) in {
-                f"{name}.py" for name in NAMES}:
-            self.calls.append((f"{os.path.basename(caller.filename)}:{caller.lineno}", caller.line, out))
+        if func in self.FACTORIES and "device" not in (kwargs or {}):  # (the stack is read for these calls only)
+            caller = traceback.extract_stack(limit=2)[0]  # (a factory that torchvision calls is torchvision's concern)
+            if os.path.basename(caller.filename) in self.FILES:
+                self.calls.append((f"{os.path.basename(caller.filename)}:{caller.lineno}", caller.line, out))
         return out
 
 
